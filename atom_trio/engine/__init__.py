@@ -1,0 +1,1 @@
+"""The torch-free half of the engine: requests, scheduling, KV block accounting, detokenization."""

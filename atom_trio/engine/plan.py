@@ -1,0 +1,77 @@
+"""The step plan: what the scheduler asks the model runner to compute in one step.
+
+One batch layout everywhere: a plan is a list of chunks, one per scheduled
+sequence. A chunk is a run of new tokens of one sequence (a whole prompt, a
+piece of a long prompt, or the single last-sampled token of a decode), the
+position of its first token, and the block table covering every position up
+to the chunk's end. Prefill chunks and decode tokens mix freely in one plan.
+
+These are plain attrs classes without torch so that the scheduler can build
+them cheaply and the process executor can send them over a socket (cattrs +
+msgpack).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from .sampling_params import SamplingParams
+
+
+@attrs.frozen(kw_only=True)
+class SeqChunk:
+    """New tokens of one sequence to run through the model this step.
+
+    Attributes:
+        seq_id: the scheduler's id of the sequence (unique while it lives).
+        token_ids: the tokens whose KV this step computes and stores.
+        start_pos: position of ``token_ids[0]``; positions below it are
+            already in the KV cache (computed earlier or found in the prefix cache).
+        block_table: physical KV blocks covering positions ``[0, start_pos + len(token_ids))``.
+        prompt_len: the prompt's length; tokens at or past it are generated
+            (frequency and presence penalties count only those).
+        sample: whether to sample a next token after this chunk; False for a
+            prefill chunk that is not the prompt's last.
+        sampling_params: how to sample (``None`` only when ``sample`` is False).
+        prefix_token_ids: tokens ``[0, start_pos)``, sent the first time the
+            runner sees this sequence (after admission or preemption) so that
+            it can keep the token history the penalties need; ``None`` after.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    prompt_len: int
+    sample: bool
+    sampling_params: SamplingParams | None = None
+    prefix_token_ids: list[int] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class StepPlan:
+    """One step: chunks to compute, and sequences whose runner state can be dropped."""
+
+    step_id: int
+    chunks: list[SeqChunk]
+    finished_seq_ids: list[int] = attrs.field(factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@attrs.frozen(kw_only=True)
+class StepResult:
+    """What the runner sampled, one entry per chunk with ``sample=True``, in plan order.
+
+    Columnar so that it stays cheap to build and to send for large batches.
+    ``logprobs[i]`` is the sampled token's logprob and ``top_logprobs[i]`` the
+    requested number of ``(token_id, logprob)`` alternatives, most likely
+    first; both are ``None`` for a chunk whose request did not ask.
+    """
+
+    step_id: int
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
