@@ -1,0 +1,66 @@
+"""`TritonBackend`: the CUDA/ROCm kernels behind the `KernelBackend` interface.
+
+Nothing here synchronises the device or sizes a tensor from device values:
+every launch is decided by host integers (token and sequence counts, the
+lengths in ``AttentionMetadata``'s ``*_host`` lists, the split count), so a
+decode step of fixed batch size can be captured in a CUDA graph and replayed
+with new lengths, block tables and slots written into the same tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..interface import AttentionMetadata, KernelBackend
+from .activation import silu_and_mul
+from .attention import TritonAttentionPlan, paged_attention
+from .cache import store_kv
+from .norm import rms_norm
+from .rotary import rotary_embedding
+
+
+class TritonBackend(KernelBackend):
+    """Triton kernels for one device; ``num_sms`` sizes the split-KV decision."""
+
+    name = "triton"
+
+    def __init__(self, device: torch.device | str = "cuda") -> None:
+        device = torch.device(device)
+        if device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        else:  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors
+            self.num_sms = 1
+
+    def plan_attention(self, metadata: AttentionMetadata, *, num_splits: int | None = None) -> TritonAttentionPlan:
+        """Host integers only; ``num_splits`` fixes the KV split count (a captured graph must).
+
+        Unforced, the split count grows while the step's programs would leave
+        SMs idle and each split keeps at least `MIN_SPLIT_TOKENS` keys.
+        """
+        return TritonAttentionPlan(
+            cu_seqlens_q=metadata.cu_seqlens_q,
+            context_lens=metadata.context_lens,
+            block_tables=metadata.block_tables,
+            block_size=metadata.block_size,
+            num_seqs=metadata.num_seqs,
+            max_query_len=metadata.max_query_len,
+            max_context_len=metadata.max_context_len,
+            num_splits=num_splits,
+        )
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def paged_attention(self, query, key, value, k_cache, v_cache, plan: TritonAttentionPlan, scale):
+        # ``key``/``value`` are already in the cache (store_kv ran first); reading them back
+        # from there keeps one code path for fresh prefills, chunks and decodes.
+        return paged_attention(query, k_cache, v_cache, plan, scale, self.num_sms)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        return rms_norm(x, weight, eps, residual)
+
+    def rotary_embedding(self, positions, query, key, cos_sin_cache):
+        return rotary_embedding(positions, query, key, cos_sin_cache)
+
+    def silu_and_mul(self, x):
+        return silu_and_mul(x)

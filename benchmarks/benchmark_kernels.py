@@ -1,0 +1,248 @@
+"""Microbenchmarks of the Triton kernels, against the device's measured copy bandwidth.
+
+    python -m benchmarks.benchmark_kernels [--dtype bfloat16] [--iters 100] [--json out.json]
+
+Shapes are Llama-3.1-8B's (hidden 4096, 32 query / 8 KV heads of 128, MLP
+14336). The run first times a 1 GiB device-to-device copy; every kernel's
+achieved bandwidth (the bytes it must read and write, over its time) is then
+reported as a fraction of that copy rate, the practical ceiling for
+memory-bound kernels. Prefill attention is compute-bound, so it reports
+TFLOP/s and is set beside PyTorch's fused SDPA on the same dense tensors.
+Times are the median over ``--iters`` runs, each bracketed by CUDA events,
+after a warm-up; the torch reference backend is timed alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from atom_trio.ops import AttentionMetadata, TorchRefBackend
+from atom_trio.ops.triton import TritonBackend, launch_config
+from atom_trio.ops.triton.attention import LaunchConfig, paged_attention
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
+BLOCK_SIZE = 16
+GRAPH_REPS = 10
+
+
+def cuda_time_ms(fn: Callable[[], Any], *, iters: int, warmup: int = 5, graph: bool = True) -> float:
+    """Median milliseconds of one ``fn`` call, bracketed by CUDA events after a warm-up.
+
+    With ``graph``, `GRAPH_REPS` calls are captured in one CUDA graph and each
+    replay is timed: the device's time alone, as the runner's decode graphs
+    see it. Without, the host's launch cost shows wherever it exceeds the
+    device's work (small kernels), which is what eager mode pays.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run, reps = fn, 1
+    if graph:
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            for _ in range(GRAPH_REPS):
+                fn()
+        run, reps = cuda_graph.replay, GRAPH_REPS
+        run()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for start, end in zip(starts, ends):
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / reps
+
+
+def copy_bandwidth(iters: int) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting the read and the write."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), iters=iters, graph=False)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def decode_step(batch: int, contexts: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0):
+    """A step of ``contexts`` = [(query_len, cached_len)] over shuffled blocks: (q, k, v, caches, metadata)."""
+    rng = random.Random(seed)
+    needed = [-(-(n + c) // BLOCK_SIZE) for n, c in contexts]
+    physical = list(range(sum(needed)))
+    rng.shuffle(physical)
+    tables = [[physical.pop() for _ in range(nb)] for nb in needed]
+    width = max(needed)
+    slots = [t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for (n, c), t in zip(contexts, tables) for p in range(c, c + n)]
+    query_lens = [n for n, _ in contexts]
+    context_lens = [n + c for n, c in contexts]
+    cu = [0]
+    for n in query_lens:
+        cu.append(cu[-1] + n)
+    tokens = cu[-1]
+    cache_shape = (sum(needed), BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+    metadata = AttentionMetadata(
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device="cuda"),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device="cuda"),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda"),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device="cuda"),
+        query_lens_host=query_lens,
+        context_lens_host=context_lens,
+        block_size=BLOCK_SIZE,
+    )
+    return (
+        torch.randn(tokens, HEADS, HEAD_DIM, device="cuda", dtype=dtype),
+        torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype),
+        torch.randn(tokens, KV_HEADS, HEAD_DIM, device="cuda", dtype=dtype),
+        torch.randn(cache_shape, device="cuda", dtype=dtype),
+        torch.randn(cache_shape, device="cuda", dtype=dtype),
+        metadata,
+    )
+
+
+TUNE_PREFILL = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3),
+                (64, 64, 4, 2), (128, 32, 4, 3)]
+TUNE_DECODE = [(64, 4, 3), (128, 4, 3), (32, 4, 3), (64, 4, 2), (64, 8, 3), (64, 2, 3), (128, 8, 2), (128, 4, 4)]
+
+
+def tune(triton_ops: TritonBackend, dtype: torch.dtype, iters: int) -> None:
+    """Paged attention's device time per tile config (block_m, block_n, warps, stages); the first is the default."""
+    scale = HEAD_DIM**-0.5
+    group = HEADS // KV_HEADS
+    cases = [("prefill", [(2048, 0)]), ("prefill", [(8192, 0)]), ("decode", [(1, 32767)]), ("decode", [(1, 4095)]),
+             ("decode", [(1, 1023)] * 32), ("decode", [(1, 1023)] * 128)]
+    print("\ntuning paged attention: us per call for each (block_m, block_n, num_warps, num_stages)")
+    for kind, contexts in cases:
+        q, k, v, kc, vc, metadata = decode_step(len(contexts), contexts, dtype)
+        plan = triton_ops.plan_attention(metadata)
+        default = launch_config(num_tokens=q.shape[0], num_seqs=len(contexts), max_query_len=metadata.max_query_len,
+                                max_context_len=metadata.max_context_len, group=group, head_dim=HEAD_DIM,
+                                num_kv_heads=KV_HEADS, num_sms=triton_ops.num_sms, num_splits=None)
+        configs = TUNE_PREFILL if kind == "prefill" else [(default.block_m, *c) for c in TUNE_DECODE]
+        results = []
+        for block_m, block_n, warps, stages in configs:
+            config = LaunchConfig(block_m, block_m // group, block_n, default.num_splits, warps, stages)
+            try:
+                ms = cuda_time_ms(lambda: paged_attention(q, kc, vc, plan, scale, triton_ops.num_sms, config), iters=iters)
+                results.append(f"{(block_m, block_n, warps, stages)}: {ms * 1e3:.1f}")
+            except Exception as exc:  # e.g. a config asking for more shared memory than the device has
+                results.append(f"{(block_m, block_n, warps, stages)}: {type(exc).__name__}")
+        n, c = contexts[0]
+        print(f"{kind} {len(contexts)} x ({n} new, {c} cached), {default.num_splits} splits: " + "; ".join(results),
+              flush=True)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--iters", type=int, default=100)
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--tune", action="store_true", help="also time paged attention under several tile configs")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    element = torch.empty(0, dtype=dtype).element_size()
+    triton_ops, ref_ops = TritonBackend("cuda"), TorchRefBackend()
+    copy_bw = copy_bandwidth(args.iters)
+    print(f"device: {torch.cuda.get_device_name()}, dtype {args.dtype}")
+    print(f"device-to-device copy (1 GiB, read+write): {copy_bw / 1e9:.0f} GB/s")
+    print(f"times: median device time per call from CUDA-graph replays (eager: launched from Python)\n")
+    rows: list[dict[str, Any]] = []
+
+    def report(kernel: str, shape: str, run: Callable[[Any], Any], *, nbytes: float = 0, flops: float = 0,
+               baseline: Callable[[], Any] | None = None, baseline_name: str = "torch_ref") -> None:
+        ms = cuda_time_ms(lambda: run(triton_ops), iters=args.iters)
+        eager_ms = cuda_time_ms(lambda: run(triton_ops), iters=args.iters, graph=False)
+        try:
+            ref_ms = cuda_time_ms(baseline or (lambda: run(ref_ops)), iters=args.iters)
+        except RuntimeError:  # a baseline that cannot be captured is timed eagerly
+            ref_ms = cuda_time_ms(baseline or (lambda: run(ref_ops)), iters=args.iters, graph=False)
+            baseline_name += " (eager)"
+        row = dict(kernel=kernel, shape=shape, triton_us=ms * 1e3, triton_eager_us=eager_ms * 1e3,
+                   baseline=baseline_name, baseline_us=ref_ms * 1e3)
+        if nbytes:
+            row.update(gb_per_s=nbytes / ms / 1e6, of_copy_bw=nbytes / (ms * 1e-3) / copy_bw)
+        if flops:
+            row.update(tflop_per_s=flops / ms / 1e9, baseline_tflop_per_s=flops / ref_ms / 1e9)
+        rows.append(row)
+        extra = (f"{row['gb_per_s']:7.0f} GB/s {100 * row['of_copy_bw']:5.1f}% of copy" if nbytes
+                 else f"{row['tflop_per_s']:6.1f} TFLOP/s (baseline {row['baseline_tflop_per_s']:.1f})")
+        print(f"{kernel:<18} {shape:<42} {ms * 1e3:8.1f} us (eager {eager_ms * 1e3:7.1f})  "
+              f"{baseline_name} {ref_ms * 1e3:8.1f} us  {extra}", flush=True)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=dtype)
+
+    tokens = 16384
+    x, residual, weight = rand(tokens, HIDDEN), rand(tokens, HIDDEN), rand(HIDDEN)
+    report("rms_norm", f"[{tokens}, {HIDDEN}]", lambda ops: ops.rms_norm(x, weight, 1e-5),
+           nbytes=(2 * tokens + 1) * HIDDEN * element)
+    report("add_rms_norm", f"[{tokens}, {HIDDEN}]", lambda ops: ops.rms_norm(x, weight, 1e-5, residual),
+           nbytes=(4 * tokens + 1) * HIDDEN * element)
+
+    qkv = rand(tokens, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+    q = qkv[:, : HEADS * HEAD_DIM].view(tokens, HEADS, HEAD_DIM)
+    k = qkv[:, HEADS * HEAD_DIM : (HEADS + KV_HEADS) * HEAD_DIM].view(tokens, KV_HEADS, HEAD_DIM)
+    positions = torch.randint(0, 8192, (tokens,), device="cuda")
+    freqs = torch.outer(torch.arange(8192, device="cuda").float(), torch.rand(HEAD_DIM // 2, device="cuda"))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    report("rotary", f"[{tokens}, {HEADS}+{KV_HEADS}, {HEAD_DIM}]",
+           lambda ops: ops.rotary_embedding(positions, q, k, cos_sin),
+           nbytes=2 * tokens * (HEADS + KV_HEADS) * HEAD_DIM * element + tokens * (HEAD_DIM * 4 + 8))
+
+    gate_up = rand(4096, 2 * INTERMEDIATE)
+    report("silu_and_mul", f"[4096, 2*{INTERMEDIATE}]", lambda ops: ops.silu_and_mul(gate_up),
+           nbytes=3 * 4096 * INTERMEDIATE * element)
+
+    kv_tokens = 16384
+    key, value = rand(kv_tokens, KV_HEADS, HEAD_DIM), rand(kv_tokens, KV_HEADS, HEAD_DIM)
+    caches = [rand(kv_tokens // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM) for _ in range(2)]
+    slots = torch.randperm(kv_tokens, device="cuda")
+    report("store_kv", f"[{kv_tokens}, {KV_HEADS}, {HEAD_DIM}]",
+           lambda ops: ops.store_kv(key, value, *caches, slots),
+           nbytes=4 * kv_tokens * KV_HEADS * HEAD_DIM * element + 8 * kv_tokens)
+
+    scale = HEAD_DIM**-0.5
+    for batch, context in [(1, 1024), (1, 8192), (1, 32768), (32, 1024), (128, 1024), (64, 4096)]:
+        qd, kd, vd, kc, vc, metadata = decode_step(batch, [(1, context - 1)] * batch, dtype)
+        plans = {ops: ops.plan_attention(metadata) for ops in (triton_ops, ref_ops)}
+        splits = launch_config(num_tokens=batch, num_seqs=batch, max_query_len=1, max_context_len=context,
+                               group=HEADS // KV_HEADS, head_dim=HEAD_DIM, num_kv_heads=KV_HEADS,
+                               num_sms=triton_ops.num_sms, num_splits=None).num_splits
+        kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * element
+        report("decode_attention", f"batch {batch} x ctx {context} ({splits} splits)",
+               lambda ops: ops.paged_attention(qd, kd, vd, kc, vc, plans[ops], scale),
+               nbytes=kv_bytes + 2 * qd.numel() * element)
+
+    # a chunk of a long prompt over its cached start, beside 63 decodes (a continuous-batching step)
+    mixed = [(512, 1536)] + [(1, 1023)] * 63
+    qm, km, vm, kc, vc, metadata = decode_step(64, mixed, dtype)
+    plans = {ops: ops.plan_attention(metadata) for ops in (triton_ops, ref_ops)}
+    report("mixed_attention", "512-token chunk @1536 + 63 decodes @1024",
+           lambda ops: ops.paged_attention(qm, km, vm, kc, vc, plans[ops], scale),
+           nbytes=2 * sum(n + c for n, c in mixed) * KV_HEADS * HEAD_DIM * element + 2 * qm.numel() * element)
+
+    for prompt in (2048, 8192):
+        qp, kp, vp, kc, vc, metadata = decode_step(1, [(prompt, 0)], dtype)
+        triton_ops.store_kv(kp, vp, kc, vc, metadata.slot_mapping)
+        plan = triton_ops.plan_attention(metadata)
+        dense = [t.transpose(0, 1)[None].contiguous() for t in (qp, kp.repeat_interleave(4, 1), vp.repeat_interleave(4, 1))]
+        report("prefill_attention", f"1 x {prompt} causal", lambda ops: ops.paged_attention(qp, kp, vp, kc, vc, plan, scale),
+               flops=2 * 2 * HEADS * HEAD_DIM * prompt * (prompt + 1) / 2,
+               baseline=lambda: F.scaled_dot_product_attention(*dense, is_causal=True, scale=scale),
+               baseline_name="sdpa")
+
+    if args.tune:
+        tune(triton_ops, dtype, args.iters)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), dtype=args.dtype, copy_gb_per_s=copy_bw / 1e9, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
