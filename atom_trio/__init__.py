@@ -1,0 +1,30 @@
+"""atom_trio: a fast LLM inference engine and OpenAI-compatible server on trio structured concurrency.
+
+Embedding it in a trio program::
+
+    async with atom_trio.open_engine(model="...") as engine:
+        async for out in engine.generate("Hello", atom_trio.SamplingParams(max_tokens=32)):
+            print(out.outputs[0].text, end="")
+
+From synchronous code: ``atom_trio.LLM(model="...").generate(prompts, params)``.
+"""
+
+from __future__ import annotations
+
+from atom_trio.config import EngineConfig as EngineConfig
+from atom_trio.engine.engine import AsyncEngine as AsyncEngine
+from atom_trio.engine.engine import open_engine as open_engine
+from atom_trio.engine.errors import AtomTrioError as AtomTrioError
+from atom_trio.engine.errors import ContextLengthExceeded as ContextLengthExceeded
+from atom_trio.engine.errors import EngineDeadError as EngineDeadError
+from atom_trio.engine.errors import EngineOverloaded as EngineOverloaded
+from atom_trio.engine.errors import InvalidRequest as InvalidRequest
+from atom_trio.engine.errors import ModelLoadError as ModelLoadError
+from atom_trio.engine.errors import WorkerDied as WorkerDied
+from atom_trio.engine.llm import LLM as LLM
+from atom_trio.engine.outputs import CompletionOutput as CompletionOutput
+from atom_trio.engine.outputs import EngineStats as EngineStats
+from atom_trio.engine.outputs import RequestOutput as RequestOutput
+from atom_trio.engine.sampling_params import SamplingParams as SamplingParams
+
+__version__ = "0.1.0"

@@ -1,0 +1,36 @@
+"""The executor interface: how the engine runs a step plan on the model, wherever the model lives."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from atom_trio.engine.plan import StepPlan, StepResult
+
+
+class Executor(Protocol):
+    """Runs step plans on the model runner(s) without blocking the event loop.
+
+    The attributes describe the model and its KV cache as the runner sized
+    them; the engine builds its scheduler from them. ``execute`` is called by
+    one task at a time, a step after the previous one has returned.
+    """
+
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the executor cannot run steps any more (a worker died while idle), or None."""
+        ...
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step and return what it sampled; an error here means the model is unusable."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the model and its memory; safe to call twice, and runs to completion even when cancelled."""
+        ...

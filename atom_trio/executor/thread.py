@@ -1,0 +1,64 @@
+"""`ThreadExecutor`: the model runner in this process, each step on a worker thread.
+
+A step is pure computation (torch releases the GIL inside its kernels), so
+running it through `trio.to_thread.run_sync` keeps the event loop free for
+intake, streaming and HTTP while the model computes. The executor has its
+own `CapacityLimiter(1)`: steps never overlap and never wait behind trio's
+shared pool of 40 threads (file I/O, DNS). ``abandon_on_cancel=False``: a
+cancelled step still runs to its end before the cancellation is delivered,
+so nothing touches the KV cache after the engine believes the step is over.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+if TYPE_CHECKING:
+    from atom_trio.config import EngineConfig
+    from atom_trio.engine.plan import StepPlan, StepResult
+
+
+class ThreadExecutor:
+    """Owns one `ModelRunner` and runs its work on a dedicated-capacity worker thread.
+
+    Build it with `ThreadExecutor.create` (the model loads off the event
+    loop) and always `aclose` it. ``runner`` is exposed for tests (for
+    example ``runner.inject_fault``); the engine only uses `execute`.
+    """
+
+    def __init__(self, runner: Any, limiter: trio.CapacityLimiter) -> None:
+        self.runner = runner
+        self._limiter = limiter
+        self.num_kv_blocks: int = runner.num_kv_blocks
+        self.block_size: int = runner.block_size
+        self.max_model_len: int = runner.max_model_len
+        self.vocab_size: int = runner.vocab_size
+        self.eos_token_ids: frozenset[int] = frozenset(runner.eos_token_ids)
+
+    @classmethod
+    async def create(cls, config: EngineConfig) -> ThreadExecutor:
+        """Load the model and allocate its KV cache on the executor's thread."""
+        from atom_trio.runner import ModelRunner  # torch is imported only when a model is wanted
+
+        limiter = trio.CapacityLimiter(1)
+        runner = await trio.to_thread.run_sync(ModelRunner, config, limiter=limiter, thread_name="atom-trio model load")
+        return cls(runner, limiter)
+
+    @property
+    def failure(self) -> None:
+        """Always None: an in-process runner cannot die between steps; a failing step raises instead."""
+        return None
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        return await trio.to_thread.run_sync(
+            self.runner.execute, plan, limiter=self._limiter, abandon_on_cancel=False, thread_name="atom-trio step"
+        )
+
+    async def aclose(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is None:
+            return
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(runner.close, limiter=self._limiter, thread_name="atom-trio model close")
