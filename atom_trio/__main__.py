@@ -1,0 +1,9 @@
+"""``python -m atom_trio serve ...``: the same as the ``atom-trio`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,298 @@
+"""``/v1/completions`` and ``/v1/chat/completions``: one generation path, two response shapes.
+
+A request becomes a `Generation` (see generation.py); its outputs are folded
+into per-choice state (`Choice`). The two APIs differ only in how a choice and
+its deltas are rendered (`CompletionFormat`, `ChatFormat`), so streaming,
+usage, logprobs and error handling are written once.
+
+Choice indices follow vLLM: prompt ``i``'s sample ``j`` is choice ``i * n + j``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import attrs
+
+from . import sampling
+from .errors import from_exception, internal_error, model_not_found
+from .generation import Generation, start_generation
+from .schemas import ChatCompletionRequest, CompletionRequest, StreamOptions, structure
+
+log = logging.getLogger("atom_trio.server")
+
+
+#: (token id, logprob, top alternatives as (token id, logprob)) for one generated token.
+LogprobEntry = tuple[int, float, list[tuple[int, float]]]
+
+
+@attrs.define(eq=False)
+class Choice:
+    """Everything one choice produced so far."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = attrs.Factory(list)
+    logprobs: list[LogprobEntry] = attrs.Factory(list)
+    text_offset: int = 0  # where the next streamed logprob's token starts in the choice's text
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@attrs.define(eq=False)
+class Usage:
+    prompt_tokens: dict[int, int] = attrs.Factory(dict)  # per prompt index
+    cached_tokens: dict[int, int] = attrs.Factory(dict)
+    completion_tokens: int = 0
+
+    def add(self, prompt_index: int, output: Any) -> None:
+        self.prompt_tokens[prompt_index] = len(output.prompt_token_ids or ())
+        self.cached_tokens[prompt_index] = output.num_cached_tokens or 0
+        self.completion_tokens += sum(len(o.token_ids) for o in output.outputs)
+
+    def render(self) -> dict[str, Any]:
+        prompt = sum(self.prompt_tokens.values())
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": prompt + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens.values())},
+        }
+
+
+def token_logprobs(output: Any) -> list[LogprobEntry]:
+    """(token id, logprob, top alternatives) for each new token of a `CompletionOutput` delta."""
+    if output.logprobs is None:
+        return []
+    tops = output.top_logprobs or [[] for _ in output.logprobs]
+    return list(zip(output.token_ids, output.logprobs, tops, strict=True))
+
+
+@attrs.define(eq=False)
+class CompletionFormat:
+    tokenizer: Any
+    want_logprobs: bool
+    object_name = "text_completion"
+    chunk_object_name = "text_completion"
+    id_prefix = "cmpl-"
+
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def logprobs(self, entries: list[LogprobEntry], offset: int) -> tuple[Any, int]:
+        """Render a run of tokens' logprobs whose text starts at ``offset``; return it and the next offset."""
+        if not self.want_logprobs:
+            return None, offset
+        tokens = [self._token(t) for t, _, _ in entries]
+        offsets = []
+        for text in tokens:
+            offsets.append(offset)
+            offset += len(text)
+        rendered = {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{self._token(t): lp for t, lp in top} for _, _, top in entries],
+            "text_offset": offsets,
+        }
+        return rendered, offset
+
+    def choice(self, choice: Choice, text: str, logprobs: Any, *, final: bool) -> dict[str, Any]:
+        return {
+            "index": choice.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
+        }
+
+    def opening(self, choice: Choice) -> dict[str, Any] | None:
+        return None
+
+
+@attrs.define(eq=False)
+class ChatFormat(CompletionFormat):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self._token(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    def logprobs(self, entries: list[LogprobEntry], offset: int) -> tuple[Any, int]:
+        if not self.want_logprobs:
+            return None, offset
+        content = [
+            {**self._entry(t, lp), "top_logprobs": [self._entry(a, alp) for a, alp in top]} for t, lp, top in entries
+        ]
+        return {"content": content}, offset
+
+    def choice(self, choice: Choice, text: str, logprobs: Any, *, final: bool) -> dict[str, Any]:
+        body = {"role": "assistant", "content": text} if final else {"content": text}
+        return {
+            "index": choice.index,
+            "message" if final else "delta": body,
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason,
+            "stop_reason": choice.stop_reason,
+        }
+
+    def opening(self, choice: Choice) -> dict[str, Any] | None:
+        return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+
+@attrs.define(eq=False)
+class Response:
+    """Folds a generation's outputs into choices and renders them in one API's shape."""
+
+    fmt: CompletionFormat
+    model: str
+    n: int
+    num_prompts: int
+    echo_texts: list[str] | None = None  # completions' echo: the prompt texts
+    id: str = attrs.Factory(lambda self: self.fmt.id_prefix + uuid.uuid4().hex, takes_self=True)
+    created: int = attrs.Factory(lambda: int(time.time()))
+    usage: Usage = attrs.Factory(Usage)
+    choices: dict[int, Choice] = attrs.Factory(dict)
+
+    def __attrs_post_init__(self) -> None:
+        for i in range(self.num_prompts * self.n):
+            self.choices[i] = Choice(index=i)
+
+    def envelope(self, choices: list[dict[str, Any]], *, chunk: bool) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": self.fmt.chunk_object_name if chunk else self.fmt.object_name,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def fold(self, prompt_index: int, output: Any, *, stream: bool) -> list[dict[str, Any]]:
+        """Apply one `RequestOutput` delta; when streaming, return its rendered choice deltas."""
+        self.usage.add(prompt_index, output)
+        deltas = []
+        for delta in output.outputs:
+            choice = self.choices[prompt_index * self.n + delta.index]
+            text = delta.text
+            if self.echo_texts is not None and not choice.token_ids and not choice.text:
+                text = self.echo_texts[prompt_index] + text
+            entries = token_logprobs(delta)
+            choice.text += text
+            choice.token_ids.extend(delta.token_ids)
+            choice.logprobs.extend(entries)
+            choice.finish_reason = delta.finish_reason
+            choice.stop_reason = delta.stop_reason
+            if stream and (text or delta.token_ids or delta.finish_reason is not None):
+                logprobs, choice.text_offset = self.fmt.logprobs(entries, choice.text_offset)
+                deltas.append(self.fmt.choice(choice, text, logprobs, final=False))
+        return deltas
+
+    def final(self) -> dict[str, Any]:
+        choices = []
+        for choice in self.choices.values():
+            logprobs, _ = self.fmt.logprobs(choice.logprobs, 0)
+            choices.append(self.fmt.choice(choice, choice.text, logprobs, final=True))
+        return {**self.envelope(choices, chunk=False), "usage": self.usage.render()}
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+    return b"data: " + data.encode() + b"\n\n"
+
+
+async def _fold_all(generation: Generation, response: Response) -> None:
+    try:
+        async for prompt_index, output in generation:
+            response.fold(prompt_index, output, stream=False)
+    finally:
+        generation.cancel()
+
+
+async def _stream(
+    generation: Generation, response: Response, options: StreamOptions | None
+) -> AsyncIterator[bytes]:
+    """SSE body. Errors after the status went out are sent in-band, as vLLM does.
+
+    ``include_usage`` adds a last chunk with the usage (every other chunk says
+    ``"usage": null``); vLLM's ``continuous_usage_stats`` puts the usage so far
+    on every chunk, which proxies use to bill streams that end early.
+    """
+    include_usage = bool(options and options.include_usage)
+    continuous = bool(options and options.continuous_usage_stats)
+
+    def usage_field() -> dict[str, Any]:
+        if continuous:
+            return {"usage": response.usage.render()}
+        return {"usage": None} if include_usage else {}
+
+    try:
+        for choice in response.choices.values():
+            opening = response.fmt.opening(choice)
+            if opening is not None:
+                yield _sse({**response.envelope([opening], chunk=True), **usage_field()})
+        async for prompt_index, output in generation:
+            for delta in response.fold(prompt_index, output, stream=True):
+                yield _sse({**response.envelope([delta], chunk=True), **usage_field()})
+        if include_usage:
+            yield _sse({**response.envelope([], chunk=True), "usage": response.usage.render()})
+    except Exception as exc:
+        error = from_exception(exc)
+        if error is None:
+            log.exception("generation failed mid-stream")
+            error = internal_error(exc)
+        yield _sse(error.body())
+    finally:
+        generation.cancel()
+    yield _sse("[DONE]")
+
+
+async def handle(state: Any, nursery: Any, body: Any, *, chat: bool) -> dict[str, Any] | AsyncIterator[bytes]:
+    """Serve one request body: a JSON dict for a plain response, an SSE byte stream when streaming."""
+    engine = state.require_engine()
+    req: CompletionRequest | ChatCompletionRequest = structure(
+        ChatCompletionRequest if chat else CompletionRequest, body
+    )
+    if req.model is not None and req.model != state.model_name:
+        raise model_not_found(req.model)
+    tokenizer = engine.tokenizer
+    if chat:
+        assert isinstance(req, ChatCompletionRequest)
+        params = sampling.chat_params(req)
+        prompts: list[Any] = [sampling.chat_messages(req)]
+        generate_kwargs: dict[str, Any] = dict(
+            add_generation_prompt=True if req.add_generation_prompt is None else req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
+        )
+        fmt: CompletionFormat = ChatFormat(tokenizer, params.logprobs is not None)
+        echo = None
+    else:
+        assert isinstance(req, CompletionRequest)
+        params = sampling.completion_params(req)
+        prompts = list(req.prompt)
+        generate_kwargs = {}
+        fmt = CompletionFormat(tokenizer, params.logprobs is not None)
+        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if req.echo else None
+    response = Response(fmt, state.model_name, params.n, len(prompts), echo)
+    try:
+        generation = await start_generation(
+            nursery, engine, prompts, params, state.metrics, state.activity, **generate_kwargs
+        )
+    except Exception as exc:
+        raise (from_exception(exc) or exc) from exc
+    if req.stream:
+        return _stream(generation, response, req.stream_options)
+    try:
+        await _fold_all(generation, response)
+    except Exception as exc:
+        raise (from_exception(exc) or exc) from exc
+    return response.final()
+
+
+__all__ = ["handle"]

@@ -1,0 +1,99 @@
+"""Prometheus metrics with vLLM's names under an ``atom_trio:`` prefix.
+
+Gauges and counters the engine already keeps (running/waiting requests, KV
+usage, prefix-cache tokens, preemptions, token counters) are read from
+``engine.stats()`` at scrape time by a custom collector, so there is one source
+of truth and nothing to keep in sync. Latencies only the HTTP side sees (time to
+first token, inter-token latency, end-to-end latency) are observed by the
+handlers.
+
+Each app gets its own `CollectorRegistry`: several servers in one process (tests)
+never share or clash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PREFIX = "atom_trio:"
+
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+# (metric name, EngineStats attribute, help); gauges then counters.
+_GAUGES = (
+    ("num_requests_running", "num_running", "Requests whose sequences are in the running batch."),
+    ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
+    ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV cache blocks in use (0..1)."),
+)
+_COUNTERS = (
+    ("prompt_tokens", "prompt_tokens_total", "Prompt tokens processed (prefill)."),
+    ("generation_tokens", "generation_tokens_total", "Tokens generated."),
+    ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    ("num_preemptions", "num_preemptions", "Sequences preempted (recomputed) for lack of KV blocks."),
+)
+
+
+class EngineStatsCollector(Collector):
+    """Reads ``engine.stats()`` at each scrape; reports nothing while no engine is up."""
+
+    def __init__(self, get_engine: Callable[[], Any], model_name: str) -> None:
+        self._get_engine = get_engine
+        self._model_name = model_name
+
+    def collect(self) -> Iterator[Any]:
+        engine = self._get_engine()
+        if engine is None:
+            return
+        stats = engine.stats()
+        labels = [self._model_name]
+        for name, attr, doc in _GAUGES:
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric(labels, float(getattr(stats, attr)))
+            yield family
+        for name, attr, doc in _COUNTERS:
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            family.add_metric(labels, float(getattr(stats, attr)))
+            yield family
+        success = CounterMetricFamily(PREFIX + "request_success", "Finished requests, by finish reason.",
+                                      labels=["model_name", "finished_reason"])
+        for reason, count in sorted(stats.finished_requests.items()):
+            success.add_metric([self._model_name, reason], float(count))
+        yield success
+        healthy = GaugeMetricFamily(PREFIX + "engine_healthy", "1 while the engine runs, 0 once it died.",
+                                    labels=["model_name"])
+        healthy.add_metric(labels, 1.0 if engine.is_healthy() else 0.0)
+        yield healthy
+
+
+class ServerMetrics:
+    """The registry of one server, and the histograms its handlers observe."""
+
+    def __init__(self, get_engine: Callable[[], Any], model_name: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        label = ["model_name"]
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time from request arrival to its first token.",
+            label, buckets=_LATENCY_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds", "Time between successive outputs of a request.",
+            label, buckets=_ITL_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "Time from request arrival to its last token.",
+            label, buckets=_LATENCY_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.registry.register(EngineStatsCollector(get_engine, model_name))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

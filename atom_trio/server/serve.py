@@ -1,0 +1,96 @@
+"""``atom-trio serve``: the engine and hypercorn under one root nursery.
+
+Owning the root nursery is what makes a dead engine end the process (hypercorn's
+lifespan would only log it and keep answering): the engine runs beside
+``hypercorn.trio.serve``, a watchdog raises the engine's `EngineDeadError` as
+soon as it dies, and the nursery cancels the server. SIGTERM/SIGINT
+trigger hypercorn's graceful shutdown instead: new requests get 503, running
+ones get ``shutdown_timeout`` to finish, then the engine closes and the process
+exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ..config import EngineConfig
+from .routes import ServerState, create_app
+from .settings import ServerSettings
+
+log = logging.getLogger("atom_trio.server")
+
+
+# After the drain, how long hypercorn waits for connections to finish sending.
+FLUSH_TIMEOUT_S = 3.0
+
+
+@attrs.frozen
+class Serving:
+    """A running server: where it listens, and its state (for embedding and tests)."""
+
+    urls: list[str]
+    state: ServerState
+
+
+def hypercorn_config(settings: ServerSettings) -> HypercornConfig:
+    """Hypercorn settings that suit long-lived LLM streams."""
+    config = HypercornConfig()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.graceful_timeout = FLUSH_TIMEOUT_S
+    config.keep_alive_timeout = settings.keep_alive_timeout
+    # Hypercorn's default of 1,000 requests per connection broke HTTP/2 load tests.
+    config.keep_alive_max_requests = 1_000_000
+    config.h2_max_concurrent_streams = 1_000
+    config.accesslog = None
+    config.errorlog = "-"
+    config.loglevel = settings.log_level.upper()
+    return config
+
+
+async def serve(
+    config: EngineConfig,
+    settings: ServerSettings,
+    *,
+    task_status: trio.TaskStatus[Serving] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGTERM/SIGINT (returns) or until the engine dies (raises `EngineDeadError`).
+
+    ``task_status.started`` receives a `Serving` (the bound URLs and the
+    server's state, engine included) once the server listens.
+    """
+    from ..engine.engine import open_engine
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_engine(config) as engine, trio.open_nursery() as root:
+            app = create_app(config, settings, engine=engine)
+            srv = app.extensions["atom_trio"]
+
+            async def shutdown_trigger() -> None:
+                async for signum in signals:
+                    log.info("received %s: draining", signal.Signals(signum).name)
+                    break
+                # Drain here rather than in hypercorn's graceful period: the listener stays open so new
+                # requests get a clear 503, and we stop as soon as the last generation ends (hypercorn
+                # would also wait out every idle keep-alive connection).
+                srv.draining = True
+                with trio.move_on_after(settings.shutdown_timeout):
+                    await srv.activity.wait_idle()
+
+            async def watch_engine() -> None:
+                raise await engine.wait_dead()
+
+            async def run_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+                await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger,
+                                      task_status=task_status)
+                root.cancel_scope.cancel()  # drained: stop the watchdog; then the engine closes
+
+            root.start_soon(watch_engine)
+            urls = await root.start(run_http)
+            log.info("serving %s on %s", srv.model_name, ", ".join(urls))
+            task_status.started(Serving(urls=urls, state=srv))
