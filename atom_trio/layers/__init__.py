@@ -1,0 +1,27 @@
+"""Model building blocks, each running its kernels on the backend captured when it was built."""
+
+from __future__ import annotations
+
+from .activation import SiluAndMul
+from .attention import Attention, ForwardContext, forward_context, get_forward_context
+from .embedding import ParallelLMHead, VocabParallelEmbedding
+from .layernorm import RMSNorm
+from .linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from .rotary import RotaryEmbedding, get_rope
+
+__all__ = [
+    "Attention",
+    "ColumnParallelLinear",
+    "ForwardContext",
+    "MergedColumnParallelLinear",
+    "ParallelLMHead",
+    "QKVParallelLinear",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "RowParallelLinear",
+    "SiluAndMul",
+    "VocabParallelEmbedding",
+    "forward_context",
+    "get_forward_context",
+    "get_rope",
+]

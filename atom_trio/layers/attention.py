@@ -1,0 +1,75 @@
+"""Paged attention layer, and the per-step forward context it reads.
+
+The runner describes each step's flat batch once (`AttentionMetadata`, plus
+the backend's plan derived from it) and sets it as the forward context; every
+attention layer reads it from there rather than through the model's
+``forward`` arguments, so model code stays free of batch bookkeeping and a
+compiled graph can treat attention as one opaque op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import torch
+from torch import nn
+
+from atom_trio.ops import AttentionMetadata, current_backend
+
+
+@attrs.frozen
+class ForwardContext:
+    metadata: AttentionMetadata
+    attn_plan: Any
+
+
+_context: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("atom_trio_forward", default=None)
+
+
+@contextlib.contextmanager
+def forward_context(context: ForwardContext) -> Iterator[ForwardContext]:
+    token = _context.set(context)
+    try:
+        yield context
+    finally:
+        _context.reset(token)
+
+
+def get_forward_context() -> ForwardContext:
+    context = _context.get()
+    if context is None:
+        raise RuntimeError("attention ran outside a forward_context(): the runner sets one per step")
+    return context
+
+
+class Attention(nn.Module):
+    """Stores this step's keys/values in the paged cache, then attends over each sequence's context.
+
+    ``k_cache``/``v_cache`` (laid out as the backend's ``kv_cache_shape``
+    says) are bound by the runner after it sizes the cache; they are plain
+    attributes, not buffers, so they stay out of the state dict.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.k_cache = self.v_cache = torch.empty(0)
+        self.ops = current_backend()
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        context = get_forward_context()
+        query = query.reshape(-1, self.num_heads, self.head_dim)
+        key = key.reshape(-1, self.num_kv_heads, self.head_dim)
+        value = value.reshape(-1, self.num_kv_heads, self.head_dim)
+        self.ops.store_kv(key, value, self.k_cache, self.v_cache, context.metadata.slot_mapping)
+        out = self.ops.paged_attention(query, key, value, self.k_cache, self.v_cache, context.attn_plan, self.scale)
+        return out.view(-1, self.num_heads * self.head_dim)

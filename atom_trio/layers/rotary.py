@@ -1,0 +1,53 @@
+"""Rotary position embedding with Hugging Face's frequencies (scaled variants included)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from atom_trio.ops import current_backend
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates query and key heads by position, rotate-half style.
+
+    The cosines and sines of every position are computed once, in float32, so
+    a step only gathers its rows.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, max_position: int, *, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq.float())
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_scaling
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self.ops = current_backend()
+
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ops.rotary_embedding(positions, query, key, self.cos_sin_cache)
+
+
+def get_rope(hf_config, head_dim: int, max_position: int) -> RotaryEmbedding:
+    """The rotary embedding ``hf_config`` asks for (``rope_parameters``, or the older ``rope_theta``/``rope_scaling``).
+
+    Scaled variants (llama3, linear, yarn, longrope) take their frequencies from
+    transformers' own ``ROPE_INIT_FUNCTIONS``, so they match the reference
+    implementation by construction. Dynamic NTK rescales with the sequence
+    length at run time, which a precomputed cache cannot express.
+    """
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        # The same arithmetic as transformers' default, so cos/sin are bit-identical.
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        scaling = 1.0
+    elif rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"rope type {rope_type!r} is not supported")
+    else:
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    if inv_freq.numel() * 2 != head_dim:
+        raise ValueError(f"partial rotary embeddings are not supported (head_dim {head_dim}, {inv_freq.numel()} freqs)")
+    return RotaryEmbedding(inv_freq, max_position, attention_scaling=scaling)

@@ -1,0 +1,187 @@
+"""Llama 2 / 3 / 3.1 (and look-alikes such as SmolLM2), written once against ``layers``.
+
+Module names mirror Hugging Face's (``model.layers.N.self_attn.o_proj`` ...)
+so that checkpoints map by name; only the packed projections differ, and
+`LlamaForCausalLM.packed_modules` says how their shards stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from atom_trio.engine.errors import ModelLoadError
+from atom_trio.layers import (
+    Attention,
+    MergedColumnParallelLinear,
+    ParallelLMHead,
+    QKVParallelLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    RowParallelLinear,
+    SiluAndMul,
+    VocabParallelEmbedding,
+    get_rope,
+)
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class LlamaAttention(nn.Module):
+    """Self-attention; ``qk_norm`` adds Qwen3's per-head RMSNorm of queries and keys before the rotation."""
+
+    def __init__(self, config, rotary_emb: RotaryEmbedding, *, qk_norm: bool = False) -> None:
+        super().__init__()
+        head_dim = _head_dim(config)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim
+        bias = getattr(config, "attention_bias", False)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, self.num_heads, self.num_kv_heads, bias=bias)
+        self.o_proj = RowParallelLinear(self.num_heads * head_dim, config.hidden_size, bias=bias)
+        self.rotary_emb = rotary_emb
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.qk_norm = qk_norm
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+        q = q.reshape(-1, self.num_heads, self.head_dim)
+        k = k.reshape(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only 'silu')")
+        bias = getattr(config, "mlp_bias", False)
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config, rotary_emb: RotaryEmbedding, *, qk_norm: bool = False) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, rotary_emb, qk_norm=qk_norm)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual stream travels beside the hidden state so that each
+        # add fuses into the RMSNorm that follows it.
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, *, qk_norm: bool = False) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        # One cos/sin table for all layers: at 128k positions it is tens of MB.
+        rotary_emb = get_rope(config, _head_dim(config), config.max_position_embeddings)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, rotary_emb, qk_norm=qk_norm) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM: ``forward`` gives final hidden states for the flat batch, `compute_logits` the vocabulary scores."""
+
+    qk_norm = False
+    # Hugging Face shard name -> (our packed module, shard id)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, qk_norm=self.qk_norm)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the parameters, stacking packed shards.
+
+        Raises `ModelLoadError` for a tensor that fits no parameter and for a
+        parameter (or packed shard) the checkpoint never filled, so a naming
+        mismatch cannot leave uninitialised weights behind.
+        """
+        params = dict(self.named_parameters())  # a tied LM head appears once, as the embedding
+        loaded: set[tuple[str, object]] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.tie_word_embeddings and name == "lm_head.weight"):
+                continue
+            target, shard_id = name, None
+            for hf_name, (packed_name, packed_shard) in self.packed_modules.items():
+                if f".{hf_name}." in name:
+                    target, shard_id = name.replace(f".{hf_name}.", f".{packed_name}."), packed_shard
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ModelLoadError(f"checkpoint tensor {name!r} matches no parameter of {type(self).__name__}")
+            loader = getattr(param, "weight_loader", _copy_whole)
+            try:
+                loader(param, tensor, shard_id)
+            except ValueError as exc:
+                raise ModelLoadError(f"checkpoint tensor {name!r}: {exc}") from exc
+            loaded.add((target, shard_id))
+        missing = sorted(f"{n}[{s}]" if s is not None else n for n, s in self._expected_keys(params) - loaded)
+        if missing:
+            raise ModelLoadError(f"the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def _expected_keys(self, params: dict[str, nn.Parameter]) -> set[tuple[str, object]]:
+        shards: dict[str, list[object]] = {}
+        for packed_name, shard_id in self.packed_modules.values():
+            shards.setdefault(packed_name, []).append(shard_id)
+        return {(name, shard) for name in params for shard in shards.get(name.split(".")[-2], [None])}
+
+
+def _copy_whole(param: nn.Parameter, tensor: torch.Tensor, shard_id: object = None) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"shape {tuple(tensor.shape)} does not fit parameter {tuple(param.shape)}")
+    param.data.copy_(tensor)

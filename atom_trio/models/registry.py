@@ -1,0 +1,33 @@
+"""Hugging Face ``architectures`` names (or, failing those, ``model_type``) -> model classes."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from atom_trio.engine.errors import ModelLoadError
+
+from .llama import LlamaForCausalLM
+from .qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+# Configs built from GGUF metadata may name only the model type.
+_BY_MODEL_TYPE: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM, "qwen3": Qwen3ForCausalLM}
+
+
+def get_model_class(hf_config) -> type[nn.Module]:
+    """The class for the first of the config's ``architectures`` we implement, else for its ``model_type``."""
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    for arch in architectures:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    model_type = getattr(hf_config, "model_type", None)
+    if not architectures and model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    raise ModelLoadError(
+        f"model architecture {architectures or model_type or '(none given)'} is not supported; "
+        f"supported: {', '.join(sorted(MODEL_REGISTRY))}"
+    )

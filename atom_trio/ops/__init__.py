@@ -1,0 +1,62 @@
+"""Kernels behind one interface, with the backend chosen once at start.
+
+``get_backend(name, device)`` picks an implementation (``--kernel-backend``);
+the runner builds the model inside ``use_backend(backend)`` and every layer
+captures `current_backend()` in its constructor, so the choice is made once,
+not per call, and models never name a backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+
+from .interface import AttentionMetadata, KernelBackend
+from .torch_ref import TorchRefBackend
+
+BACKEND_NAMES = ("auto", "torch", "triton", "aiter")
+
+_current: contextvars.ContextVar[KernelBackend | None] = contextvars.ContextVar("atom_trio_backend", default=None)
+
+
+def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> KernelBackend:
+    """The kernel backend ``name`` for ``device``; ``auto`` picks the fastest one available there.
+
+    Today only ``torch`` (the reference, any device) exists, so ``auto`` resolves
+    to it everywhere; the Triton (CUDA/ROCm) and AITER (ROCm) backends slot in here.
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if name in ("auto", "torch"):
+        return TorchRefBackend()
+    raise ValueError(f"kernel backend {name!r} is not available in this build; use 'torch' or 'auto'")
+
+
+@contextlib.contextmanager
+def use_backend(backend: KernelBackend) -> Iterator[KernelBackend]:
+    """Layers constructed inside this block run their kernels on ``backend``."""
+    token = _current.set(backend)
+    try:
+        yield backend
+    finally:
+        _current.reset(token)
+
+
+def current_backend() -> KernelBackend:
+    """The backend layers built now should use (the torch reference outside `use_backend`)."""
+    backend = _current.get()
+    return backend if backend is not None else TorchRefBackend()
+
+
+__all__ = [
+    "AttentionMetadata",
+    "BACKEND_NAMES",
+    "KernelBackend",
+    "TorchRefBackend",
+    "current_backend",
+    "get_backend",
+    "use_backend",
+]

@@ -1,0 +1,140 @@
+"""The kernel interface: what every backend (torch_ref, triton, aiter) implements.
+
+Layers call kernels only through a `KernelBackend` they captured when they
+were built, so a model is written once and runs on whatever backend the runner
+chose at start-up. The batch layout is the same for every backend: all tokens
+of a step flattened into one dimension (prefill chunks and decode tokens
+mixed), described by `AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import attrs
+import torch
+
+
+@attrs.frozen(kw_only=True)
+class AttentionMetadata:
+    """How the flat token batch of one step splits into sequences.
+
+    Sequence ``i`` owns query tokens ``[cu_seqlens_q[i], cu_seqlens_q[i+1])``;
+    after this step its KV cache holds ``context_lens[i]`` tokens (cached
+    context plus this step's tokens), so its queries sit at the last
+    ``query_len`` positions of that context and attend causally to everything
+    before them. ``block_tables[i]`` lists its physical KV blocks (rows padded
+    with 0 past the blocks it owns); ``slot_mapping[t]`` is the flat cache slot
+    (``block * block_size + offset``) where token ``t``'s key and value go.
+
+    The ``*_host`` lists repeat the per-sequence lengths on the host, so that
+    backends can plan without a device synchronisation.
+    """
+
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    query_lens_host: list[int]
+    context_lens_host: list[int]
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens_host)
+
+    @property
+    def max_query_len(self) -> int:
+        return max(self.query_lens_host, default=0)
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_host, default=0)
+
+
+class KernelBackend(abc.ABC):
+    """One implementation of every kernel a model needs.
+
+    Tensors are laid out as the layers produce them: activations ``[num_tokens,
+    hidden]``, attention inputs ``[num_tokens, num_heads, head_dim]``. The KV
+    cache (one tensor per layer for K and one for V) is laid out as the
+    backend's attention reads it best; `kv_cache_shape` says how, and only
+    the backend indexes into it.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+        """The shape of one layer's K (or V) cache holding ``num_blocks`` blocks of ``block_size`` tokens."""
+
+    @abc.abstractmethod
+    def plan_attention(self, metadata: AttentionMetadata) -> Any:
+        """Precompute, once per step, whatever `paged_attention` reuses in every layer."""
+
+    @abc.abstractmethod
+    def store_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
+        """Write this step's keys and values ``[num_tokens, num_kv_heads, head_dim]`` to their slots.
+
+        Slot ``s`` is token ``s % block_size`` of block ``s // block_size``.
+        """
+
+    @abc.abstractmethod
+    def paged_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """Causal attention of every query token over its sequence's context.
+
+        ``key``/``value`` are this step's (already stored in the cache);
+        backends may read them directly for sequences with no earlier context.
+        Grouped-query attention: query head ``h`` reads KV head
+        ``h // (num_heads // num_kv_heads)``. Returns ``[num_tokens, num_heads, head_dim]``.
+        """
+
+    @abc.abstractmethod
+    def rms_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """RMSNorm over the last dimension; with ``residual``, add it first.
+
+        With a residual, returns ``(normed, x + residual)`` so that the sum
+        becomes the next layer's residual without another pass over memory.
+        """
+
+    @abc.abstractmethod
+    def rotary_embedding(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate ``query``/``key`` ``[num_tokens, heads, head_dim]`` by their positions.
+
+        The rotate-half (GPT-NeoX, Hugging Face Llama) convention: dimension
+        ``i`` pairs with ``i + head_dim/2``. ``cos_sin_cache[pos]`` holds
+        ``head_dim/2`` cosines then ``head_dim/2`` sines (float32).
+        """
+
+    @abc.abstractmethod
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(x[..., :d]) * x[..., d:]`` for the merged gate/up projection."""

@@ -1,0 +1,319 @@
+"""The model runner: one model on one device, its paged KV cache, and one step at a time.
+
+``execute(plan)`` turns the scheduler's `StepPlan` into the flat batch every
+backend consumes (``input_ids``, ``positions``, ``slot_mapping``,
+``cu_seqlens_q``, ``context_lens``, ``block_tables``), runs the model, and
+samples one token for each chunk that asks for it. The runner keeps each live
+sequence's token history (prompt and output, for the sampler's penalties and
+seeds) from the tokens the plans carry, and forgets it when the plan lists
+the sequence as finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from itertools import chain
+
+import torch
+
+from atom_trio.config import EngineConfig
+from atom_trio.engine.errors import ModelLoadError
+from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult
+from atom_trio.layers import Attention, ForwardContext, forward_context
+from atom_trio.layers.sampler import SampleRequest, Sampler
+from atom_trio.loader import init_dummy_weights, iter_weights, resolve_model
+from atom_trio.models import get_model_class
+from atom_trio.ops import AttentionMetadata, get_backend, use_backend
+
+logger = logging.getLogger("atom_trio.runner")
+
+
+class _SeqHistory:
+    """A sequence's tokens so far, split at the prompt's end."""
+
+    __slots__ = ("prompt_len", "prompt", "output")
+
+    def __init__(self, prompt_len: int) -> None:
+        self.prompt_len = prompt_len
+        self.prompt: list[int] = []
+        self.output: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def extend(self, tokens: list[int]) -> None:
+        in_prompt = max(0, min(len(tokens), self.prompt_len - len(self)))
+        self.prompt.extend(tokens[:in_prompt])
+        self.output.extend(tokens[in_prompt:])
+
+
+class ModelRunner:
+    """Runs a model's forward passes and sampling for the scheduler's step plans.
+
+    Attributes that the engine sizes its scheduler from: ``num_kv_blocks``,
+    ``block_size``, ``max_model_len``, ``vocab_size``, ``eos_token_ids``.
+    """
+
+    def __init__(self, config: EngineConfig, *, rank: int = 0, world_size: int = 1) -> None:
+        if world_size != 1:
+            raise NotImplementedError("tensor parallelism is not implemented yet; use tensor_parallel_size=1")
+        self.config = config
+        self.rank = rank
+        self.device = _pick_device(config.device)
+        resolved = resolve_model(config)
+        self.hf_config = resolved.hf_config
+        self.dtype = resolved.dtype
+        self.vocab_size = self.hf_config.vocab_size
+        self.eos_token_ids = _eos_token_ids(self.hf_config, resolved.generation_config)
+        self.max_model_len = _max_model_len(config, self.hf_config)
+        self.block_size = config.block_size
+        self.backend = get_backend(config.kernel_backend, self.device)
+        torch.manual_seed(config.seed)
+
+        model_class = get_model_class(self.hf_config)
+        try:
+            with _default_dtype(self.dtype), self.device, use_backend(self.backend):
+                self.model = model_class(self.hf_config)
+        except ValueError as exc:  # a config feature the implementation lacks (rope type, activation...)
+            raise ModelLoadError(f"cannot build {model_class.__name__} from {resolved.path}: {exc}") from exc
+        with torch.no_grad():
+            if resolved.load_format == "dummy":
+                init_dummy_weights(self.model, config.seed)
+            else:
+                self.model.load_weights(iter_weights(resolved))
+        self.model.eval()
+
+        self._attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_kv_blocks = self._num_kv_blocks()
+        self.kv_cache = self._allocate_kv_cache()
+        self.sampler = Sampler(self.eos_token_ids)
+        self._histories: dict[int, _SeqHistory] = {}
+        self._fault: BaseException | None = None
+        logger.info(
+            "model runner on %s: %s %s, kernels %s, %d KV blocks of %d tokens, max_model_len %d",
+            self.device,
+            type(self.model).__name__,
+            self.dtype,
+            self.backend.name,
+            self.num_kv_blocks,
+            self.block_size,
+            self.max_model_len,
+        )
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step; returns one sampled token per chunk with ``sample=True``, in plan order."""
+        if self._fault is not None:
+            fault, self._fault = self._fault, None
+            raise fault
+        logits = self._forward(plan)
+        sampled = [c for c in plan.chunks if c.sample]
+        if not sampled:
+            return StepResult(step_id=plan.step_id, token_ids=[], logprobs=[], top_logprobs=[])
+        requests = []
+        for chunk in sampled:
+            history = self._histories[chunk.seq_id]
+            requests.append(SampleRequest(chunk.sampling_params, history.prompt, history.output))
+        out = self.sampler(logits, requests)
+        return StepResult(
+            step_id=plan.step_id, token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=out.top_logprobs
+        )
+
+    @torch.inference_mode()
+    def compute_logits(self, plan: StepPlan) -> torch.Tensor:
+        """Run one step (KV cache writes included) and return float32 logits, one row per sampled chunk."""
+        return self._forward(plan)
+
+    def inject_fault(self, exc: BaseException) -> None:
+        """Test hook: the next `execute` raises ``exc`` instead of running."""
+        self._fault = exc
+
+    def close(self) -> None:
+        """Free the model and the KV cache (idempotent); the runner is unusable afterwards."""
+        self.model = self.kv_cache = None
+        self._attention_layers = []
+        self._histories.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- one step -----------------------------------------------------------------------------------
+
+    def _forward(self, plan: StepPlan) -> torch.Tensor:
+        for seq_id in plan.finished_seq_ids:
+            self._histories.pop(seq_id, None)
+        if not plan.chunks:
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+        self._record_tokens(plan.chunks)
+        input_ids, positions, metadata = self._prepare_inputs(plan.chunks)
+        context = ForwardContext(metadata=metadata, attn_plan=self.backend.plan_attention(metadata))
+        with forward_context(context):
+            hidden = self.model(input_ids, positions)
+        last_tokens = [
+            end - 1 for chunk, end in zip(plan.chunks, _cumsum(metadata.query_lens_host)[1:]) if chunk.sample
+        ]
+        hidden = hidden.index_select(0, torch.tensor(last_tokens, device=self.device))
+        return self.model.compute_logits(hidden).float()
+
+    def _check_chunk(self, chunk: SeqChunk) -> None:
+        end = chunk.start_pos + len(chunk.token_ids)
+        if not chunk.token_ids:
+            raise ValueError(f"sequence {chunk.seq_id}: a chunk must carry at least one token")
+        if end > self.max_model_len:
+            raise ValueError(f"sequence {chunk.seq_id}: position {end - 1} is past max_model_len {self.max_model_len}")
+        if len(chunk.block_table) * self.block_size < end:
+            raise ValueError(
+                f"sequence {chunk.seq_id}: {len(chunk.block_table)} blocks of {self.block_size} "
+                f"cannot hold {end} tokens"
+            )
+        if chunk.sample and chunk.sampling_params is None:
+            raise ValueError(f"sequence {chunk.seq_id}: sample=True needs sampling_params")
+
+    def _record_tokens(self, chunks: list[SeqChunk]) -> None:
+        """Extend each sequence's token history; a (re)started sequence brings its prefix.
+
+        Every chunk is checked before any history changes, so a rejected plan
+        leaves the runner as it was.
+        """
+        if len({c.seq_id for c in chunks}) != len(chunks):
+            raise ValueError("a plan holds at most one chunk per sequence")
+        updates = []
+        for chunk in chunks:
+            self._check_chunk(chunk)
+            history = self._histories.get(chunk.seq_id)
+            if history is None or chunk.start_pos == 0 or chunk.prefix_token_ids is not None:
+                prefix = chunk.prefix_token_ids or []
+                if len(prefix) != chunk.start_pos:
+                    raise ValueError(
+                        f"sequence {chunk.seq_id} starts at position {chunk.start_pos} but the runner has "
+                        f"{len(prefix)} tokens of its history (send prefix_token_ids the first time)"
+                    )
+                history = _SeqHistory(chunk.prompt_len)
+                history.extend(prefix)
+            elif len(history) != chunk.start_pos:
+                raise ValueError(
+                    f"sequence {chunk.seq_id}: chunk starts at {chunk.start_pos} but {len(history)} tokens came before"
+                )
+            updates.append((chunk, history))
+        for chunk, history in updates:
+            self._histories[chunk.seq_id] = history
+            history.extend(chunk.token_ids)
+
+    def _prepare_inputs(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The flat batch: every chunk's tokens back to back, and where their KV lives."""
+        device = self.device
+        query_lens = [len(c.token_ids) for c in chunks]
+        context_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
+        max_blocks = max(len(c.block_table) for c in chunks)
+        input_ids = torch.tensor(list(chain.from_iterable(c.token_ids for c in chunks)), dtype=torch.long)
+        lowest, highest = (int(v) for v in torch.aminmax(input_ids))
+        if lowest < 0 or highest >= self.vocab_size:
+            raise ValueError(f"token id {highest if highest >= self.vocab_size else lowest} is outside the vocabulary")
+        positions = torch.tensor(
+            list(chain.from_iterable(range(c.start_pos, ctx) for c, ctx in zip(chunks, context_lens))),
+            dtype=torch.long,
+        )
+        block_tables = torch.tensor(
+            [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks], dtype=torch.int32
+        )
+        seq_of_token = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(query_lens))
+        slot_mapping = (
+            block_tables[seq_of_token, positions // self.block_size].long() * self.block_size
+            + positions % self.block_size
+        )
+        metadata = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(_cumsum(query_lens), dtype=torch.int32, device=device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            block_tables=block_tables.to(device),
+            slot_mapping=slot_mapping.to(device),
+            query_lens_host=query_lens,
+            context_lens_host=context_lens,
+            block_size=self.block_size,
+        )
+        return input_ids.to(device), positions.to(device), metadata
+
+    # -- KV cache -----------------------------------------------------------------------------------
+
+    def _kv_block_bytes(self) -> int:
+        layer = self._attention_layers[0]
+        element = torch.empty(0, dtype=self._kv_dtype()).element_size()
+        return 2 * len(self._attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim * element
+
+    def _kv_dtype(self) -> torch.dtype:
+        if self.config.kv_cache_dtype not in ("auto", str(self.dtype).removeprefix("torch.")):
+            raise ValueError(f"kv_cache_dtype {self.config.kv_cache_dtype!r} is not supported; use 'auto'")
+        return self.dtype
+
+    def _num_kv_blocks(self) -> int:
+        """Blocks from ``num_kv_blocks``, else from the memory budget of the device."""
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * self.config.gpu_memory_utilization - (total - free)
+            where = f"gpu_memory_utilization={self.config.gpu_memory_utilization} of {total / 2**30:.1f} GiB"
+        else:
+            budget = self.config.cpu_kv_cache_space_gb * 2**30
+            where = f"cpu_kv_cache_space_gb={self.config.cpu_kv_cache_space_gb}"
+        blocks = int(budget // self._kv_block_bytes())
+        if blocks < 1:
+            raise ValueError(f"no memory left for the KV cache with {where}; raise it or set num_kv_blocks")
+        return blocks
+
+    def _allocate_kv_cache(self) -> torch.Tensor:
+        """One tensor ``[2, layers, *backend layout]``; each layer gets views of its K and V.
+
+        Zeroed, because the decode path reads whole blocks, and a never-written
+        slot must be finite for its (masked, zero-weight) value row to vanish.
+        """
+        layer = self._attention_layers[0]
+        shape = self.backend.kv_cache_shape(self.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        kv = torch.zeros(2, len(self._attention_layers), *shape, dtype=self._kv_dtype(), device=self.device)
+        for i, attn in enumerate(self._attention_layers):
+            attn.k_cache, attn.v_cache = kv[0, i], kv[1, i]
+        return kv
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _eos_token_ids(hf_config, generation_config: dict) -> frozenset[int]:
+    ids: set[int] = set()
+    for value in (generation_config.get("eos_token_id"), getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    return frozenset(ids)
+
+
+def _max_model_len(config: EngineConfig, hf_config) -> int:
+    limit = hf_config.max_position_embeddings
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings {limit}")
+    return config.max_model_len
+
+
+def _cumsum(values: list[int]) -> list[int]:
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
