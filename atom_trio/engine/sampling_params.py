@@ -25,6 +25,10 @@ def _bias(value: dict[int, float] | None) -> dict[int, float] | None:
     return {int(k): float(b) for k, b in value.items()}
 
 
+_INT32_LIMIT = 2**31
+_MAX_N = 128
+
+
 @attrs.frozen(kw_only=True)
 class SamplingParams:
     """How to pick each next token and when to stop.
@@ -64,8 +68,14 @@ class SamplingParams:
         def bad(param: str, why: str) -> InvalidRequest:
             return InvalidRequest(f"{param} {why}, got {getattr(self, param)!r}", param=param)
 
-        if self.n < 1:
-            raise bad("n", "must be at least 1")
+        # Every integer crosses the worker wire (msgpack) and becomes a tensor
+        # index: bound them so one bad request can't overflow either.
+        for param in ("n", "top_k", "max_tokens", "min_tokens", "logprobs"):
+            value = getattr(self, param)
+            if value is not None and abs(value) >= _INT32_LIMIT:
+                raise bad(param, f"must be below {_INT32_LIMIT}")
+        if not 1 <= self.n <= _MAX_N:
+            raise bad("n", f"must be in [1, {_MAX_N}] (OpenAI's limit)")
         if not 0.0 <= self.temperature <= 100.0:
             raise bad("temperature", "must be in [0, 100]")
         if not 0.0 < self.top_p <= 1.0:

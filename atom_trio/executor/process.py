@@ -1,0 +1,371 @@
+"""`ProcessExecutor`: one worker subprocess per tensor-parallel rank.
+
+On a GPU the model runs in its own process, so the server's event loop and
+the device's Python never share a GIL, and each rank of a tensor-parallel
+group owns one device. Every rank receives the same plan over its own
+socketpair (``protocol.py``); rank 0 answers with the sampled tokens, the
+others with an `Ack`, so that a rank that died or hung is noticed at once.
+
+Supervision: each worker is a ``trio.run_process`` task in the nursery the
+engine hands to `ProcessExecutor.create` (or the one `open_process_executor`
+opens). A worker's death never cancels that nursery: it marks the executor
+failed and kills the other ranks (a tensor-parallel group with a hole can
+only hang), and the step in flight, or the next one, raises `WorkerDied`.
+So the engine handles a dead worker exactly like a step that raised in a
+`ThreadExecutor`, and `failure` lets a health check see it while idle.
+`aclose` stops workers with Shutdown, then SIGTERM, then SIGKILL; cancelling
+the nursery skips the Shutdown.
+Workers also exit on their own when the engine process dies (see ``worker.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from ..engine.errors import ModelLoadError, WorkerDied
+from . import protocol
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
+    from ..engine.plan import StepPlan, StepResult
+
+SHUTDOWN_GRACE = 5.0
+"""Seconds idle workers get to exit after Shutdown before they are terminated."""
+
+KILL_GRACE = 3.0
+"""Seconds between SIGTERM and SIGKILL."""
+
+EXIT_WAIT = 5.0
+"""Seconds to wait for the exit status of a worker that closed its socket."""
+
+MIN_INIT_TIMEOUT = 600.0
+"""Loading weights (and compiling) takes far longer than a step, so start-up waits at least this long."""
+
+# The worker must import this very atom_trio, installed or not.
+_SOURCE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+async def _terminate_then_kill(process: trio.Process) -> None:
+    """``deliver_cancel`` for workers: SIGTERM, a grace period, then SIGKILL (run_process stops us at exit)."""
+    process.terminate()
+    await trio.sleep(KILL_GRACE)
+    process.kill()
+
+
+class _FrameStream:
+    """Length-prefixed frames over a trio stream (the engine's end of a socketpair)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buffer = bytearray()
+
+    async def send(self, frame: bytes) -> None:
+        await self._stream.send_all(frame)
+
+    async def receive(self) -> bytearray:
+        """The next frame's body; `EOFError` when the worker closed its end."""
+        header = protocol.HEADER.size
+        await self._fill(header)
+        (length,) = protocol.HEADER.unpack_from(self._buffer)
+        await self._fill(header + protocol.check_length(length))
+        body = self._buffer[header : header + length]
+        del self._buffer[: header + length]
+        return body
+
+    async def _fill(self, size: int) -> None:
+        while len(self._buffer) < size:
+            data = await self._stream.receive_some(max(size - len(self._buffer), 1 << 16))
+            if not data:
+                raise EOFError("worker closed its socket")
+            self._buffer += data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _TapStarted:
+    """Keeps the `trio.Process` that ``run_process`` reports through ``task_status``."""
+
+    def __init__(self, worker: _Worker, inner: trio.TaskStatus[trio.Process]) -> None:
+        self._worker = worker
+        self._inner = inner
+
+    def started(self, process: trio.Process) -> None:
+        self._worker.process = process
+        self._inner.started(process)
+
+
+@attrs.define(eq=False)
+class _Worker:
+    rank: int
+    stream: _FrameStream
+    decoder: protocol.Decoder = attrs.Factory(protocol.Decoder)
+    process: trio.Process | None = None
+    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    exited: trio.Event = attrs.Factory(trio.Event)
+    ready: bool = False  # answered Init, so it reads its socket and will see Shutdown
+    error: protocol.Error | None = None  # what the worker said before exiting, if anything
+    owed: int = 0  # steps sent and not answered yet
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.process is None else self.process.returncode
+
+
+class ProcessExecutor:
+    """Runs step plans on worker subprocesses, one per rank; rank 0's answer is the result.
+
+    Build it with `ProcessExecutor.create` inside a nursery that outlives it,
+    or with `open_process_executor`; always `aclose` it. Implements the
+    `Executor` interface.
+    """
+
+    def __init__(self, config: EngineConfig, nursery: trio.Nursery) -> None:
+        self._config = config
+        self._nursery = nursery
+        self._timeout = config.worker_timeout
+        self._encoder = protocol.Encoder()
+        self._workers: list[_Worker] = []
+        self._failure: WorkerDied | None = None
+        self._step_scope: trio.CancelScope | None = None
+        self._closed = False
+        self.num_kv_blocks = self.block_size = self.max_model_len = self.vocab_size = 0
+        self.eos_token_ids: frozenset[int] = frozenset()
+
+    @classmethod
+    async def create(cls, config: EngineConfig, nursery: trio.Nursery) -> ProcessExecutor:
+        """Start ``config.tensor_parallel_size`` workers supervised by ``nursery`` and load the model in each.
+
+        Raises:
+            ModelLoadError: a worker could not load the model.
+            WorkerDied: a worker exited or hung while starting.
+        """
+        self = cls(config, nursery)
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    @property
+    def failure(self) -> WorkerDied | None:
+        """Why the executor is unusable, or None while all workers are alive."""
+        return self._failure
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process is not None]
+
+    async def _start(self) -> None:
+        world_size = self._config.tensor_parallel_size
+        master_port = _free_port() if world_size > 1 else 0
+        for rank in range(world_size):
+            if self._failure is not None:
+                raise self._failure
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            worker = _Worker(rank, _FrameStream(trio.SocketStream(trio.socket.from_stdlib_socket(ours))))
+            self._workers.append(worker)
+            with theirs:  # closed here once the child has its copy, so the child's exit reads as EOF
+                await self._nursery.start(self._supervise, worker, theirs.fileno())
+        for worker in self._workers:
+            init = protocol.Init(config=self._config, rank=worker.rank, world_size=world_size, master_port=master_port)
+            await self._send(worker, self._encoder.encode(init))
+        info: list[protocol.InitDone] = []
+        with trio.move_on_after(max(self._timeout, MIN_INIT_TIMEOUT)) as deadline:
+            for worker in self._workers:
+                info.append(await self._receive(worker, protocol.InitDone))
+                worker.ready = True
+        if deadline.cancelled_caught:
+            raise self._fail(WorkerDied(rank=len(info), returncode=None, detail="did not finish loading the model"))
+        facts = info[0]
+        self.num_kv_blocks = min(i.num_kv_blocks for i in info)  # every rank must fit the same blocks
+        self.block_size = facts.block_size
+        self.max_model_len = facts.max_model_len
+        self.vocab_size = facts.vocab_size
+        self.eos_token_ids = facts.eos_token_ids
+
+    def _command(self, fd: int) -> list[str]:
+        """How to start a worker on socket ``fd`` (the wire benchmark substitutes an echo worker)."""
+        return [sys.executable, "-m", "atom_trio.worker", "--fd", str(fd), "--parent-pid", str(os.getpid())]
+
+    async def _supervise(self, worker: _Worker, fd: int, *, task_status: trio.TaskStatus[trio.Process]) -> None:
+        command = self._command(fd)
+        pythonpath = os.pathsep.join(filter(None, [_SOURCE_ROOT, os.environ.get("PYTHONPATH")]))
+        try:
+            with worker.cancel_scope:
+                await trio.run_process(
+                    command,
+                    pass_fds=(fd,),
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, "PYTHONPATH": pythonpath},
+                    check=False,  # an exit is reported through execute() as WorkerDied, not raised into the nursery
+                    deliver_cancel=_terminate_then_kill,
+                    task_status=_TapStarted(worker, task_status),
+                )
+        finally:  # also when the nursery itself is cancelled: run_process has reaped the worker either way
+            worker.exited.set()
+        if not self._closed:
+            self._fail(_died(worker))
+
+    def _fail(self, failure: WorkerDied) -> WorkerDied:
+        """Record the first failure, stop every worker and the step in flight; return what execute raises."""
+        if self._failure is None:
+            self._failure = failure
+            for worker in self._workers:
+                worker.cancel_scope.cancel()
+            if self._step_scope is not None:
+                self._step_scope.cancel()
+        return self._failure
+
+    async def _lost(self, worker: _Worker, detail: str = "") -> WorkerDied:
+        """The failure to raise once ``worker`` stopped talking (with its exit status, if that comes soon)."""
+        with trio.move_on_after(EXIT_WAIT):
+            await worker.exited.wait()
+        return self._fail(_died(worker, detail))
+
+    async def _send(self, worker: _Worker, frame: bytes) -> None:
+        try:
+            await worker.stream.send(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise await self._lost(worker) from None
+
+    async def _receive(self, worker: _Worker, expected: type[Any]) -> Any:
+        try:
+            message = worker.decoder.decode(await worker.stream.receive())
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+            raise await self._lost(worker) from None
+        except protocol.ProtocolError as exc:
+            raise await self._lost(worker, detail=str(exc)) from exc
+        if isinstance(message, protocol.Error):
+            worker.error = message  # before waiting: the supervisor may report the exit first
+            failure = await self._lost(worker)
+            if message.type_name == ModelLoadError.__name__ and not worker.ready:
+                raise ModelLoadError(message.message) from failure
+            raise failure
+        if not isinstance(message, expected):
+            raise await self._lost(worker, detail=f"expected {expected.__name__}, got {type(message).__name__}")
+        return message
+
+    async def execute(self, plan: StepPlan) -> StepResult:
+        """Send ``plan`` to every rank; return rank 0's result.
+
+        Raises:
+            WorkerDied: a worker exited, failed, or gave no answer within ``config.worker_timeout``.
+        """
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise trio.ClosedResourceError("the executor is closed")
+        if self._step_scope is not None:
+            raise trio.BusyResourceError("another task is already running a step")
+        frame = self._encoder.encode(protocol.Execute(plan=plan))
+        deadline = trio.current_time() + self._timeout
+        answers: list[Any] = []
+        with trio.CancelScope() as self._step_scope:
+            try:
+                with trio.move_on_at(deadline) as timeout:
+                    answers = await self._step(frame, deadline)
+            finally:
+                self._step_scope = None
+        if self._failure is not None:  # a worker exited while we waited on another
+            raise self._failure
+        if timeout.cancelled_caught:
+            raise self._fail(self._timed_out(next(w for w in self._workers if w.owed)))
+        result = answers[0].result
+        if result.step_id != plan.step_id or any(ack.step_id != plan.step_id for ack in answers[1:]):
+            raise self._fail(WorkerDied(rank=0, returncode=None, detail="answered another step"))
+        return result
+
+    async def _step(self, frame: bytes, deadline: float) -> list[Any]:
+        for worker in self._workers:
+            while worker.owed:  # answers to a step that was cancelled from outside: the worker ran it anyway
+                await self._answer(worker)
+        for worker in self._workers:
+            # Half a frame would desync the stream for good, so only the deadline may interrupt a send.
+            with trio.CancelScope(shield=True), trio.move_on_at(deadline) as timeout:
+                await self._send(worker, frame)
+            if timeout.cancelled_caught:
+                raise self._fail(self._timed_out(worker))
+            worker.owed += 1
+        return [await self._answer(worker) for worker in self._workers]
+
+    def _timed_out(self, worker: _Worker) -> WorkerDied:
+        return WorkerDied(rank=worker.rank, returncode=None, detail=f"no answer within worker_timeout={self._timeout} s")
+
+    async def _answer(self, worker: _Worker) -> Any:
+        answer = await self._receive(worker, protocol.Result if worker.rank == 0 else protocol.Ack)
+        worker.owed -= 1
+        return answer
+
+    async def aclose(self) -> None:
+        """Stop every worker (Shutdown, then SIGTERM, then SIGKILL) and wait for them; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(SHUTDOWN_GRACE):
+                shutdown = self._encoder.encode(protocol.Shutdown())
+                for worker in self._workers:
+                    if worker.ready and not worker.exited.is_set():
+                        try:
+                            await worker.stream.send(shutdown)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass
+                for worker in self._workers:
+                    if worker.ready:
+                        await worker.exited.wait()
+            for worker in self._workers:
+                worker.cancel_scope.cancel()  # run_process delivers SIGTERM, then SIGKILL
+            for worker in self._workers:
+                if worker.process is not None:
+                    await worker.exited.wait()
+                await worker.stream.aclose()
+
+
+@asynccontextmanager
+async def open_process_executor(config: EngineConfig) -> AsyncIterator[ProcessExecutor]:
+    """A `ProcessExecutor` whose workers live exactly as long as the ``async with`` block.
+
+    The supervising tasks never raise, so an error here came from start-up or
+    from the block itself; it is re-raised as itself, not wrapped in the
+    nursery's ExceptionGroup.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            executor = await ProcessExecutor.create(config, nursery)
+            try:
+                yield executor
+            finally:
+                await executor.aclose()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise
+
+
+def _died(worker: _Worker, detail: str = "") -> WorkerDied:
+    error = worker.error
+    if error is not None:
+        detail = f"{error.type_name}: {error.message}"
+    failure = WorkerDied(rank=worker.rank, returncode=worker.returncode, detail=detail)
+    if error is not None:
+        failure.add_note(f"worker traceback:\n{error.traceback}")
+    return failure
+
+
+def _free_port() -> int:
+    """A free TCP port on localhost for torch.distributed's rendezvous (rank 0 binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

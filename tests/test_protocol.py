@@ -1,0 +1,250 @@
+"""The engine <-> worker wire protocol: exact round trips, the stateful plan codec, framing."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from atom_trio.config import EngineConfig
+from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult
+from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.executor import protocol
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+FLOATS = st.floats(allow_nan=False)
+# Any str a JSON request can carry, lone surrogates included.
+TEXT = st.text(st.characters(codec=None, categories=None), max_size=8)
+TOKEN = st.integers(0, 200_000)
+TOKENS = st.lists(TOKEN, max_size=12)
+
+sampling_params = st.builds(
+    SamplingParams,
+    n=st.integers(1, 8),
+    temperature=FLOATS,
+    top_p=FLOATS,
+    top_k=INT64,
+    min_p=FLOATS,
+    seed=st.none() | st.integers(-(2**63), 2**64 - 1),
+    max_tokens=st.none() | INT64,
+    min_tokens=INT64,
+    stop=st.lists(TEXT, max_size=3),
+    stop_token_ids=st.lists(TOKEN, max_size=3),
+    ignore_eos=st.booleans(),
+    presence_penalty=FLOATS,
+    frequency_penalty=FLOATS,
+    repetition_penalty=FLOATS,
+    logit_bias=st.none() | st.dictionaries(TOKEN, FLOATS, max_size=4),
+    logprobs=st.none() | st.integers(0, 20),
+    skip_special_tokens=st.booleans(),
+    include_stop_str_in_output=st.booleans(),
+)
+
+step_results = st.integers(0, 2**40).flatmap(
+    lambda step_id: st.integers(0, 6).flatmap(
+        lambda n: st.builds(
+            StepResult,
+            step_id=st.just(step_id),
+            token_ids=st.lists(TOKEN, min_size=n, max_size=n),
+            logprobs=st.lists(st.none() | FLOATS, min_size=n, max_size=n),
+            top_logprobs=st.lists(st.none() | st.lists(st.tuples(TOKEN, FLOATS), max_size=4), min_size=n, max_size=n),
+        )
+    )
+)
+
+
+@st.composite
+def plan_streams(draw) -> list[StepPlan]:
+    """Consecutive plans in which sequences come back with grown, kept, rewritten or shrunk block tables,
+    and with the same or new sampling parameters: every path of the delta codec."""
+    tables: dict[int, list[int]] = {}
+    params: dict[int, SamplingParams | None] = {}
+    plans = []
+    for step_id in range(draw(st.integers(1, 6))):
+        chunks = []
+        for seq_id in draw(st.lists(st.integers(0, 6), unique=True, max_size=5)):
+            old = tables.get(seq_id, [])
+            how = draw(st.sampled_from(["grow", "keep", "rewrite", "shrink"]))
+            if how == "grow":
+                table = old + draw(st.lists(st.integers(0, 10_000), max_size=3))
+            elif how == "keep":
+                table = list(old)
+            elif how == "shrink":
+                table = old[: draw(st.integers(0, len(old)))]
+            else:
+                table = draw(st.lists(st.integers(0, 10_000), max_size=6))
+            tables[seq_id] = table
+            if seq_id not in params or draw(st.booleans()):
+                params[seq_id] = draw(st.none() | sampling_params)
+            chunks.append(
+                SeqChunk(
+                    seq_id=seq_id,
+                    token_ids=draw(TOKENS),
+                    start_pos=draw(st.integers(0, 1 << 20)),
+                    block_table=table,
+                    prompt_len=draw(st.integers(0, 1 << 20)),
+                    sample=params[seq_id] is not None,
+                    sampling_params=params[seq_id],
+                    prefix_token_ids=draw(st.none() | TOKENS),
+                )
+            )
+        plans.append(StepPlan(step_id=step_id, chunks=chunks, finished_seq_ids=draw(st.lists(st.integers(0, 6)))))
+    return plans
+
+
+def round_trip(message, encoder=None, decoder=None):
+    frame = (encoder or protocol.Encoder()).encode(message)
+    (length,) = protocol.HEADER.unpack_from(frame)
+    assert length == len(frame) - protocol.HEADER.size
+    return (decoder or protocol.Decoder()).decode(frame[protocol.HEADER.size :])
+
+
+@settings(max_examples=300)
+@given(sampling_params)
+def test_sampling_params_round_trip_exactly(params):
+    plan = StepPlan(
+        step_id=1,
+        chunks=[
+            SeqChunk(
+                seq_id=3, token_ids=[1], start_pos=0, block_table=[0], prompt_len=1, sample=True, sampling_params=params
+            )
+        ],
+    )
+    decoded = round_trip(protocol.Execute(plan=plan)).plan.chunks[0].sampling_params
+    assert decoded == params
+    assert type(decoded.stop) is tuple and type(decoded.stop_token_ids) is tuple
+
+
+@settings(max_examples=200)
+@given(plan_streams())
+def test_plan_streams_round_trip_exactly_on_every_rank(plans):
+    # One encoder feeds every rank (the executor sends the same frames to all).
+    encoder, ranks = protocol.Encoder(), [protocol.Decoder(), protocol.Decoder()]
+    for plan in plans:
+        frame = encoder.encode(protocol.Execute(plan=plan))
+        for decoder in ranks:
+            assert decoder.decode(frame[protocol.HEADER.size :]) == protocol.Execute(plan=plan)
+
+
+@given(step_results)
+def test_step_results_round_trip_exactly(result):
+    assert round_trip(protocol.Result(result=result)) == protocol.Result(result=result)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        protocol.Init(config=EngineConfig(model="/m", dtype="float32", num_kv_blocks=7), rank=1, world_size=2),
+        protocol.InitDone(num_kv_blocks=9, block_size=16, max_model_len=2048, vocab_size=100, eos_token_ids={2, 5}),
+        protocol.Ack(step_id=12),
+        protocol.Shutdown(),
+        protocol.Error(type_name="ValueError", message="bad \ud800", traceback="Traceback ...\n"),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_control_messages_round_trip(message):
+    decoded = round_trip(message)
+    assert decoded == message
+    if isinstance(message, protocol.Init):
+        assert isinstance(decoded.config, EngineConfig)
+
+
+def decode_step(tables: list[list[int]], params: list[SamplingParams], step_id: int) -> StepPlan:
+    return StepPlan(
+        step_id=step_id,
+        chunks=[
+            SeqChunk(
+                seq_id=i,
+                token_ids=[7],
+                start_pos=16 * len(t) - 1,
+                block_table=t[:],  # the scheduler hands out a fresh slice each step
+                prompt_len=3,
+                sample=True,
+                sampling_params=p,
+            )
+            for i, (t, p) in enumerate(zip(tables, params))
+        ],
+    )
+
+
+def test_steady_decode_sends_only_what_changed():
+    tables = [list(range(100 * i, 100 * i + 64)) for i in range(32)]
+    params = [SamplingParams(temperature=0.5, stop=["x"]) for _ in tables]
+    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    first = encoder.encode(protocol.Execute(plan=decode_step(tables, params, 0)))
+    tables[5].append(9999)  # one sequence crossed into a new block
+    plan = decode_step(tables, params, 1)
+    steady = encoder.encode(protocol.Execute(plan=plan))
+    assert len(steady) * 8 < len(first)
+    decoder.decode(first[protocol.HEADER.size :])
+    decoded = decoder.decode(steady[protocol.HEADER.size :]).plan
+    assert decoded == plan
+    assert decoded.chunks[5].block_table[-1] == 9999
+
+
+def test_a_table_changed_in_place_is_still_sent():
+    """The encoder keeps its own copy, so a scheduler that mutates the plan's list after the step is safe."""
+    table = [1, 2, 3]
+    params = SamplingParams()
+    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    for step, change in enumerate([None, lambda: table.append(4), lambda: table.__setitem__(0, 42)]):
+        if change:
+            change()
+        plan = StepPlan(
+            step_id=step,
+            chunks=[SeqChunk(seq_id=0, token_ids=[1], start_pos=0, block_table=table, prompt_len=1, sample=True, sampling_params=params)],
+        )
+        assert decoder.decode(encoder.encode(protocol.Execute(plan=plan))[4:]).plan.chunks[0].block_table == table
+
+
+def test_unencodable_plan_leaves_the_codec_in_step():
+    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+
+    def plan(step_id, table, params):
+        chunk = SeqChunk(seq_id=0, token_ids=[1], start_pos=0, block_table=table, prompt_len=1, sample=True, sampling_params=params)
+        return StepPlan(step_id=step_id, chunks=[chunk])
+
+    decoder.decode(encoder.encode(protocol.Execute(plan=plan(0, [1], SamplingParams())))[4:])
+    with pytest.raises(OverflowError):
+        encoder.encode(protocol.Execute(plan=plan(1, [1, 2], SamplingParams(min_tokens=2**70))))
+    good = plan(2, [1, 2], SamplingParams())
+    assert decoder.decode(encoder.encode(protocol.Execute(plan=good))[4:]).plan == good
+
+
+@pytest.mark.parametrize("body", [b"", b"\xc1", b"\x92\x63\x90", b"\x92\x02\x01"], ids=["empty", "invalid", "tag", "shape"])
+def test_garbage_is_a_protocol_error(body):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.Decoder().decode(body)
+
+
+def test_blocking_framing_over_a_socketpair():
+    ours, theirs = socket.socketpair()
+    messages = [protocol.Ack(step_id=i) for i in range(3)] + [
+        protocol.Error(type_name="X", message="y" * 300_000, traceback="")
+    ]
+    frames = b"".join(protocol.Encoder().encode(m) for m in messages)
+
+    def trickle():  # arbitrary chunk boundaries, as a real stream delivers them
+        for i in range(0, len(frames), 7919):
+            ours.sendall(frames[i : i + 7919])
+        ours.close()
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    decoder = protocol.Decoder()
+    assert [decoder.decode(protocol.receive_frame(theirs)) for _ in messages] == messages
+    with pytest.raises(EOFError):
+        protocol.receive_frame(theirs)
+    sender.join()
+    theirs.close()
+
+
+def test_oversized_length_is_refused_before_reading():
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(protocol.HEADER.pack(protocol.MAX_FRAME_BYTES + 1))
+        with pytest.raises(protocol.ProtocolError, match="exceeds"):
+            protocol.receive_frame(theirs)
