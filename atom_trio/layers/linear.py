@@ -1,13 +1,16 @@
-"""Linear layers, named and shaped for tensor parallelism.
+"""Linear layers split across tensor-parallel ranks, Megatron style.
 
-Column-parallel layers split their output features across ranks and
-row-parallel layers their input features (then all-reduce), Megatron style.
-Today every layer holds the whole matrix (one rank); the split, and the
-all-reduce after `RowParallelLinear`, slot into ``weight_loader`` and
-``forward`` without changing a model. The packed layers exist so that q/k/v
-and gate/up each cost one matmul: their ``weight_loader`` takes a Hugging Face
-shard (``q_proj``, ``gate_proj`` ...) and copies it into its rows of the packed
-weight.
+Column-parallel layers split their output features across ranks, so each
+rank computes its own slice of the output; row-parallel layers split their
+input features, so each rank computes a partial sum and an all-reduce adds
+them up. A column-parallel layer followed by a row-parallel one (q/k/v then
+o, gate/up then down) therefore needs one all-reduce, and none in between.
+
+Each parameter's ``weight_loader`` takes the full Hugging Face tensor and
+copies only this rank's block of it; the packed layers (q/k/v and gate/up,
+one matmul each) also place each shard (``q_proj``, ``gate_proj`` ...) in its
+rows of the packed weight. Shapes and the rank come from the
+`TensorParallelGroup` current when the layer is built.
 """
 
 from __future__ import annotations
@@ -16,12 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atom_trio.distributed import current_tp_group
+
 
 class LinearBase(nn.Module):
-    """``y = x @ W.T + b`` with a ``weight_loader`` on each parameter."""
+    """``y = x @ W.T + b`` on this rank's ``[output_size, input_size]`` block.
+
+    Subclasses define ``weight_loader(param, loaded, shard_id)``, which says
+    which block of a checkpoint tensor this rank holds.
+    """
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False) -> None:
         super().__init__()
+        self.tp = current_tp_group()
         self.input_size = input_size
         self.output_size = output_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
@@ -32,46 +42,85 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        _copy_checked(param.data, loaded)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
-    """Output features split across tensor-parallel ranks (one rank today)."""
+    """Output features split across ranks: each rank returns its slice of ``y``."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False) -> None:
+        super().__init__(input_size, current_tp_group().divide(output_size, "output features"), bias=bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        _copy_shard(param.data, loaded, dim=0, index=self.tp.rank, parts=self.tp.size)
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across tensor-parallel ranks; the partial outputs are summed."""
+    """Input features split across ranks: each rank takes its slice of ``x``; the partial products are summed."""
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False) -> None:
+        super().__init__(current_tp_group().divide(input_size, "input features"), output_size, bias=bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if param.ndim == 1:  # the bias is whole on every rank
+            _copy_shard(param.data, loaded, dim=0, index=0, parts=1)
+        else:
+            _copy_shard(param.data, loaded, dim=1, index=self.tp.rank, parts=self.tp.size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The bias joins once, on rank 0, or the all-reduce would add it size times.
+        bias = self.bias if self.tp.rank == 0 else None
+        return self.tp.all_reduce(F.linear(x, self.weight, bias))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
-    """Several column-parallel projections of one input stacked in one matrix (gate and up)."""
+    """Several column-parallel projections of one input stacked in one matrix (gate and up).
+
+    Each rank's rows are ``[its slice of projection 0 | its slice of projection 1 | ...]``,
+    so an activation that splits the output in equal parts (`SiluAndMul`) works on every rank.
+    """
 
     def __init__(self, input_size: int, output_sizes: list[int], *, bias: bool = False) -> None:
-        self.output_sizes = list(output_sizes)
+        self.output_sizes = [current_tp_group().divide(size, "output features") for size in output_sizes]
         super().__init__(input_size, sum(output_sizes), bias=bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         index = int(shard_id)
-        offset = sum(self.output_sizes[:index])
-        _copy_checked(param.data.narrow(0, offset, self.output_sizes[index]), loaded)
+        rows = param.data.narrow(0, sum(self.output_sizes[:index]), self.output_sizes[index])
+        _copy_shard(rows, loaded, dim=0, index=self.tp.rank, parts=self.tp.size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Query, key and value projections in one matrix: rows ``[q | k | v]``."""
+    """Query, key and value projections in one matrix, rows ``[q | k | v]`` of this rank's heads.
+
+    Query heads split evenly across ranks. Key/value heads split too while
+    there are at least as many as ranks; with fewer, each is replicated on
+    ``size / total_num_kv_heads`` consecutive ranks, the ones whose query heads
+    attend to it. ``num_heads`` and ``num_kv_heads`` are this rank's counts.
+    """
 
     def __init__(
-        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, *, bias: bool = False
+        self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int, *, bias: bool = False
     ) -> None:
+        tp = current_tp_group()
         self.head_dim = head_dim
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.q_size = num_heads * head_dim
-        self.kv_size = num_kv_heads * head_dim
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = tp.divide(total_num_heads, "attention heads")
+        if total_num_kv_heads >= tp.size:
+            self.num_kv_heads = tp.divide(total_num_kv_heads, "key/value heads")
+        elif tp.size % total_num_kv_heads:
+            raise ValueError(
+                f"tensor_parallel_size {tp.size} is not a multiple of the model's {total_num_kv_heads} key/value heads "
+                "(needed to replicate them across ranks)"
+            )
+        else:
+            self.num_kv_heads = 1
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        # Not ColumnParallelLinear's even split: replicated K/V heads make this rank's share larger.
+        LinearBase.__init__(self, hidden_size, self.q_size + 2 * self.kv_size, bias=bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         offset, size = {
@@ -79,13 +128,21 @@ class QKVParallelLinear(ColumnParallelLinear):
             "k": (self.q_size, self.kv_size),
             "v": (self.q_size + self.kv_size, self.kv_size),
         }[shard_id]
-        _copy_checked(param.data.narrow(0, offset, size), loaded)
+        rows = param.data.narrow(0, offset, size)
+        if shard_id == "q":
+            _copy_shard(rows, loaded, dim=0, index=self.tp.rank, parts=self.tp.size)
+        else:
+            kv_parts = self.total_num_kv_heads // self.num_kv_heads  # distinct K/V blocks across the group
+            _copy_shard(rows, loaded, dim=0, index=self.tp.rank * kv_parts // self.tp.size, parts=kv_parts)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
 
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
-    if dst.shape != src.shape:
-        raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit parameter {tuple(dst.shape)}")
-    dst.copy_(src)
+def _copy_shard(dst: torch.Tensor, src: torch.Tensor, *, dim: int, index: int, parts: int) -> None:
+    """Copy block ``index`` of ``src`` cut into ``parts`` equal blocks along ``dim`` into ``dst``."""
+    full = list(dst.shape)
+    full[dim] *= parts
+    if list(src.shape) != full:
+        raise ValueError(f"checkpoint tensor of shape {tuple(src.shape)} does not fit parameter {tuple(full)}")
+    dst.copy_(src.narrow(dim, index * dst.shape[dim], dst.shape[dim]))

@@ -37,12 +37,15 @@ class LlamaAttention(nn.Module):
     def __init__(self, config, rotary_emb: RotaryEmbedding, *, qk_norm: bool = False) -> None:
         super().__init__()
         head_dim = _head_dim(config)
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim
         bias = getattr(config, "attention_bias", False)
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, self.num_heads, self.num_kv_heads, bias=bias)
-        self.o_proj = RowParallelLinear(self.num_heads * head_dim, config.hidden_size, bias=bias)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, head_dim, config.num_attention_heads, config.num_key_value_heads, bias=bias
+        )
+        # This rank's share of the heads (all of them on a single rank).
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size, bias=bias)
         self.rotary_emb = rotary_emb
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5)
         if qk_norm:
