@@ -23,7 +23,7 @@ LOCAL = ServerSettings(host="127.0.0.1", port=0, shutdown_timeout=5)
 
 
 def tiny_config(model_dir: Path, **fields: object) -> EngineConfig:
-    return EngineConfig(model=str(model_dir), dtype="float32", max_model_len=256, **fields)
+    return EngineConfig(**{"model": str(model_dir), "dtype": "float32", "max_model_len": 256, **fields})
 
 
 async def wait_until(predicate, timeout: float = 60) -> None:
@@ -40,11 +40,13 @@ async def test_disconnect_frees_kv_full_queue_is_429_dead_engine_is_503(
     nursery: trio.Nursery, tiny_llama_dir: Path
 ) -> None:
     # The hypercorn-CLI path: the app opens the engine in its own lifespan.
-    app = create_app(tiny_config(tiny_llama_dir, max_num_seqs=1, max_queued_requests=1), LOCAL)
+    # A stream long enough (2000 tokens) that it is still running while the other requests arrive.
+    config = tiny_config(tiny_llama_dir, max_num_seqs=1, max_queued_requests=1, max_model_len=2048)
+    app = create_app(config, LOCAL)
     stop = trio.Event()
     urls = await nursery.start(partial(hypercorn.trio.serve, app, hypercorn_config(LOCAL), shutdown_trigger=stop.wait))
     engine = app.extensions["atom_trio"].engine
-    long_stream = {"prompt": "Hello there", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    long_stream = {"prompt": "Hello there", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     async with httpx.AsyncClient(base_url=urls[0], timeout=60) as http:
         async with http.stream("POST", "/v1/completions", json=long_stream) as response:
             assert (await anext(response.aiter_lines())).startswith("data: ")
@@ -65,7 +67,7 @@ async def test_disconnect_frees_kv_full_queue_is_429_dead_engine_is_503(
                          and engine.stats().num_waiting == 0)
         finished = engine.stats().finished_requests
         assert finished.get("abort") == 2 and "length" not in finished  # aborted, not run to max_tokens
-        assert engine.stats().generation_tokens_total < 200
+        assert engine.stats().generation_tokens_total < 2000
         scraped = (await http.get("/metrics")).text
         assert metric(scraped, "atom_trio:kv_cache_usage_perc") == 0
         assert 'atom_trio:request_success_total{finished_reason="abort",model_name="' in scraped
