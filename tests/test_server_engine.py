@@ -49,7 +49,8 @@ async def test_disconnect_frees_kv_full_queue_is_429_dead_engine_is_503(
     long_stream = {"prompt": "Hello there", "max_tokens": 2000, "ignore_eos": True, "stream": True}
     async with httpx.AsyncClient(base_url=urls[0], timeout=60) as http:
         async with http.stream("POST", "/v1/completions", json=long_stream) as response:
-            assert (await anext(response.aiter_lines())).startswith("data: ")
+            lines = response.aiter_lines()  # kept referenced: a collected iterator would close the stream
+            assert (await anext(lines)).startswith("data: ")
             stats = engine.stats()
             assert stats.num_running == 1 and stats.kv_cache_usage > 0
 

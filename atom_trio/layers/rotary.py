@@ -18,7 +18,10 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, inv_freq: torch.Tensor, max_position: int, *, attention_scaling: float = 1.0) -> None:
         super().__init__()
-        freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq.float())
+        # The positions follow the default device (the model's); scaled variants
+        # compute ``inv_freq`` on the CPU, so bring it along.
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq.float().to(positions.device))
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_scaling
         self.register_buffer("cos_sin_cache", cache, persistent=False)
         self.ops = current_backend()

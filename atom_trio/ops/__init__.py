@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -25,14 +26,30 @@ _current: contextvars.ContextVar[KernelBackend | None] = contextvars.ContextVar(
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> KernelBackend:
     """The kernel backend ``name`` for ``device``; ``auto`` picks the fastest one available there.
 
-    Today only ``torch`` (the reference, any device) exists, so ``auto`` resolves
-    to it everywhere; the Triton (CUDA/ROCm) and AITER (ROCm) backends slot in here.
+    ``auto`` is Triton on a GPU (when Triton imports) and the torch reference
+    elsewhere. Triton is imported only when chosen, so CPU-only installs never
+    need it.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    if name in ("auto", "torch"):
+    device = torch.device(device)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and _triton_importable() else "torch"
+    if name == "torch":
         return TorchRefBackend()
-    raise ValueError(f"kernel backend {name!r} is not available in this build; use 'torch' or 'auto'")
+    if name == "triton":
+        if device.type != "cuda":
+            raise ValueError(f"kernel backend 'triton' is not available on {device.type!r}: it needs a CUDA or ROCm GPU")
+        if not _triton_importable():
+            raise ValueError("kernel backend 'triton' is not available: the triton package is not installed")
+        from .triton import TritonBackend
+
+        return TritonBackend(device)
+    raise ValueError(f"kernel backend {name!r} is not available in this build; use 'auto', 'torch' or 'triton'")
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 @contextlib.contextmanager

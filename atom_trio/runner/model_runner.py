@@ -13,19 +13,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from itertools import chain
 
+import attrs
 import torch
 
 from atom_trio.config import EngineConfig
+from atom_trio.distributed import TensorParallelGroup, destroy_distributed, init_distributed, use_tp_group
 from atom_trio.engine.errors import ModelLoadError
 from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult
+from atom_trio.engine.sampling_params import SamplingParams
 from atom_trio.layers import Attention, ForwardContext, forward_context
 from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.loader import init_dummy_weights, iter_weights, resolve_model
 from atom_trio.models import get_model_class
 from atom_trio.ops import AttentionMetadata, get_backend, use_backend
+from atom_trio.runner.cuda_graphs import DecodeGraphs, decode_batch_sizes
 
 logger = logging.getLogger("atom_trio.runner")
 
@@ -57,11 +62,12 @@ class ModelRunner:
     """
 
     def __init__(self, config: EngineConfig, *, rank: int = 0, world_size: int = 1) -> None:
-        if world_size != 1:
-            raise NotImplementedError("tensor parallelism is not implemented yet; use tensor_parallel_size=1")
         self.config = config
         self.rank = rank
+        self.tp_group = TensorParallelGroup(rank=rank, size=world_size)
         self.device = _pick_device(config.device)
+        if world_size > 1 and self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", rank)  # one GPU per rank
         resolved = resolve_model(config)
         self.hf_config = resolved.hf_config
         self.dtype = resolved.dtype
@@ -74,10 +80,12 @@ class ModelRunner:
 
         model_class = get_model_class(self.hf_config)
         try:
-            with _default_dtype(self.dtype), self.device, use_backend(self.backend):
+            with _default_dtype(self.dtype), self.device, use_backend(self.backend), use_tp_group(self.tp_group):
                 self.model = model_class(self.hf_config)
-        except ValueError as exc:  # a config feature the implementation lacks (rope type, activation...)
+        except ValueError as exc:  # a config feature the implementation lacks (rope type, activation, a TP split...)
             raise ModelLoadError(f"cannot build {model_class.__name__} from {resolved.path}: {exc}") from exc
+        # Only now: a model that cannot be split fails on every rank at once instead of in the rendezvous.
+        init_distributed(self.tp_group, self.device, timeout_s=config.worker_timeout)
         with torch.no_grad():
             if resolved.load_format == "dummy":
                 init_dummy_weights(self.model, config.seed)
@@ -87,7 +95,8 @@ class ModelRunner:
 
         self._attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_kv_blocks = self._num_kv_blocks()
-        self.kv_cache = self._allocate_kv_cache()
+        self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
+        self.decode_graphs = self._capture_decode_graphs()
         self.sampler = Sampler(self.eos_token_ids)
         self._histories: dict[int, _SeqHistory] = {}
         self._fault: BaseException | None = None
@@ -126,7 +135,7 @@ class ModelRunner:
     @torch.inference_mode()
     def compute_logits(self, plan: StepPlan) -> torch.Tensor:
         """Run one step (KV cache writes included) and return float32 logits, one row per sampled chunk."""
-        return self._forward(plan)
+        return self._forward(plan).clone()  # a graph's output buffer is overwritten by the next step
 
     def inject_fault(self, exc: BaseException) -> None:
         """Test hook: the next `execute` raises ``exc`` instead of running."""
@@ -134,28 +143,53 @@ class ModelRunner:
 
     def close(self) -> None:
         """Free the model and the KV cache (idempotent); the runner is unusable afterwards."""
-        self.model = self.kv_cache = None
+        self.model = self.kv_cache = self.decode_graphs = None
         self._attention_layers = []
         self._histories.clear()
+        if self.tp_group.size > 1:
+            destroy_distributed()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     # -- one step -----------------------------------------------------------------------------------
 
     def _forward(self, plan: StepPlan) -> torch.Tensor:
+        """Logits of the sampled chunks; from a captured graph for a decode-only batch, else eagerly.
+
+        The result may be a view of a graph's output buffer, valid until the next step.
+        """
         for seq_id in plan.finished_seq_ids:
             self._histories.pop(seq_id, None)
         if not plan.chunks:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
         self._record_tokens(plan.chunks)
-        input_ids, positions, metadata = self._prepare_inputs(plan.chunks)
+        batch = self._prepare_inputs(plan.chunks)
+        sampled = [i for i, chunk in enumerate(plan.chunks) if chunk.sample]
+        graphs = self.decode_graphs
+        if graphs is not None and batch.is_decode and len(plan.chunks) <= graphs.max_batch_size:
+            logits = graphs.run(
+                batch.input_ids, batch.positions, batch.slot_mapping, batch.context_lens, batch.block_tables
+            )
+            return logits if len(sampled) == len(plan.chunks) else logits[sampled]
+        ends = _cumsum(batch.query_lens)[1:]
+        return self._run_eager(batch, [ends[i] - 1 for i in sampled])
+
+    def _run_eager(self, batch: _HostBatch, rows: list[int]) -> torch.Tensor:
+        """The model on ``batch``, then float32 logits of the token rows ``rows``."""
+        device = self.device
+        metadata = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(_cumsum(batch.query_lens), dtype=torch.int32).to(device),
+            context_lens=batch.context_lens.to(device),
+            block_tables=batch.block_tables.to(device),
+            slot_mapping=batch.slot_mapping.to(device),
+            query_lens_host=batch.query_lens,
+            context_lens_host=batch.context_lens_host,
+            block_size=self.block_size,
+        )
         context = ForwardContext(metadata=metadata, attn_plan=self.backend.plan_attention(metadata))
         with forward_context(context):
-            hidden = self.model(input_ids, positions)
-        last_tokens = [
-            end - 1 for chunk, end in zip(plan.chunks, _cumsum(metadata.query_lens_host)[1:]) if chunk.sample
-        ]
-        hidden = hidden.index_select(0, torch.tensor(last_tokens, device=self.device))
+            hidden = self.model(batch.input_ids.to(device), batch.positions.to(device))
+        hidden = hidden.index_select(0, torch.tensor(rows, device=device))
         return self.model.compute_logits(hidden).float()
 
     def _check_chunk(self, chunk: SeqChunk) -> None:
@@ -202,9 +236,8 @@ class ModelRunner:
             self._histories[chunk.seq_id] = history
             history.extend(chunk.token_ids)
 
-    def _prepare_inputs(self, chunks: list[SeqChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The flat batch: every chunk's tokens back to back, and where their KV lives."""
-        device = self.device
+    def _prepare_inputs(self, chunks: list[SeqChunk]) -> _HostBatch:
+        """The flat batch, on the host: every chunk's tokens back to back, and where their KV lives."""
         query_lens = [len(c.token_ids) for c in chunks]
         context_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
         max_blocks = max(len(c.block_table) for c in chunks)
@@ -224,16 +257,15 @@ class ModelRunner:
             block_tables[seq_of_token, positions // self.block_size].long() * self.block_size
             + positions % self.block_size
         )
-        metadata = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(_cumsum(query_lens), dtype=torch.int32, device=device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-            block_tables=block_tables.to(device),
-            slot_mapping=slot_mapping.to(device),
-            query_lens_host=query_lens,
+        return _HostBatch(
+            input_ids=input_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            context_lens=torch.tensor(context_lens, dtype=torch.int32),
+            query_lens=query_lens,
             context_lens_host=context_lens,
-            block_size=self.block_size,
         )
-        return input_ids.to(device), positions.to(device), metadata
 
     # -- KV cache -----------------------------------------------------------------------------------
 
@@ -248,12 +280,19 @@ class ModelRunner:
         return self.dtype
 
     def _num_kv_blocks(self) -> int:
-        """Blocks from ``num_kv_blocks``, else from the memory budget of the device."""
+        """Blocks from ``num_kv_blocks``, else from the memory budget of the device.
+
+        On a GPU the budget is ``gpu_memory_utilization`` of the card less
+        everything else: the weights, the peak activations of the largest step
+        (measured by running it), and memory other processes and libraries hold.
+        """
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
+            peak = self._profile_peak_memory()
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = total * self.config.gpu_memory_utilization - (total - free)
+            not_torch = total - free - torch.cuda.memory_reserved(self.device)
+            budget = total * self.config.gpu_memory_utilization - peak - not_torch
             where = f"gpu_memory_utilization={self.config.gpu_memory_utilization} of {total / 2**30:.1f} GiB"
         else:
             budget = self.config.cpu_kv_cache_space_gb * 2**30
@@ -261,20 +300,117 @@ class ModelRunner:
         blocks = int(budget // self._kv_block_bytes())
         if blocks < 1:
             raise ValueError(f"no memory left for the KV cache with {where}; raise it or set num_kv_blocks")
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB) with %s",
+            blocks,
+            self.block_size,
+            blocks * self.block_size,
+            blocks * self._kv_block_bytes() / 2**30,
+            where,
+        )
         return blocks
 
-    def _allocate_kv_cache(self) -> torch.Tensor:
+    @torch.inference_mode()
+    def _profile_peak_memory(self) -> int:
+        """Peak bytes allocated (weights included) while running the largest step the scheduler may plan.
+
+        That step is ``max_num_batched_tokens`` prompt tokens (split into
+        sequences of at most ``max_model_len``), sampling ``max_num_seqs`` rows
+        with top-k/top-p (the sampler's widest temporaries). It also compiles
+        the prefill kernels before the first request.
+        """
+        lengths = []
+        remaining = self.config.max_num_batched_tokens
+        while remaining > 0:
+            lengths.append(min(remaining, self.max_model_len))
+            remaining -= lengths[-1]
+        chunks, first_block = [], 0
+        for i, length in enumerate(lengths):
+            num_blocks = -(-length // self.block_size)
+            table = list(range(first_block, first_block + num_blocks))
+            chunks.append(
+                SeqChunk(
+                    seq_id=i, token_ids=[0] * length, start_pos=0, block_table=table, prompt_len=length, sample=False
+                )
+            )
+            first_block += num_blocks
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        self._allocate_kv_cache(first_block)
+        num_rows = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        logits = self._run_eager(self._prepare_inputs(chunks), [i % sum(lengths) for i in range(num_rows)])
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+        Sampler(self.eos_token_ids)(logits, [SampleRequest(params, [], [])] * num_rows)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del logits
+        self._unbind_kv_cache()
+        torch.cuda.empty_cache()
+        logger.info(
+            "profiled a %d-token step in %.1f s: peak %.2f GiB allocated (weights and activations)",
+            sum(lengths),
+            time.perf_counter() - start,
+            peak / 2**30,
+        )
+        return peak
+
+    def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         """One tensor ``[2, layers, *backend layout]``; each layer gets views of its K and V.
 
         Zeroed, because the decode path reads whole blocks, and a never-written
         slot must be finite for its (masked, zero-weight) value row to vanish.
         """
         layer = self._attention_layers[0]
-        shape = self.backend.kv_cache_shape(self.num_kv_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
         kv = torch.zeros(2, len(self._attention_layers), *shape, dtype=self._kv_dtype(), device=self.device)
         for i, attn in enumerate(self._attention_layers):
             attn.k_cache, attn.v_cache = kv[0, i], kv[1, i]
         return kv
+
+    def _unbind_kv_cache(self) -> None:
+        for attn in self._attention_layers:
+            attn.k_cache = attn.v_cache = torch.empty(0)
+
+    # -- CUDA graphs --------------------------------------------------------------------------------
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        """Graphs for decode batches up to ``max_num_seqs``, unless eager mode or the device rules them out.
+
+        Only the Triton backend launches from host integers alone (the torch
+        reference plans from device values), so only it is captured.
+        """
+        config = self.config
+        if self.device.type != "cuda" or self.backend.name != "triton" or config.enforce_eager or config.level == 0:
+            return None
+        graphs = DecodeGraphs(
+            self.model,
+            self.backend,
+            batch_sizes=decode_batch_sizes(config.max_num_seqs),
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            device=self.device,
+        )
+        graphs.capture()
+        return graphs
+
+
+@attrs.frozen(kw_only=True)
+class _HostBatch:
+    """One step's flat batch on the host (`AttentionMetadata`'s fields before they move to the device)."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    context_lens: torch.Tensor  # [num_seqs] int32
+    query_lens: list[int]
+    context_lens_host: list[int]
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence: the shape CUDA graphs are captured for."""
+        return len(self.query_lens) == self.input_ids.shape[0]
 
 
 def _pick_device(name: str) -> torch.device:

@@ -31,6 +31,11 @@ class TritonBackend(KernelBackend):
         else:  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors
             self.num_sms = 1
 
+    def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
+        # Token-major inside a block: one token's heads are contiguous, so store_kv writes
+        # each token with one contiguous store and a decode tile reads whole rows.
+        return (num_blocks, block_size, num_kv_heads, head_dim)
+
     def plan_attention(self, metadata: AttentionMetadata, *, num_splits: int | None = None) -> TritonAttentionPlan:
         """Host integers only; ``num_splits`` fixes the KV split count (a captured graph must).
 

@@ -1,0 +1,174 @@
+"""CUDA graphs for decode steps: the whole forward (attention included) replayed from one launch.
+
+A decode step of a small model, or of any model at small batch, is bound by
+the host: hundreds of kernel launches, each costing microseconds of Python and
+driver time, for a few milliseconds of GPU work. Capturing the step once per
+batch size and replaying it removes all of that. A batch of ``n`` sequences
+runs the graph of the next captured size ``B >= n``; the ``B - n`` padding
+rows write no KV (slot -1) and attend to nothing (context length 0), as the
+Triton backend's README specifies.
+
+Every captured size reads the prefix ``[:B]`` of one set of static input
+tensors, and all graphs share one memory pool (captured largest first), so
+the graphs together cost about one largest-size step of activations.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from atom_trio.layers import Attention, ForwardContext, forward_context
+from atom_trio.ops import AttentionMetadata
+
+logger = logging.getLogger("atom_trio.runner")
+
+
+def decode_batch_sizes(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 8, up to and including ``max_num_seqs``.
+
+    Steps of 8 keep the padding waste of a batch under 8 rows (under 1/3 at
+    batch 16 and shrinking after), while the graph count grows only linearly.
+    """
+    sizes = [s for s in (1, 2, 4, 8) if s < max_num_seqs]
+    sizes += range(16, max_num_seqs, 8)
+    return sizes + [max_num_seqs]
+
+
+class DecodeGraphs:
+    """Captured decode steps (``input_ids``/``positions`` to float32 logits) for a fixed set of batch sizes.
+
+    The graphs hold pointers to the model's weights, its KV cache and the
+    static tensors here: the KV cache must not be reallocated while they live.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        backend,
+        *,
+        batch_sizes: list[int],
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.backend = backend
+        self.batch_sizes = sorted(batch_sizes)
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        largest = self.batch_sizes[-1]
+        max_blocks = -(-max_model_len // block_size)
+        self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
+        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
+        self.slot_mapping = torch.full((largest,), -1, dtype=torch.long, device=device)
+        self.context_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.batch_sizes[-1]
+
+    def padded_size(self, num_seqs: int) -> int:
+        """The captured size a batch of ``num_seqs`` decodes at (``num_seqs`` must not exceed the largest)."""
+        return self.batch_sizes[bisect.bisect_left(self.batch_sizes, num_seqs)]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up (Triton compiles each kernel variant) and capture every size, largest first."""
+        start = time.perf_counter()
+        before = torch.cuda.memory_reserved()
+        pool = None
+        for size in reversed(self.batch_sizes):
+            context = self._context(size)
+            with forward_context(context):
+                self._step(size)  # warm-up, outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._logits[size] = self._step(size)
+            pool = graph.pool() if pool is None else pool
+            self._graphs[size] = graph
+        torch.cuda.synchronize()
+        logger.info(
+            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s, %.2f GiB",
+            len(self._graphs),
+            _ranges(self.batch_sizes),
+            time.perf_counter() - start,
+            (torch.cuda.memory_reserved() - before) / 2**30,
+        )
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:
+        """Replay the step for ``n`` decode tokens given as host tensors; float32 logits ``[n, vocab]``.
+
+        The result is a view of the graph's output: the next replay overwrites it.
+        """
+        n = input_ids.shape[0]
+        size = self.padded_size(n)
+        pad = size - n
+        # Padding rows: token 0 at position 0, no slot, no context.
+        self.input_ids[:size].copy_(F.pad(input_ids, (0, pad)))
+        self.positions[:size].copy_(F.pad(positions, (0, pad)))
+        self.slot_mapping[:size].copy_(F.pad(slot_mapping, (0, pad), value=-1))
+        self.context_lens[:size].copy_(F.pad(context_lens, (0, pad)))
+        # Columns past a row's context are never read, so only the used ones are copied.
+        tables = block_tables[:, : self.block_tables.shape[1]]
+        self.block_tables[:n, : tables.shape[1]].copy_(tables)
+        self._graphs[size].replay()
+        return self._logits[size][:n]
+
+    def _context(self, size: int) -> ForwardContext:
+        metadata = AttentionMetadata(
+            cu_seqlens_q=self.cu_seqlens_q[: size + 1],
+            context_lens=self.context_lens[:size],
+            block_tables=self.block_tables[:size],
+            slot_mapping=self.slot_mapping[:size],
+            query_lens_host=[1] * size,
+            context_lens_host=[self.max_model_len] * size,
+            block_size=self.block_size,
+        )
+        plan = self.backend.plan_attention(metadata, num_splits=self._num_splits(size))
+        return ForwardContext(metadata=metadata, attn_plan=plan)
+
+    def _num_splits(self, size: int) -> int:
+        """The KV split count for ``size`` sequences at the longest context: a graph cannot follow each step's lengths.
+
+        Any split count is correct for any context; this one fills the GPU at
+        long contexts, and splits past a short context's end exit at once.
+        """
+        from atom_trio.ops.triton import launch_config
+
+        attn = next(m for m in self.model.modules() if isinstance(m, Attention))
+        return launch_config(
+            num_tokens=size,
+            num_seqs=size,
+            max_query_len=1,
+            max_context_len=self.max_model_len,
+            group=attn.num_heads // attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            num_kv_heads=attn.num_kv_heads,
+            num_sms=self.backend.num_sms,
+            num_splits=None,
+        ).num_splits
+
+    def _step(self, size: int) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:size], self.positions[:size])
+        return self.model.compute_logits(hidden).float()
+
+
+def _ranges(sizes: list[int]) -> str:
+    return ", ".join(map(str, sizes)) if len(sizes) <= 6 else f"{', '.join(map(str, sizes[:5]))} ... {sizes[-1]}"

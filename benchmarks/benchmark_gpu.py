@@ -1,0 +1,317 @@
+"""Decode and prefill speed of the model runner on one GPU, against the HBM floor and transformers, in one run.
+
+    python3 -m benchmarks.benchmark_gpu                    # Llama-3.1-8B shapes, bf16, dummy weights
+    python3 -m benchmarks.benchmark_gpu --json out.json
+
+Measured, all in one process on one card:
+
+- the device-to-device copy bandwidth, and from it the HBM floor of one
+  decode step: every weight byte read once, ``weight bytes / bandwidth``;
+- transformers (SDPA) on a model of the same shapes: the time per decode step
+  of ``generate`` at batch 1 and its tokens/s at batch 32 (``(t(N tokens) -
+  t(1 token)) / (N - 1)``, which takes the prefill out), and one forward of a
+  2048-token prompt; it is then freed, and the runner takes the card;
+- the runner (Triton kernels, KV cache sized by ``gpu_memory_utilization``):
+  prefill of one 2048-token prompt (time, TFLOP/s against the bf16 peak);
+  time per decode step at batch 1, with CUDA graphs and, on the same runner,
+  eagerly; decode tokens/s at batch 32 and 128 with 1024 tokens of context.
+
+Steps are timed from the host around ``execute`` (which returns sampled
+tokens, so the device has finished); figures are medians after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from atom_trio.config import EngineConfig
+from atom_trio.engine.plan import SeqChunk, StepPlan
+from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.runner import ModelRunner
+
+LLAMA_3_1_8B = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    rope_theta=500000.0,
+    rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    ),
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    torch_dtype="bfloat16",
+)
+BF16_PEAK_TFLOPS = 789.0  # dense bf16 matmul measured on the H100 of the device tool
+GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+
+
+def median_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 1 GiB device-to-device copy, counting the read and the write."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(20)]
+    for _ in range(3):
+        dst.copy_(src)
+    for start, end in events:
+        start.record()
+        dst.copy_(src)
+        end.record()
+    torch.cuda.synchronize()
+    ms = statistics.median(s.elapsed_time(e) for s, e in events)
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def prefill_flops(config: dict, tokens: int) -> float:
+    """Matmul FLOPs of one causal prefill of ``tokens`` (projections, MLP, attention, one row of LM head)."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    head_dim = hidden // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head_dim
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config["intermediate_size"]
+    attention = 2 * 2 * hidden * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
+    return layers * (2 * per_layer * tokens + attention) + 2 * hidden * config["vocab_size"]
+
+
+# -- transformers -----------------------------------------------------------------------------------
+
+
+def transformers_baseline(model_dir: Path, input_len: int, prefill_len: int, steps: int) -> dict:
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the card: no fp32 copy of 8B weights
+    try:
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(torch.bfloat16).eval()
+    rng = random.Random(0)
+    out = {}
+
+    def generate(batch: int, n: int) -> Callable[[], object]:
+        ids = torch.tensor(
+            [[rng.randrange(1000, config.vocab_size) for _ in range(input_len)] for _ in range(batch)], device="cuda"
+        )
+
+        def run():
+            with torch.inference_mode():
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
+        return run
+
+    for batch in (1, 32):
+        first = median_ms(generate(batch, 1), iters=3, warmup=1)
+        full = median_ms(generate(batch, steps), iters=2, warmup=1)
+        step_ms = (full - first) / (steps - 1)
+        out[f"hf_decode_b{batch}_ms_per_step"] = step_ms
+        out[f"hf_decode_b{batch}_tok_s"] = batch * 1e3 / step_ms
+    prompt = torch.tensor([[rng.randrange(1000, config.vocab_size) for _ in range(prefill_len)]], device="cuda")
+    with torch.inference_mode():
+        out["hf_prefill_ms"] = median_ms(lambda: model(prompt, logits_to_keep=1), iters=5)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+# -- the runner ------------------------------------------------------------------------------------
+
+
+class Driver:
+    """Feeds the runner prefill and decode plans for a set of sequences with disjoint blocks."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.next_block = 0
+        self.next_seq = 0
+        self.step = 0
+
+    def start(self, prompts: list[list[int]], max_len: int, chunk_tokens: int) -> list[SeqChunk]:
+        """Prefill ``prompts`` (at most ``chunk_tokens`` per step); returns each sequence's decode chunk."""
+        block_size = self.runner.block_size
+        chunks = []
+        for prompt in prompts:
+            blocks = -(-max_len // block_size)
+            table = list(range(self.next_block, self.next_block + blocks))
+            self.next_block += blocks
+            chunks.append(
+                SeqChunk(
+                    seq_id=self.next_seq,
+                    token_ids=prompt,
+                    start_pos=0,
+                    block_table=table,
+                    prompt_len=len(prompt),
+                    sample=True,
+                    sampling_params=GREEDY,
+                )
+            )
+            self.next_seq += 1
+        per_step = max(1, chunk_tokens // len(prompts[0]))
+        decode = []
+        for i in range(0, len(chunks), per_step):
+            group = chunks[i : i + per_step]
+            decode += self.advance(group)
+        return decode
+
+    def advance(self, chunks: list[SeqChunk]) -> list[SeqChunk]:
+        """Run one step of ``chunks``; returns the next decode chunk of each."""
+        result = self.runner.execute(StepPlan(step_id=self.step, chunks=chunks))
+        self.step += 1
+        return [
+            SeqChunk(
+                seq_id=c.seq_id,
+                token_ids=[t],
+                start_pos=c.start_pos + len(c.token_ids),
+                block_table=c.block_table,
+                prompt_len=c.prompt_len,
+                sample=True,
+                sampling_params=GREEDY,
+            )
+            for c, t in zip(chunks, result.token_ids)
+        ]
+
+    def finish(self, chunks: list[SeqChunk]) -> None:
+        self.runner.execute(StepPlan(step_id=self.step, chunks=[], finished_seq_ids=[c.seq_id for c in chunks]))
+        self.next_block = 0
+
+
+def decode_ms(driver: Driver, batch: int, input_len: int, steps: int, rng: random.Random) -> float:
+    """Median milliseconds of one decode step of ``batch`` sequences past ``input_len`` tokens of context."""
+    vocab = driver.runner.vocab_size
+    prompts = [[rng.randrange(1000, vocab) for _ in range(input_len)] for _ in range(batch)]
+    chunks = driver.start(prompts, input_len + steps + 8, driver.runner.config.max_num_batched_tokens)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        chunks = driver.advance(chunks)
+        if i >= 3:  # warm-up
+            times.append(time.perf_counter() - start)
+    driver.finish(chunks)
+    return statistics.median(times) * 1e3
+
+
+def graph_replay_ms(runner: ModelRunner, size: int, iters: int = 50) -> float:
+    """Device time of one replay of the decode graph of ``size`` (its inputs as the last step left them)."""
+    graph = runner.decode_graphs._graphs[size]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    graph.replay()
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    bandwidth = copy_bandwidth()
+    results["copy_bandwidth_GB_s"] = bandwidth / 1e9
+    model_dir = Path(tempfile.mkdtemp(prefix="llama-3.1-8b-shapes-"))
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+
+    if not args.skip_transformers:
+        results.update(transformers_baseline(model_dir, args.input_len, args.prefill_len, args.steps))
+        print(json.dumps(results, indent=1), flush=True)
+
+    start = time.perf_counter()
+    config = EngineConfig(
+        model=str(model_dir),
+        load_format="dummy",
+        dtype="bfloat16",
+        max_num_seqs=max(args.batch_sizes),
+        max_num_batched_tokens=args.prefill_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    runner = ModelRunner(config)
+    results["runner_start_s"] = time.perf_counter() - start
+    results["kv_cache_tokens"] = runner.num_kv_blocks * runner.block_size
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    results["weight_GB"] = weight_bytes / 1e9
+    results["hbm_floor_ms"] = weight_bytes / bandwidth * 1e3
+
+    rng = random.Random(0)
+    driver = Driver(runner)
+    prompt = [rng.randrange(1000, runner.vocab_size) for _ in range(args.prefill_len)]
+
+    def prefill() -> None:
+        driver.finish(driver.start([prompt], args.prefill_len + 1, args.prefill_len))
+
+    prefill_ms = median_ms(prefill, iters=5)
+    results["prefill_ms"] = prefill_ms
+    results["prefill_tflops"] = prefill_flops(LLAMA_3_1_8B, args.prefill_len) / (prefill_ms * 1e-3) / 1e12
+    results["prefill_share_of_peak"] = results["prefill_tflops"] / BF16_PEAK_TFLOPS
+
+    for batch in args.batch_sizes:
+        ms = decode_ms(driver, batch, args.input_len, args.steps, rng)
+        results[f"decode_b{batch}_ms_per_step"] = ms
+        results[f"decode_b{batch}_tok_s"] = batch * 1e3 / ms
+        if runner.decode_graphs is not None:
+            size = runner.decode_graphs.padded_size(batch)
+            results[f"decode_b{batch}_graph_replay_ms"] = graph_replay_ms(runner, size)
+        print(json.dumps(results, indent=1), flush=True)
+    if runner.decode_graphs is not None:  # the same runner and weights without its graphs
+        graphs, runner.decode_graphs = runner.decode_graphs, None
+        results["decode_b1_eager_ms_per_step"] = decode_ms(driver, 1, args.input_len, args.steps, rng)
+        runner.decode_graphs = graphs
+    results["decode_b1_vs_floor"] = results["decode_b1_ms_per_step"] / results["hbm_floor_ms"]
+    runner.close()
+    print(json.dumps(results, indent=1), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
