@@ -197,18 +197,7 @@ class Driver:
         """Run one step of ``chunks``; returns the next decode chunk of each."""
         result = self.runner.execute(StepPlan(step_id=self.step, chunks=chunks))
         self.step += 1
-        return [
-            SeqChunk(
-                seq_id=c.seq_id,
-                token_ids=[t],
-                start_pos=c.start_pos + len(c.token_ids),
-                block_table=c.block_table,
-                prompt_len=c.prompt_len,
-                sample=True,
-                sampling_params=GREEDY,
-            )
-            for c, t in zip(chunks, result.token_ids)
-        ]
+        return [c.next_decode(t) for c, t in zip(chunks, result.token_ids)]
 
     def finish(self, chunks: list[SeqChunk]) -> None:
         self.runner.execute(StepPlan(step_id=self.step, chunks=[], finished_seq_ids=[c.seq_id for c in chunks]))

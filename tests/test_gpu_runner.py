@@ -157,18 +157,7 @@ def run_script(runner: ModelRunner, prompt_ids: list[list[int]], forced: list[li
         picked = [int(t) for t in step_logits.argmax(-1)]
         tokens.append(picked)
         feed = picked if forced is None else [forced[step][i] for i in range(len(chunks))]
-        chunks = [
-            SeqChunk(
-                seq_id=c.seq_id,
-                token_ids=[t],
-                start_pos=c.start_pos + len(c.token_ids),
-                block_table=c.block_table,
-                prompt_len=c.prompt_len,
-                sample=True,
-                sampling_params=GREEDY,
-            )
-            for c, t in zip(chunks, feed)
-        ]
+        chunks = [c.next_decode(t) for c, t in zip(chunks, feed)]
     runner.execute(StepPlan(step_id=STEPS, chunks=[], finished_seq_ids=[c.seq_id for c in chunks]))
     return tokens, torch.stack(logits)
 

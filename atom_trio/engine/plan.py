@@ -47,6 +47,19 @@ class SeqChunk:
     sampling_params: SamplingParams | None = None
     prefix_token_ids: list[int] | None = None
 
+    @property
+    def end_pos(self) -> int:
+        """The position after this chunk's last token: the KV length once it has run."""
+        return self.start_pos + len(self.token_ids)
+
+    def next_decode(self, token_id: int) -> SeqChunk:
+        """The decode chunk that feeds ``token_id``, sampled after this chunk, back in.
+
+        For drivers that step a runner without the scheduler (tests, benchmarks);
+        the block table must already cover the new position.
+        """
+        return attrs.evolve(self, token_ids=[token_id], start_pos=self.end_pos, sample=True, prefix_token_ids=None)
+
 
 @attrs.frozen(kw_only=True)
 class StepPlan:

@@ -193,7 +193,7 @@ class ModelRunner:
         return self.model.compute_logits(hidden).float()
 
     def _check_chunk(self, chunk: SeqChunk) -> None:
-        end = chunk.start_pos + len(chunk.token_ids)
+        end = chunk.end_pos
         if not chunk.token_ids:
             raise ValueError(f"sequence {chunk.seq_id}: a chunk must carry at least one token")
         if end > self.max_model_len:
