@@ -27,6 +27,8 @@ log = logging.getLogger("atom_trio.server")
 
 # After the drain, how long hypercorn waits for connections to finish sending.
 FLUSH_TIMEOUT_S = 3.0
+# After the engine died, how long clients get to read their error before the process exits.
+DEAD_ENGINE_GRACE_S = 1.0
 
 
 @attrs.frozen
@@ -83,7 +85,12 @@ async def serve(
                     await srv.activity.wait_idle()
 
             async def watch_engine() -> None:
-                raise await engine.wait_dead()
+                error = await engine.wait_dead()
+                # In-flight streams already hold their error event and /health answers 503:
+                # give them a moment to reach the clients before the nursery tears every
+                # connection down.
+                await trio.sleep(DEAD_ENGINE_GRACE_S)
+                raise error
 
             async def run_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
                 await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger,
