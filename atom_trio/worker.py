@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m atom_trio.worker", description=__doc__.splitlines()[0])
     parser.add_argument("--fd", type=int, required=True, help="inherited socket to the engine")
     parser.add_argument("--parent-pid", type=int, required=True, help="exit when this process is gone")
+    parser.add_argument("--log-level", default="WARNING", help="the engine's logging level")
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format=f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s"
+    )
     exit_with_parent(args.parent_pid)
     # Ctrl-C reaches the whole process group; the engine decides how its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -20,6 +20,7 @@ Workers also exit on their own when the engine process dies (see ``worker.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
@@ -197,7 +198,13 @@ class ProcessExecutor:
 
     def _command(self, fd: int) -> list[str]:
         """How to start a worker on socket ``fd`` (the wire benchmark substitutes an echo worker)."""
-        return [sys.executable, "-m", "atom_trio.worker", "--fd", str(fd), "--parent-pid", str(os.getpid())]
+        # Workers log at the engine's level to the inherited stderr, so the server log
+        # shows what each rank did (KV sizing, graph capture).
+        log_level = logging.getLevelName(logging.getLogger("atom_trio").getEffectiveLevel())
+        return [
+            sys.executable, "-m", "atom_trio.worker",
+            "--fd", str(fd), "--parent-pid", str(os.getpid()), "--log-level", log_level,
+        ]
 
     async def _supervise(self, worker: _Worker, fd: int, *, task_status: trio.TaskStatus[trio.Process]) -> None:
         command = self._command(fd)

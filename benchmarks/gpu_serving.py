@@ -1,0 +1,247 @@
+"""The scripted GPU serving run: dummy-weight Llama-3.1-8B behind ``atom-trio serve``, and nano-vllm's workload.
+
+    python3 -m benchmarks.gpu_serving --tokenizer-from DIR --out RESULTS_DIR
+
+On one GPU, in one go, with random bf16 weights of real shapes (``--load-format dummy``):
+
+1. ``atom-trio serve`` with Llama-3.1-8B shapes, loaded by ``benchmarks.benchmark_serving`` with random
+   1024-token prompts and 256 output tokens (``--ignore-eos``): first with ``--executor thread`` at
+   concurrency 16, then with the process executor (the CUDA default) at concurrency 1, 16 and 64; the two
+   runs at 16 (same prompts, same seed) are the thread-against-process comparison.
+2. nano-vllm's offline workload with Qwen3-0.6B shapes through ``benchmarks.benchmark_throughput``
+   (``--max-model-len 4096``).
+
+Every server gets one unrecorded warm-up load first (``--max-num-seqs`` prompts of 1024 tokens, 32 out, at
+full concurrency), and the nano-vllm run a 16-prompt warm-up run: Triton compiles each new kernel variant
+(mixed prefill+decode batches, every decode batch size) on first use, which otherwise stalls the first
+measured requests for seconds and favours whichever server starts second (the compile cache is on disk).
+Each step writes its JSON into ``--out`` as it finishes and the server logs go there too, so a run cut off
+by a time limit still returns what it measured. The exact commands are printed before they run.
+
+No weights travel, only a tokenizer (``--tokenizer-from``: any byte-level BPE ``tokenizer.json``, such as
+the default model's). Its vocabulary is padded with placeholder tokens up to each model's ``vocab_size``:
+random weights generate ids over the whole model vocabulary, and an id the tokenizer does not know decodes
+to no text, which would hide most tokens from the text-chunk timings (TTFT, ITL) of ``benchmark_serving``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+LLAMA_3_1_8B = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    rope_parameters=dict(
+        rope_type="llama3",
+        rope_theta=500000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    ),
+    tie_word_embeddings=False,
+    bos_token_id=128000,
+    eos_token_id=128001,
+    dtype="bfloat16",
+)
+QWEN3_0_6B = dict(
+    architectures=["Qwen3ForCausalLM"],
+    model_type="qwen3",
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
+    tie_word_embeddings=True,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    dtype="bfloat16",
+)
+ENGINE_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096"]
+
+
+def write_model_dir(path: Path, hf_config: dict, tokenizer_from: Path) -> Path:
+    """A model directory of ``hf_config`` (no weights) with ``tokenizer_from``'s tokenizer padded to its vocabulary."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config, indent=1))
+    shutil.copy(tokenizer_from / "tokenizer_config.json", path / "tokenizer_config.json")
+    tokenizer = json.loads((tokenizer_from / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    # ASCII placeholders after the byte-level space marker: each decodes to " tok<id>"
+    for token_id in range(max(vocab.values()) + 1, hf_config["vocab_size"]):
+        vocab[f"\u0120tok{token_id}"] = token_id
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+    return path
+
+
+def show(cmd: list[str]) -> str:
+    return " ".join(cmd).replace(sys.executable, "python3")
+
+
+def run_logged(cmd: list[str], *, timeout: float) -> int:
+    print(f"\n$ {show(cmd)}", flush=True)
+    try:
+        return subprocess.run(cmd, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        print(f"timed out after {timeout:.0f} s", flush=True)
+        return 124
+
+
+class Server:
+    """``atom-trio serve`` as a child process, logging to a file; stopped with SIGTERM (its drain path)."""
+
+    def __init__(self, model_dir: Path, executor: str, *, port: int, log: Path, extra: list[str]) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [sys.executable, "-m", "atom_trio", "serve", "--model", str(model_dir), *ENGINE_FLAGS,
+                    "--executor", executor, "--host", "127.0.0.1", "--port", str(port), *extra]
+        self.log = log
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float) -> float:
+        """Start it and wait for ``/health``; returns the start-up time in seconds."""
+        print(f"\n$ {show(self.cmd)}", flush=True)
+        started = time.perf_counter()
+        self.process = subprocess.Popen(self.cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        while time.perf_counter() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.process.returncode} (see {self.log.name})")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    elapsed = time.perf_counter() - started
+                    print(f"server ready in {elapsed:.1f} s", flush=True)
+                    return elapsed
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"the server was not healthy within {timeout:.0f} s (see {self.log.name})")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def serving_cmd(url: str, model_dir: Path, *, concurrency: int, prompts: int, output_len: int, seed: int) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.benchmark_serving", "--base-url", url, "--tokenizer", str(model_dir),
+            "--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", str(output_len),
+            "--ignore-eos", "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
+            "--metric-percentiles", "50,90,99", "--seed", str(seed), "--disable-tqdm"]
+
+
+def serving_runs(args: argparse.Namespace, model_dir: Path, executor: str, runs: list[tuple[int, int]]) -> list[dict]:
+    """Start one server with ``executor``, warm it up, and run ``benchmark_serving`` at each (concurrency, prompts)."""
+    server = Server(model_dir, executor, port=args.port, log=args.out / f"serve-{executor}.log",
+                    extra=["--max-num-seqs", str(args.max_num_seqs)])
+    summary = []
+    try:
+        startup = server.start(args.startup_timeout)
+        warmup = serving_cmd(server.url, model_dir, concurrency=args.max_num_seqs, prompts=args.max_num_seqs,
+                             output_len=32, seed=1)  # another seed: no prefix-cache hits on the measured prompts
+        run_logged(warmup, timeout=args.step_timeout)
+        for concurrency, prompts in runs:
+            name = f"serving-{executor}-c{concurrency}.json"
+            cmd = serving_cmd(server.url, model_dir, concurrency=concurrency, prompts=prompts, output_len=256, seed=0)
+            cmd += ["--save-result", "--result-dir", str(args.out), "--result-filename", name]
+            rc = run_logged(cmd, timeout=args.step_timeout)
+            summary.append(dict(executor=executor, concurrency=concurrency, num_prompts=prompts, rc=rc,
+                                server_startup_s=startup, result=name if (args.out / name).exists() else None))
+    except RuntimeError as exc:
+        print(f"FAILED: {exc}", flush=True)
+        summary.append(dict(executor=executor, error=str(exc)))
+    finally:
+        server.stop()
+    return summary
+
+
+def print_table(out: Path) -> None:
+    """The serving results as a markdown table (medians and p99 in ms)."""
+    cols = ["ttft", "tpot", "itl", "e2el"]
+    print("\n| executor | conc. | prompts | ok/failed | duration s | req/s | out tok/s | total tok/s | "
+          + " | ".join(f"{c.upper()} p50 / p99" for c in cols) + " |")
+    print("|---" * (8 + len(cols)) + "|")
+    for path in sorted(out.glob("serving-*.json")):
+        r = json.loads(path.read_text())
+        executor = path.stem.split("-")[1]
+        lat = " | ".join(f"{r[f'median_{c}_ms']:.1f} / {r[f'p99_{c}_ms']:.1f}" for c in cols)
+        print(f"| {executor} | {r['max_concurrency']} | {r['num_prompts']} | {r['completed']}/{r['failed']} | "
+              f"{r['duration']:.2f} | {r['request_throughput']:.2f} | {r['output_throughput']:.0f} | "
+              f"{r['total_token_throughput']:.0f} | {lat} |")
+
+
+def runs_arg(text: str) -> list[tuple[int, int]]:
+    """``"1:8,16:64"`` -> ``[(1, 8), (16, 64)]`` (concurrency, number of prompts)."""
+    return [(int(c), int(n)) for c, n in (item.split(":") for item in text.split(",") if item.strip())]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_serving", description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer-from", type=Path, required=True, help="dir with tokenizer.json + tokenizer_config.json")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serving-results")))
+    parser.add_argument("--models-dir", type=Path, default=Path("/tmp/atom_trio_dummy_models"))
+    parser.add_argument("--port", type=int, default=8011)
+    parser.add_argument("--startup-timeout", type=float, default=240)
+    parser.add_argument("--step-timeout", type=float, default=150)
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="of both servers (the largest concurrency)")
+    parser.add_argument("--process-runs", type=runs_arg, default=runs_arg("1:8,16:64,64:128"),
+                        help="CONCURRENCY:PROMPTS,... against the process-executor server ('' for none)")
+    parser.add_argument("--thread-runs", type=runs_arg, default=runs_arg("16:64"),
+                        help="CONCURRENCY:PROMPTS,... against the thread-executor server ('' for none)")
+    parser.add_argument("--skip-nano-vllm", action="store_true")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    llama = write_model_dir(args.models_dir / "llama-3.1-8b-dummy", LLAMA_3_1_8B, args.tokenizer_from)
+    qwen = write_model_dir(args.models_dir / "qwen3-0.6b-dummy", QWEN3_0_6B, args.tokenizer_from)
+    began = time.perf_counter()
+    summary: list[dict] = []
+    for executor, runs in (("thread", args.thread_runs), ("process", args.process_runs)):
+        if runs:
+            summary += serving_runs(args, llama, executor, runs)
+    if not args.skip_nano_vllm:
+        cmd = [sys.executable, "-m", "benchmarks.benchmark_throughput", "--dataset", "nano-vllm", "--model", str(qwen),
+               *ENGINE_FLAGS]
+        run_logged([*cmd, "--num-prompts", "16"], timeout=args.step_timeout)  # warm-up: fills the compile cache
+        cmd += ["--output-json", str(args.out / "throughput-nano-vllm.json")]
+        summary.append(dict(step="nano-vllm", rc=run_logged(cmd, timeout=args.step_timeout)))
+    print(f"\nall steps in {time.perf_counter() - began:.0f} s")
+    print(json.dumps(summary, indent=1))
+    print_table(args.out)
+    nano = args.out / "throughput-nano-vllm.json"
+    if nano.exists():
+        print("\nnano-vllm workload:", nano.read_text())
+    return 0 if all(s.get("rc", 1) == 0 for s in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
