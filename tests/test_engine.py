@@ -377,3 +377,34 @@ async def test_responsiveness_during_a_long_prefill(default_model_dir):
         assert result.outputs[0].token_ids
         assert ticks >= 10
         assert worst < 0.250
+
+
+async def test_prompt_logprobs_match_transformers_across_chunks_and_bypass_the_prefix_cache(default_model_dir):
+    import torch
+    import transformers
+
+    text = "The quick brown fox jumps over the lazy dog, then runs into the forest to look for its friends."
+    scored_params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=2)
+    # 8-token steps: the prompt is prefilled in several chunks
+    async with open_engine(config(default_model_dir, block_size=4, max_num_batched_tokens=8)) as engine:
+        plain = await collect(engine.generate(text, SamplingParams(temperature=0.0, max_tokens=1)))
+        scored = await collect(engine.generate(text, scored_params))
+        again = await collect(engine.generate(text, SamplingParams(temperature=0.0, max_tokens=1)))
+    prompt = scored.prompt_token_ids
+    assert len(prompt) > 2 * engine.config.block_size
+    assert plain.prompt_logprobs is None and again.prompt_logprobs is None
+    assert again.num_cached_tokens > 0 and scored.num_cached_tokens == 0  # cached, yet computed again
+    assert scored.outputs[0].token_ids[:1] == plain.outputs[0].token_ids
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0].float().log_softmax(dim=-1)
+    assert len(scored.prompt_logprobs) == len(prompt) and scored.prompt_logprobs[0] is None
+    for pos in range(1, len(prompt)):
+        logprobs, token, row = scored.prompt_logprobs[pos], prompt[pos], expected[pos - 1]
+        assert next(iter(logprobs)) == token  # the prompt token first, then the 2 most likely
+        assert len(logprobs) in (2, 3)
+        second_best = float(row.topk(2).values[-1])
+        for t, logprob in logprobs.items():
+            assert logprob == pytest.approx(float(row[t]), abs=2e-3)
+            assert t == token or logprob >= second_best - 2e-3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -41,7 +42,11 @@ sampling_params = st.builds(
     logprobs=st.none() | st.integers(0, 20),
     skip_special_tokens=st.booleans(),
     include_stop_str_in_output=st.booleans(),
+    prompt_logprobs=st.none() | st.integers(0, 20),
 )
+
+# One prompt token: itself, then its alternatives (or None for the prompt's first token).
+PROMPT_TOKEN_LOGPROBS = st.none() | st.lists(st.tuples(TOKEN, FLOATS), min_size=1, max_size=4)
 
 step_results = st.integers(0, 2**40).flatmap(
     lambda step_id: st.integers(0, 6).flatmap(
@@ -51,6 +56,8 @@ step_results = st.integers(0, 2**40).flatmap(
             token_ids=st.lists(TOKEN, min_size=n, max_size=n),
             logprobs=st.lists(st.none() | FLOATS, min_size=n, max_size=n),
             top_logprobs=st.lists(st.none() | st.lists(st.tuples(TOKEN, FLOATS), max_size=4), min_size=n, max_size=n),
+            # one entry per chunk, sampled or not: its length need not be n
+            prompt_logprobs=st.none() | st.lists(st.none() | st.lists(PROMPT_TOKEN_LOGPROBS, max_size=5), max_size=8),
         )
     )
 )
@@ -132,6 +139,13 @@ def test_plan_streams_round_trip_exactly_on_every_rank(plans):
 @given(step_results)
 def test_step_results_round_trip_exactly(result):
     assert round_trip(protocol.Result(result=result)) == protocol.Result(result=result)
+
+
+def test_a_result_without_prompt_logprobs_keeps_its_wire_form():
+    plain = StepResult(step_id=4, token_ids=[9], logprobs=[None], top_logprobs=[None])
+    assert protocol.converter.unstructure(protocol.Result(result=plain), protocol.Result) == [4, [9], [None], [None]]
+    asked = attrs.evolve(plain, prompt_logprobs=[None, [None, [(5, -0.5), (7, -0.25)]]])
+    assert round_trip(protocol.Result(result=asked)).result.prompt_logprobs == [None, [None, [(5, -0.5), (7, -0.25)]]]
 
 
 @pytest.mark.parametrize(

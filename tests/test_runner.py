@@ -312,3 +312,53 @@ def test_kv_cache_sized_from_cpu_budget(tiny_model_dirs):
         assert runner.num_kv_blocks == int(0.001 * 2**30) // 8192
     finally:
         runner.close()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 5, 1], ids=["one-chunk", "chunks-of-5", "chunks-of-1"])
+def test_prompt_logprobs_match_transformers(tiny_runner, tiny_model_dirs, chunk_size):
+    """Every prompt token's logprob and top alternatives equal transformers' log_softmax, however the prefill is split.
+
+    Another sequence (not asking) shares the first plan: its column entry is
+    None, and a plan where nobody asks has no column at all.
+    """
+    rng = random.Random(2)
+    prompt = [rng.randrange(1, 49152) for _ in range(13)]
+    num_top = 3
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"], dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = hf(torch.tensor([prompt])).logits[0].float().log_softmax(dim=-1)
+
+    params = SamplingParams(temperature=0.0, prompt_logprobs=num_top)
+    other = greedy_chunk(401, [7, 8, 9], 0, blocks=[20])
+    entries, step, start = [], 0, 0
+    while start < len(prompt):
+        end = len(prompt) if chunk_size is None else min(len(prompt), start + chunk_size)
+        chunk = SeqChunk(
+            seq_id=400,
+            token_ids=prompt[start:end],
+            start_pos=start,
+            block_table=[0, 1, 2, 3],
+            prompt_len=len(prompt),
+            sample=end == len(prompt),
+            sampling_params=params,
+            prefix_token_ids=[] if start == 0 else None,
+        )
+        chunks = [other, chunk] if step == 0 else [chunk]
+        result = tiny_runner.execute(StepPlan(step_id=step, chunks=chunks))
+        assert len(result.prompt_logprobs) == len(chunks) and result.prompt_logprobs[-1] is not None
+        assert step > 0 or result.prompt_logprobs[0] is None
+        entries.extend(result.prompt_logprobs[-1])
+        step, start = step + 1, end
+    decode = tiny_runner.execute(StepPlan(step_id=step, chunks=[chunk.next_decode(result.token_ids[0])]))
+    assert decode.prompt_logprobs is None
+    tiny_runner.execute(StepPlan(step_id=step + 1, chunks=[], finished_seq_ids=[400, 401]))
+
+    assert len(entries) == len(prompt) and entries[0] is None
+    for pos in range(1, len(prompt)):
+        row = expected[pos - 1]
+        (token, logprob), *top = entries[pos]
+        assert token == prompt[pos]
+        assert logprob == pytest.approx(float(row[token]), abs=1e-4)
+        values, indices = row.topk(num_top)
+        assert [t for t, _ in top] == indices.tolist()
+        assert [lp for _, lp in top] == pytest.approx(values.tolist(), abs=1e-4)

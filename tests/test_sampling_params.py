@@ -24,6 +24,8 @@ from atom_trio import InvalidRequest, SamplingParams
         (dict(frequency_penalty=-3), "frequency_penalty"),
         (dict(repetition_penalty=0), "repetition_penalty"),
         (dict(logprobs=21), "logprobs"),
+        (dict(prompt_logprobs=21), "prompt_logprobs"),
+        (dict(prompt_logprobs=-1), "prompt_logprobs"),
         (dict(seed=2**64), "seed"),
         (dict(stop=["ok", ""]), "stop"),
         (dict(stop_token_ids=[5, 100]), "stop_token_ids"),
@@ -42,6 +44,7 @@ def test_defaults_and_edges_are_valid():
     SamplingParams().validate(vocab_size=100)
     SamplingParams(
         n=128, temperature=0, top_k=-1, top_p=1.0, min_p=1.0, max_tokens=None, logprobs=20, seed=2**64 - 1,
+        prompt_logprobs=0,
         logit_bias={99: -100.0}, stop_token_ids=[0, 99],
     ).validate(vocab_size=100, max_logprobs=20)
 

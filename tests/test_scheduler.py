@@ -5,7 +5,8 @@ keeps what a real KV cache would hold (for every slot, the token prefix whose
 KV was written there) and checks that every chunk attends to exactly its own
 sequence's tokens, that no shared or cached block is ever written, and that
 the runner-state protocol (``prefix_token_ids`` / ``finished_seq_ids``) holds.
-Its sampled tokens are random.
+Its sampled tokens are random; its prompt logprobs name their position
+(`fake_prompt_logprobs`), so the test sees which positions reached the output.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ EOS = 0
 VOCAB = 6  # small, so that prompts share prefixes and random tokens hit EOS and stop ids
 
 
+def fake_prompt_logprobs(prompt: list[int], start: int, end: int) -> list:
+    """What `FakeRunner` answers for prompt positions ``[start, end)``: ``None`` for 0, else ``[(token, -pos)]``."""
+    return [None if pos == 0 else [(prompt[pos], -float(pos))] for pos in range(start, end)]
+
+
 class FakeRunner:
     """Checks each plan against a simulated KV cache and answers it with random tokens."""
 
@@ -58,6 +64,7 @@ class FakeRunner:
         live = {s.seq_id: s for s in sched.running}
         blocks = sched.block_manager.blocks
         samples = []
+        prompt_logprobs = []
         for chunk in plan.chunks:
             seq = live[chunk.seq_id]
             tokens = seq.token_ids
@@ -66,7 +73,14 @@ class FakeRunner:
             assert chunk.prompt_len == seq.prompt_len
             assert len(chunk.block_table) == -(-end // size)
             assert chunk.sample == (end == len(tokens))
-            assert (chunk.sampling_params is not None) == chunk.sample
+            asks = seq.params.prompt_logprobs is not None
+            assert (chunk.sampling_params is not None) == (chunk.sample or asks)
+            if asks and chunk.start_pos < chunk.prompt_len:
+                # the position before the chunk ran here (not served from the prefix cache)
+                assert chunk.start_pos == 0 or chunk.prefix_token_ids is None
+                prompt_logprobs.append(fake_prompt_logprobs(tokens, chunk.start_pos, min(end, chunk.prompt_len)))
+            else:
+                prompt_logprobs.append(None)
             if chunk.prefix_token_ids is not None:
                 assert chunk.seq_id not in self.history
                 assert chunk.prefix_token_ids == tokens[: chunk.start_pos]
@@ -83,7 +97,11 @@ class FakeRunner:
             if chunk.sample:  # EOS rarely, so that sequences grow long enough to need preemption
                 samples.append(EOS if self.rng.random() < 0.05 else self.rng.randrange(1, VOCAB))
         return StepResult(
-            step_id=plan.step_id, token_ids=samples, logprobs=[-1.0] * len(samples), top_logprobs=[None] * len(samples)
+            step_id=plan.step_id,
+            token_ids=samples,
+            logprobs=[-1.0] * len(samples),
+            top_logprobs=[None] * len(samples),
+            prompt_logprobs=prompt_logprobs if any(e is not None for e in prompt_logprobs) else None,
         )
 
 
@@ -178,8 +196,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         min_tokens=st.integers(0, 3),
         stop_token_ids=st.lists(st.integers(1, VOCAB - 1), max_size=1),
         ignore_eos=st.booleans(),
+        prompt_logprobs=st.sampled_from([None, None, 1]),
     )
-    def add(self, data, n, max_tokens, min_tokens, stop_token_ids, ignore_eos) -> None:
+    def add(self, data, n, max_tokens, min_tokens, stop_token_ids, ignore_eos, prompt_logprobs) -> None:
         limit = self.sched.max_model_len - 1
         # prompts over a tiny alphabet with a common stem, so prefixes repeat
         prompt = [1, 2, 3, 4, 5, 1, 2, 3][: data.draw(st.integers(0, 8))]
@@ -191,6 +210,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             min_tokens=min(min_tokens, max_tokens),
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos,
+            prompt_logprobs=prompt_logprobs,
         )
         request_id = f"r{self.num_added}"
         self.num_added += 1
@@ -222,6 +242,16 @@ class SchedulerMachine(RuleBasedStateMachine):
             tokens.extend(out.new_token_ids)
             check_output(self.sched, req["params"], tokens, len(req["prompt"]), out)
             assert 0 <= out.num_cached_tokens < len(req["prompt"])
+            prompt = req["prompt"]
+            if req["params"].prompt_logprobs is not None and out.index == 0:
+                assert out.num_cached_tokens == 0
+                if len(tokens) == len(prompt) + 1:  # the first token brings every prompt position, once
+                    assert out.prompt_logprobs == fake_prompt_logprobs(prompt, 0, len(prompt))
+                    event("prompt logprobs")
+                else:
+                    assert out.prompt_logprobs is None
+            else:
+                assert out.prompt_logprobs is None
             if out.finish_reason is not None:
                 req["done"].add(out.index)
 
@@ -464,3 +494,29 @@ def test_prefix_cache_hits_only_after_the_blocks_are_computed() -> None:
     assert outputs["c"].num_cached_tokens == 12 and outputs["a"].num_cached_tokens == 0
     stats = sched.stats()
     assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (13 + 13 + 14, 12)
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_and_come_with_the_first_token() -> None:
+    sched = make_scheduler(max_num_batched_tokens=5)
+    prompt = list(range(1, 14))
+    runner = FakeRunner(sched)
+    sched.add_request("warm", prompt, SamplingParams(max_tokens=1))
+    while (plan := sched.schedule()) is not None:
+        sched.update(plan, runner.execute(plan))
+    queries = sched.stats().prefix_cache_queries
+    sched.add_request("scored", prompt, SamplingParams(max_tokens=2, n=2, prompt_logprobs=3))
+    chunks, firsts = [], {}
+    while (plan := sched.schedule()) is not None:
+        chunks.extend((c.seq_id, c.start_pos, c.sample, c.sampling_params) for c in plan.chunks)
+        for out in sched.update(plan, runner.execute(plan)):
+            firsts.setdefault(out.index, out)
+    # sibling 0 prefills from position 0 in chunks of 5, each telling the runner how many alternatives
+    # to compute; it does not even query the cache. Sibling 1 shares its blocks and asks for nothing.
+    leader = [(start, sample) for seq_id, start, sample, params in chunks if seq_id == 1 and start < len(prompt)]
+    assert leader == [(0, False), (5, False), (10, True)]
+    assert all(params.prompt_logprobs == 3 for seq_id, _, _, params in chunks if seq_id == 1)
+    assert all(params.prompt_logprobs is None for seq_id, _, _, params in chunks if seq_id == 2)
+    assert [start for seq_id, start, _, _ in chunks if seq_id == 2][0] == 12
+    assert sched.stats().prefix_cache_queries == queries + len(prompt)  # sibling 1's lookup only
+    assert firsts[0].prompt_logprobs == fake_prompt_logprobs(prompt, 0, len(prompt))
+    assert firsts[0].num_cached_tokens == 0 and firsts[1].prompt_logprobs is None

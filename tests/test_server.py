@@ -192,6 +192,15 @@ async def test_prompt_shapes_and_echo(client: openai.AsyncOpenAI, http: httpx.As
     echoed = await client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=2, temperature=0,
                                              echo=True)
     assert echoed.choices[0].text == PROMPT + by_text.choices[0].text
+    # lm-evaluation-harness's log-likelihood request: the prompt scored, nothing generated
+    scored = await client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT + " Paris", max_tokens=0,
+                                             echo=True, logprobs=1, temperature=0)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == "".join(lp.tokens) == PROMPT + " Paris"
+    assert scored.usage.completion_tokens == 0 and len(lp.tokens) == scored.usage.prompt_tokens
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(logprob < 0 for logprob in lp.token_logprobs[1:])
+    assert lp.top_logprobs[-1] == {" Paris": pytest.approx(lp.token_logprobs[-1])}  # the greedy continuation
     chat_ids = (await http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]})).json()
     assert chat_ids["count"] == len(chat_ids["tokens"]) > 3 and chat_ids["max_model_len"] == MAX_MODEL_LEN
 

@@ -6,6 +6,7 @@ KV blocks, queue limits and engine death, does not depend on what the model says
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -95,3 +96,65 @@ async def test_serve_ends_with_the_engine(tiny_llama_dir: Path) -> None:
                 async for _ in engine.generate("Hi", SamplingParams(max_tokens=1)):
                     pass
             await trio.sleep_forever()  # serve() must end this nursery by itself
+
+
+async def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(
+    nursery: trio.Nursery, tiny_llama_dir: Path
+) -> None:
+    """lm-evaluation-harness's log-likelihood request: echo, logprobs, max_tokens 1 or 0."""
+    app = create_app(tiny_config(tiny_llama_dir), LOCAL)
+    stop = trio.Event()
+    urls = await nursery.start(partial(hypercorn.trio.serve, app, hypercorn_config(LOCAL), shutdown_trigger=stop.wait))
+    engine = app.extensions["atom_trio"].engine
+    prompt = "The capital of France is Paris"
+    reference = None
+    async for output in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=1, logprobs=2,
+                                                               prompt_logprobs=2)):
+        assert reference is None and output.finished
+        reference = output
+    token_ids, expected = reference.prompt_token_ids, reference.prompt_logprobs
+    num_prompt = len(token_ids)
+    decode = engine.tokenizer.decode
+    body = {"prompt": prompt, "echo": True, "logprobs": 2, "max_tokens": 1, "temperature": 0}
+    async with httpx.AsyncClient(base_url=urls[0], timeout=60) as http:
+        one = (await http.post("/v1/completions", json=body)).json()
+        zero = (await http.post("/v1/completions", json={**body, "max_tokens": 0})).json()
+        async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+            events = [json.loads(line[6:]) async for line in response.aiter_lines()
+                      if line.startswith("data: {")]
+    stop.set()
+
+    choice = one["choices"][0]
+    logprobs = choice["logprobs"]
+    generated = reference.outputs[0]
+    assert choice["text"] == prompt + generated.text
+    assert logprobs["tokens"] == [decode([t]) for t in token_ids + generated.token_ids]
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    for pos in range(1, num_prompt):
+        assert logprobs["token_logprobs"][pos] == pytest.approx(expected[pos][token_ids[pos]], abs=1e-6)
+        best = sorted(expected[pos].items(), key=lambda item: -item[1])[:2]
+        assert logprobs["top_logprobs"][pos] == pytest.approx({decode([t]): lp for t, lp in best}, abs=1e-6)
+    assert logprobs["token_logprobs"][-1] == pytest.approx(generated.logprobs[0], abs=1e-6)
+    offsets = [0]
+    for text in logprobs["tokens"][:-1]:
+        offsets.append(offsets[-1] + len(text))
+    assert logprobs["text_offset"] == offsets
+    # vLLM's extra field: every prompt token's {token_id: {logprob, decoded_token}}
+    assert choice["prompt_logprobs"][0] is None and len(choice["prompt_logprobs"]) == num_prompt
+    for pos in range(1, num_prompt):
+        served = {int(t): entry["logprob"] for t, entry in choice["prompt_logprobs"][pos].items()}
+        assert served == pytest.approx(expected[pos], abs=1e-6)
+    assert one["usage"]["completion_tokens"] == 1 and one["usage"]["prompt_tokens"] == num_prompt
+
+    # max_tokens 0: the prompt alone, scored
+    only = zero["choices"][0]
+    assert only["text"] == prompt and only["finish_reason"] == "length"
+    assert only["logprobs"]["tokens"] == logprobs["tokens"][:num_prompt]
+    assert only["logprobs"]["token_logprobs"] == logprobs["token_logprobs"][:num_prompt]
+    assert zero["usage"]["completion_tokens"] == 0 and zero["usage"]["prompt_tokens"] == num_prompt
+
+    # streamed: the first chunk holds the prompt and its logprobs
+    streamed = [e["choices"][0] for e in events if e["choices"]]
+    assert "".join(c["text"] for c in streamed) == choice["text"]
+    assert [lp for c in streamed if c["logprobs"] for lp in c["logprobs"]["token_logprobs"]] == \
+        logprobs["token_logprobs"]

@@ -56,7 +56,7 @@ def test_ints_are_fine_floats_and_nulls_mean_default() -> None:
         (CompletionRequest, "best_of", 2),
         (CompletionRequest, "suffix", "tail"),
         (CompletionRequest, "response_format", {"type": "json_object"}),
-        (CompletionRequest, "prompt_logprobs", 1),
+        (ChatCompletionRequest, "prompt_logprobs", 1),
         (ChatCompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}]),
         (ChatCompletionRequest, "tool_choice", "auto"),
         (ChatCompletionRequest, "response_format", {"type": "json_schema", "json_schema": {}}),
@@ -133,6 +133,19 @@ def test_sampling_params_from_completion_request() -> None:
     assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, 0.25, 1.1)
 
 
+def test_echo_with_logprobs_asks_for_prompt_logprobs() -> None:
+    def params(**fields):
+        return sampling.completion_params(structure(CompletionRequest, {"prompt": "x", **fields}))
+
+    assert params(echo=True, logprobs=3).prompt_logprobs == 3
+    assert params(echo=True, logprobs=3, prompt_logprobs=1).prompt_logprobs == 1
+    assert params(logprobs=3).prompt_logprobs is None and params(echo=True).prompt_logprobs is None
+    assert params(prompt_logprobs=0).prompt_logprobs == 0
+    # echo with max_tokens 0: one token is generated and left out of the response
+    assert params(echo=True, max_tokens=0).max_tokens == 1
+    assert params(max_tokens=0).max_tokens == 0  # refused by validation, as in vLLM
+
+
 def test_sampling_params_from_chat_request() -> None:
     base = {"messages": [{"role": "user", "content": "hi"}]}
     assert sampling.chat_params(structure(ChatCompletionRequest, base)).max_tokens is None  # to the context end
@@ -148,7 +161,7 @@ def test_sampling_params_from_chat_request() -> None:
     [
         (ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
         (CompletionRequest, {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-        (CompletionRequest, {"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        (CompletionRequest, {"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         (CompletionRequest, {"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
     ],
 )

@@ -327,10 +327,14 @@ class AsyncEngine:
     def _deliver(self, outputs: list[SeqOutput]) -> None:
         """Detokenize one step's outputs and hand each request one delta."""
         deltas: dict[str, list[CompletionOutput]] = {}
+        prompt_logprobs: dict[str, list[dict[int, float] | None]] = {}
         for out in outputs:
             request = self._requests.get(out.request_id)
             if request is None:
                 continue  # aborted by its reader
+            if out.prompt_logprobs is not None:
+                # {token_id: logprob} per token, the prompt token first (once, even when also among the top)
+                prompt_logprobs[out.request_id] = [None if e is None else dict(e) for e in out.prompt_logprobs]
             completion = self._advance(request, out)
             if completion is not None:
                 deltas.setdefault(out.request_id, []).append(completion)
@@ -354,6 +358,7 @@ class AsyncEngine:
                     finished=finished,
                     num_cached_tokens=request.num_cached_tokens,
                     metrics=request.metrics,
+                    prompt_logprobs=prompt_logprobs.get(key),
                 )
             )
 

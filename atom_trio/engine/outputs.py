@@ -85,6 +85,11 @@ class RequestOutput:
     ``outputs`` lists the completions that advanced (all ``n`` of them in a
     complete result), in index order. ``finished`` turns true on the last
     output of the request, once every completion has finished.
+
+    ``prompt_logprobs`` (vLLM's shape), when the request asked for them, comes
+    with the first output: one entry per prompt token, ``None`` for the first
+    (nothing precedes it), else ``{token_id: logprob}`` holding the prompt
+    token itself first, then the requested number of most likely tokens.
     """
 
     request_id: str
@@ -94,9 +99,12 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int
     metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     def add(self, later: RequestOutput) -> None:
         """Fold a later delta of the same request into this one (text concatenated, tokens appended)."""
+        if self.prompt_logprobs is None:
+            self.prompt_logprobs = later.prompt_logprobs
         by_index = {c.index: c for c in self.outputs}
         for completion in later.outputs:
             mine = by_index.get(completion.index)

@@ -32,7 +32,9 @@ class SeqChunk:
             (frequency and presence penalties count only those).
         sample: whether to sample a next token after this chunk; False for a
             prefill chunk that is not the prompt's last.
-        sampling_params: how to sample (``None`` only when ``sample`` is False).
+        sampling_params: how to sample (``None`` only when ``sample`` is False);
+            a prefill chunk of a request that asks for prompt logprobs carries
+            it even when not sampling, since it says how many alternatives to compute.
         prefix_token_ids: tokens ``[0, start_pos)``, sent the first time the
             runner sees this sequence (after admission or preemption) so that
             it can keep the token history the penalties need; ``None`` after.
@@ -74,6 +76,11 @@ class StepPlan:
         return sum(len(c.token_ids) for c in self.chunks)
 
 
+TokenLogprobs = list[tuple[int, float]]
+"""One prompt token's ``(token_id, logprob)`` pairs: the token itself first, then the
+requested number of alternatives, most likely first (the token may appear twice)."""
+
+
 @attrs.frozen(kw_only=True)
 class StepResult:
     """What the runner sampled, one entry per chunk with ``sample=True``, in plan order.
@@ -82,9 +89,16 @@ class StepResult:
     ``logprobs[i]`` is the sampled token's logprob and ``top_logprobs[i]`` the
     requested number of ``(token_id, logprob)`` alternatives, most likely
     first; both are ``None`` for a chunk whose request did not ask.
+
+    ``prompt_logprobs`` is ``None`` unless some chunk's request asks for
+    prompt logprobs; then it has one entry per chunk (sampled or not) in plan
+    order: ``None`` for a chunk that did not ask or holds no prompt token,
+    else one `TokenLogprobs` per prompt token of the chunk, each given the
+    tokens before it (``None`` for the prompt's first token, which has none).
     """
 
     step_id: int
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
+    prompt_logprobs: list[list[TokenLogprobs | None] | None] | None = None

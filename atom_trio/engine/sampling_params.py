@@ -36,7 +36,9 @@ class SamplingParams:
     ``temperature=0`` is greedy. ``top_k=0`` (or -1) and ``top_p=1`` disable
     those filters. ``seed`` makes a request's samples reproducible whatever
     else shares its batch. ``logprobs=N`` returns the sampled token's logprob
-    and the N most likely alternatives.
+    and the N most likely alternatives; ``prompt_logprobs=N`` does the same
+    for every prompt token (given the tokens before it), which log-likelihood
+    evaluations need.
     """
 
     n: int = 1
@@ -57,6 +59,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -70,7 +73,7 @@ class SamplingParams:
 
         # Every integer crosses the worker wire (msgpack) and becomes a tensor
         # index: bound them so one bad request can't overflow either.
-        for param in ("n", "top_k", "max_tokens", "min_tokens", "logprobs"):
+        for param in ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs"):
             value = getattr(self, param)
             if value is not None and abs(value) >= _INT32_LIMIT:
                 raise bad(param, f"must be below {_INT32_LIMIT}")
@@ -98,6 +101,8 @@ class SamplingParams:
             raise bad("repetition_penalty", "must be in (0, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
             raise bad("logprobs", f"must be in [0, {max_logprobs}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= max_logprobs:
+            raise bad("prompt_logprobs", f"must be in [0, {max_logprobs}]")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise bad("seed", "must fit in 64 bits")
         if any(not s for s in self.stop):

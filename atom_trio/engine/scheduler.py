@@ -30,6 +30,13 @@ so siblings differ and the request stays reproducible.
 the prefix cache, and ends sequences on EOS (unless ``ignore_eos``), a stop
 token id, ``max_tokens`` or the context length; EOS and stop token ids do not
 end a sequence before ``min_tokens``.
+
+A request asking for prompt logprobs gets them from sibling 0 alone (they are
+the same for every sibling). That sequence never takes prompt tokens from the
+prefix cache, as in vLLM: a cached position is not run through the model, so
+it would have no logprobs. Its chunks carry the sampling parameters even when
+not sampling, so that the runner knows to compute them; `update` collects them
+and hands the whole list over with the first generated token.
 """
 
 from __future__ import annotations
@@ -135,6 +142,8 @@ class Scheduler:
             if params.n > 1 and params.seed is not None and index:
                 seed = params.seed + index
                 sibling_params = attrs.evolve(params, seed=seed - _SEED_SPACE if seed >= _SEED_SPACE else seed)
+            if index and params.prompt_logprobs is not None:
+                sibling_params = attrs.evolve(sibling_params, prompt_logprobs=None)  # sibling 0 computes them
             seq = Sequence(
                 seq_id=next(self._seq_ids),
                 request_id=request_id,
@@ -276,7 +285,8 @@ class Scheduler:
             leader = seq.leader
             if leader is not None and leader.status is _RUNNING and leader.num_computed_tokens < leader.prompt_len:
                 break  # share the prompt's blocks once sibling 0 has computed them
-            shared = manager.match_prefix(seq) if self.enable_prefix_caching else self._leader_blocks(seq)
+            lookup = self.enable_prefix_caching and seq.params.prompt_logprobs is None
+            shared = manager.match_prefix(seq) if lookup else self._leader_blocks(seq)
             num_shared_tokens = len(shared) * size
             free_blocks = manager.num_free_blocks - manager.num_evictable_among(shared)
             room = (len(shared) + free_blocks) * size - num_shared_tokens
@@ -284,7 +294,7 @@ class Scheduler:
             if num_tokens <= 0:
                 break
             self._waiting.popleft()
-            if self.enable_prefix_caching:
+            if lookup:
                 self.prefix_cache_queries += len(seq.token_ids)
                 self.prefix_cache_hits += num_shared_tokens
             if seq.num_cached_tokens is None:
@@ -319,7 +329,7 @@ class Scheduler:
             block_table=seq.block_table[: -(-end // self.block_size)],
             prompt_len=seq.prompt_len,
             sample=sample,
-            sampling_params=seq.params if sample else None,
+            sampling_params=seq.params if sample or seq.prompt_logprobs is not None else None,
             prefix_token_ids=None if seq.runner_knows else self._introduce(seq),
         )
 
@@ -345,10 +355,15 @@ class Scheduler:
             raise RuntimeError("update() must get the plan that the last schedule() returned")
         self._in_flight = None
         num_samples = self._in_flight_samples
-        if result.step_id != plan.step_id or len(result.token_ids) != num_samples:
+        prompt_logprobs = result.prompt_logprobs
+        if (
+            result.step_id != plan.step_id
+            or len(result.token_ids) != num_samples
+            or (prompt_logprobs is not None and len(prompt_logprobs) != len(plan.chunks))
+        ):
             raise ValueError(
                 f"result of step {result.step_id} with {len(result.token_ids)} tokens does not match "
-                f"plan {plan.step_id} with {num_samples} sampled chunks"
+                f"plan {plan.step_id} with {num_samples} sampled chunks of {len(plan.chunks)}"
             )
         manager = self.block_manager
         size = self.block_size
@@ -357,12 +372,16 @@ class Scheduler:
         sampled, logprobs, top_logprobs = result.token_ids, result.logprobs, result.top_logprobs
         outputs: list[SeqOutput] = []
         k = -1
-        for chunk in plan.chunks:
+        for j, chunk in enumerate(plan.chunks):
             if chunk.sample:
                 k += 1
             seq = live.get(chunk.seq_id)
             if seq is None:  # aborted while its step was in flight
                 continue
+            if prompt_logprobs is not None and prompt_logprobs[j] is not None and seq.prompt_logprobs is not None:
+                # a recompute after preemption brings again the positions collected before it
+                collected = seq.prompt_logprobs
+                collected.extend(prompt_logprobs[j][max(0, len(collected) - chunk.start_pos) :])
             num_computed = seq.num_computed_tokens + len(chunk.token_ids)
             seq.num_computed_tokens = num_computed
             if caching and num_computed // size > seq.num_published_blocks:
@@ -378,18 +397,19 @@ class Scheduler:
                 finish_reason = stop_reason = None
             logprob = logprobs[k]
             top = top_logprobs[k]
-            outputs.append(
-                SeqOutput(
-                    request_id=seq.request_id,
-                    index=seq.index,
-                    new_token_ids=[token],
-                    logprobs=None if logprob is None else [logprob],
-                    top_logprobs=None if top is None else [top],
-                    finish_reason=finish_reason,
-                    stop_reason=stop_reason,
-                    num_cached_tokens=seq.num_cached_tokens,
-                )
+            output = SeqOutput(
+                request_id=seq.request_id,
+                index=seq.index,
+                new_token_ids=[token],
+                logprobs=None if logprob is None else [logprob],
+                top_logprobs=None if top is None else [top],
+                finish_reason=finish_reason,
+                stop_reason=stop_reason,
+                num_cached_tokens=seq.num_cached_tokens,
             )
+            if seq.prompt_logprobs is not None and len(tokens) == seq.prompt_len + 1:
+                output.prompt_logprobs = seq.prompt_logprobs
+            outputs.append(output)
             if finish_reason is not None:
                 self._finish(seq, finish_reason)
         return outputs

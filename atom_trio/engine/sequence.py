@@ -13,6 +13,7 @@ from typing import Literal
 
 import attrs
 
+from .plan import TokenLogprobs
 from .sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -46,6 +47,9 @@ class Sequence:
             a token with one set lookup and one comparison.
         runner_knows: whether the runner holds this sequence's state (it was sent
             ``prefix_token_ids`` since its admission or last preemption).
+        prompt_logprobs: when its parameters ask for them, the prompt tokens'
+            logprobs collected so far from the steps' results (one entry per
+            prompt position, from 0); ``None`` otherwise.
     """
 
     __slots__ = (
@@ -67,6 +71,7 @@ class Sequence:
         "num_cached_tokens",
         "runner_knows",
         "finish_reason",
+        "prompt_logprobs",
     )
 
     def __init__(
@@ -100,6 +105,7 @@ class Sequence:
         self.num_cached_tokens: int | None = None
         self.runner_knows = False
         self.finish_reason: FinishReason | None = None
+        self.prompt_logprobs: list[TokenLogprobs | None] | None = None if params.prompt_logprobs is None else []
 
     @property
     def num_output_tokens(self) -> int:
@@ -123,6 +129,9 @@ class SeqOutput:
     ``stop_reason`` is the stop token id that ended it (``None`` for EOS,
     ``length`` or abort). ``num_cached_tokens`` counts the prompt tokens that
     were served from the prefix cache when the sequence was first admitted.
+    ``prompt_logprobs`` comes once, with the first generated token, when the
+    request asked for them: one entry per prompt token (`TokenLogprobs`, the
+    first ``None``).
     Not frozen: one is built per running sequence per step, and a frozen attrs
     class takes twice as long to build.
     """
@@ -135,6 +144,7 @@ class SeqOutput:
     finish_reason: FinishReason | None
     stop_reason: int | str | None
     num_cached_tokens: int
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:

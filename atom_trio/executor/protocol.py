@@ -211,17 +211,27 @@ def _structure_plan(data: list, state: _PlanCodecState) -> StepPlan:
 
 
 def _unstructure_result(result: StepResult) -> list:
-    return [result.step_id, result.token_ids, result.logprobs, result.top_logprobs]
+    data = [result.step_id, result.token_ids, result.logprobs, result.top_logprobs]
+    if result.prompt_logprobs is not None:  # rare: a step without them sends what it always sent
+        data.append(result.prompt_logprobs)
+    return data
+
+
+def _pairs(pairs: list | None) -> list[tuple[int, float]] | None:
+    # msgpack has no tuples: rebuild the (token_id, logprob) pairs.
+    return None if pairs is None else [tuple(p) for p in pairs]
 
 
 def _structure_result(data: list, _: type = StepResult) -> StepResult:
-    step_id, token_ids, logprobs, top = data
+    step_id, token_ids, logprobs, top, *prompt = data
     return StepResult(
         step_id=step_id,
         token_ids=token_ids,
         logprobs=logprobs,
-        # msgpack has no tuples: rebuild the (token_id, logprob) pairs.
-        top_logprobs=[None if pairs is None else [tuple(p) for p in pairs] for pairs in top],
+        top_logprobs=[_pairs(pairs) for pairs in top],
+        prompt_logprobs=(
+            [None if chunk is None else [_pairs(entry) for entry in chunk] for chunk in prompt[0]] if prompt else None
+        ),
     )
 
 

@@ -6,6 +6,10 @@ its deltas are rendered (`CompletionFormat`, `ChatFormat`), so streaming,
 usage, logprobs and error handling are written once.
 
 Choice indices follow vLLM: prompt ``i``'s sample ``j`` is choice ``i * n + j``.
+
+With ``echo``, a choice starts with its prompt, and with ``logprobs`` too, with
+the prompt tokens' logprobs (the first token's is null), as OpenAI's legacy
+completions did; vLLM's ``prompt_logprobs`` choice field carries them as well.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from .schemas import ChatCompletionRequest, CompletionRequest, StreamOptions, st
 log = logging.getLogger("atom_trio.server")
 
 
-#: (token id, logprob, top alternatives as (token id, logprob)) for one generated token.
-LogprobEntry = tuple[int, float, list[tuple[int, float]]]
+#: (token id, logprob, top alternatives as (token id, logprob)) for one token; the
+#: logprob and alternatives are None for an echoed prompt's first token.
+LogprobEntry = tuple[int, float | None, list[tuple[int, float]] | None]
 
 
 @attrs.define(eq=False)
@@ -39,6 +44,7 @@ class Choice:
     text: str = ""
     token_ids: list[int] = attrs.Factory(list)
     logprobs: list[LogprobEntry] = attrs.Factory(list)
+    echoed: bool = False
     text_offset: int = 0  # where the next streamed logprob's token starts in the choice's text
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -50,10 +56,11 @@ class Usage:
     cached_tokens: dict[int, int] = attrs.Factory(dict)
     completion_tokens: int = 0
 
-    def add(self, prompt_index: int, output: Any) -> None:
+    def add(self, prompt_index: int, output: Any, *, generated: bool = True) -> None:
         self.prompt_tokens[prompt_index] = len(output.prompt_token_ids or ())
         self.cached_tokens[prompt_index] = output.num_cached_tokens or 0
-        self.completion_tokens += sum(len(o.token_ids) for o in output.outputs)
+        if generated:
+            self.completion_tokens += sum(len(o.token_ids) for o in output.outputs)
 
     def render(self) -> dict[str, Any]:
         prompt = sum(self.prompt_tokens.values())
@@ -96,7 +103,7 @@ class CompletionFormat:
         rendered = {
             "tokens": tokens,
             "token_logprobs": [lp for _, lp, _ in entries],
-            "top_logprobs": [{self._token(t): lp for t, lp in top} for _, _, top in entries],
+            "top_logprobs": [None if top is None else {self._token(t): lp for t, lp in top} for _, _, top in entries],
             "text_offset": offsets,
         }
         return rendered, offset
@@ -112,6 +119,17 @@ class CompletionFormat:
 
     def opening(self, choice: Choice) -> dict[str, Any] | None:
         return None
+
+    def prompt_logprobs(self, per_token: list[dict[int, float] | None] | None) -> dict[str, Any]:
+        """vLLM's extra choice field: ``{token_id: {logprob, decoded_token}}`` per prompt token (the first null)."""
+        rendered = None
+        if per_token is not None:
+            rendered = [
+                None if logprobs is None
+                else {str(t): {"logprob": lp, "decoded_token": self._token(t)} for t, lp in logprobs.items()}
+                for logprobs in per_token
+            ]
+        return {"prompt_logprobs": rendered}
 
 
 @attrs.define(eq=False)
@@ -146,6 +164,9 @@ class ChatFormat(CompletionFormat):
         return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
+    def prompt_logprobs(self, per_token: list[dict[int, float] | None] | None) -> dict[str, Any]:
+        return {}
+
 
 @attrs.define(eq=False)
 class Response:
@@ -156,10 +177,13 @@ class Response:
     n: int
     num_prompts: int
     echo_texts: list[str] | None = None  # completions' echo: the prompt texts
+    echo_only: bool = False  # echo with max_tokens 0: the one token the engine generated is left out
+    echo_top: int = 0  # with echo and logprobs, how many alternatives each prompt token shows
     id: str = attrs.Factory(lambda self: self.fmt.id_prefix + uuid.uuid4().hex, takes_self=True)
     created: int = attrs.Factory(lambda: int(time.time()))
     usage: Usage = attrs.Factory(Usage)
     choices: dict[int, Choice] = attrs.Factory(dict)
+    prompt_logprobs: dict[int, list[dict[int, float] | None]] = attrs.Factory(dict)  # per prompt index
 
     def __attrs_post_init__(self) -> None:
         for i in range(self.num_prompts * self.n):
@@ -176,29 +200,50 @@ class Response:
 
     def fold(self, prompt_index: int, output: Any, *, stream: bool) -> list[dict[str, Any]]:
         """Apply one `RequestOutput` delta; when streaming, return its rendered choice deltas."""
-        self.usage.add(prompt_index, output)
+        self.usage.add(prompt_index, output, generated=not self.echo_only)
+        if output.prompt_logprobs is not None:  # the request's first output (sibling 0's first token)
+            self.prompt_logprobs[prompt_index] = output.prompt_logprobs
         deltas = []
         for delta in output.outputs:
             choice = self.choices[prompt_index * self.n + delta.index]
-            text = delta.text
-            if self.echo_texts is not None and not choice.token_ids and not choice.text:
+            text, token_ids, entries = delta.text, delta.token_ids, token_logprobs(delta)
+            if self.echo_only:
+                text, token_ids, entries = "", [], []
+            if self.echo_texts is not None and not choice.echoed:
+                choice.echoed = True
                 text = self.echo_texts[prompt_index] + text
-            entries = token_logprobs(delta)
+                entries = self._echo_logprobs(prompt_index, output.prompt_token_ids) + entries
             choice.text += text
-            choice.token_ids.extend(delta.token_ids)
+            choice.token_ids.extend(token_ids)
             choice.logprobs.extend(entries)
             choice.finish_reason = delta.finish_reason
             choice.stop_reason = delta.stop_reason
-            if stream and (text or delta.token_ids or delta.finish_reason is not None):
+            if stream and (text or token_ids or delta.finish_reason is not None):
                 logprobs, choice.text_offset = self.fmt.logprobs(entries, choice.text_offset)
                 deltas.append(self.fmt.choice(choice, text, logprobs, final=False))
         return deltas
+
+    def _echo_logprobs(self, prompt_index: int, prompt_token_ids: list[int]) -> list[LogprobEntry]:
+        """The echoed prompt's tokens as logprob entries, when logprobs were asked for."""
+        per_token = self.prompt_logprobs.get(prompt_index)
+        if not self.fmt.want_logprobs or per_token is None:
+            return []
+        entries: list[LogprobEntry] = []
+        for token, logprobs in zip(prompt_token_ids, per_token, strict=True):
+            if logprobs is None:
+                entries.append((token, None, None))
+            else:  # the prompt token comes first, and need not be among the most likely
+                top = sorted(logprobs.items(), key=lambda item: item[1], reverse=True)[: self.echo_top]
+                entries.append((token, logprobs[token], top))
+        return entries
 
     def final(self) -> dict[str, Any]:
         choices = []
         for choice in self.choices.values():
             logprobs, _ = self.fmt.logprobs(choice.logprobs, 0)
-            choices.append(self.fmt.choice(choice, choice.text, logprobs, final=True))
+            rendered = self.fmt.choice(choice, choice.text, logprobs, final=True)
+            rendered.update(self.fmt.prompt_logprobs(self.prompt_logprobs.get(choice.index // self.n)))
+            choices.append(rendered)
         return {**self.envelope(choices, chunk=False), "usage": self.usage.render()}
 
 
@@ -271,7 +316,7 @@ async def handle(state: Any, nursery: Any, body: Any, *, chat: bool) -> dict[str
             chat_template_kwargs=req.chat_template_kwargs,
         )
         fmt: CompletionFormat = ChatFormat(tokenizer, params.logprobs is not None)
-        echo = None
+        echo, echo_only = None, False
     else:
         assert isinstance(req, CompletionRequest)
         params = sampling.completion_params(req)
@@ -279,7 +324,9 @@ async def handle(state: Any, nursery: Any, body: Any, *, chat: bool) -> dict[str
         generate_kwargs = {}
         fmt = CompletionFormat(tokenizer, params.logprobs is not None)
         echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if req.echo else None
-    response = Response(fmt, state.model_name, params.n, len(prompts), echo)
+        echo_only = sampling.echo_only(req)
+    response = Response(fmt, state.model_name, params.n, len(prompts), echo, echo_only=echo_only,
+                        echo_top=params.logprobs or 0)
     try:
         generation = await start_generation(
             nursery, engine, prompts, params, state.metrics, state.activity, **generate_kwargs

@@ -4,6 +4,12 @@ Both APIs share these fields, with two differences that clients rely on:
 completions default to 16 new tokens (OpenAI's and vLLM's default) while chat
 runs to the end of the context, and completions ask for ``logprobs: N`` where
 chat asks for ``logprobs: true, top_logprobs: N``.
+
+Completions with ``echo`` and ``logprobs: N`` (how lm-evaluation-harness scores
+log-likelihoods) also get the prompt's logprobs, as in vLLM: the engine is asked
+for ``prompt_logprobs=N``. ``echo`` with ``max_tokens: 0`` returns the prompt
+alone: the engine cannot generate zero tokens, and prefill samples one anyway,
+so it generates one that the response leaves out (vLLM does the same).
 """
 
 from __future__ import annotations
@@ -53,12 +59,23 @@ def _common(req: SamplingFields, *, max_tokens: int | None, logprobs: int | None
     return {**kwargs, "max_tokens": max_tokens}
 
 
+def echo_only(req: CompletionRequest) -> bool:
+    """Whether the response is the echoed prompt alone (``echo`` with ``max_tokens: 0``)."""
+    return bool(req.echo) and req.max_tokens == 0
+
+
 def completion_params(req: CompletionRequest) -> SamplingParams:
-    if req.echo and req.logprobs is not None:
-        raise bad_request("echo with logprobs needs prompt logprobs, which this server does not compute yet",
-                          param="echo")
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("prompt_logprobs is not available with stream=true", param="prompt_logprobs")
     max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-    return SamplingParams(**_common(req, max_tokens=max_tokens, logprobs=req.logprobs))
+    if echo_only(req):
+        max_tokens = 1
+    prompt_logprobs = req.prompt_logprobs
+    if prompt_logprobs is None and req.echo and req.logprobs is not None:
+        prompt_logprobs = req.logprobs
+    return SamplingParams(
+        **_common(req, max_tokens=max_tokens, logprobs=req.logprobs), prompt_logprobs=prompt_logprobs
+    )
 
 
 def chat_params(req: ChatCompletionRequest) -> SamplingParams:

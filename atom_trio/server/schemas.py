@@ -80,6 +80,7 @@ class CompletionRequest(SamplingFields):
     prompt: list[PromptInput]
     echo: bool | None = None
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -140,7 +141,6 @@ _COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "allowed_token_ids": _absent,
     "bad_words": _absent,
     "truncate_prompt_tokens": _absent,
-    "prompt_logprobs": _absent,
     "prompt_embeds": _absent,
     "priority": _one_of(0),
     "return_tokens_as_token_ids": _absent,
@@ -175,6 +175,7 @@ UNSUPPORTED: dict[type, dict[str, Callable[[Any], bool]]] = {
         "chat_template": _absent,
         "mm_processor_kwargs": _absent,
         "echo": _absent,
+        "prompt_logprobs": _absent,
     },
 }
 
