@@ -15,6 +15,8 @@ from torch import nn
 
 from atom_trio.distributed import current_tp_group
 
+from .linear import cpu_linear, pack_cpu_weight
+
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
@@ -50,11 +52,21 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Hidden states to vocabulary logits; `tie_to` shares the embedding's matrix (split the same way)."""
 
+    packed_weight: torch.Tensor | None = None
+
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
+    def process_weights_after_loading(self) -> None:
+        """Pack the matrix for CPU matmuls (`pack_cpu_weight`); the dense one stays, a tied embedding reads it."""
+        if self.packed_weight is None:
+            self.packed_weight = pack_cpu_weight(self.weight)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        if self.packed_weight is not None:
+            logits = cpu_linear(hidden, self.packed_weight, None)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather(logits, dim=-1)[..., : self.vocab_size]

