@@ -31,6 +31,15 @@ TOLERANCE = {
 REF = TorchRefBackend()
 
 
+def ref_layout(cache: torch.Tensor) -> torch.Tensor:
+    """A Triton-layout cache ``[blocks, block_size, kv_heads, dim]`` in torch_ref's head-major layout."""
+    return cache.permute(2, 0, 1, 3).contiguous()
+
+
+def triton_layout(ref_cache: torch.Tensor) -> torch.Tensor:
+    return ref_cache.permute(1, 2, 0, 3)
+
+
 @pytest.fixture(scope="module")
 def triton_backend():
     return TritonBackend(DEVICE)
@@ -94,12 +103,12 @@ def check_attention(backend, seqs, *, num_heads, num_kv_heads, head_dim, dtype, 
         dtype=dtype, seed=seed,
     )
     scale = head_dim**-0.5
-    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    ref_k_cache, ref_v_cache = ref_layout(k_cache), ref_layout(v_cache)
     REF.store_kv(k, v, ref_k_cache, ref_v_cache, metadata.slot_mapping)
     expected = REF.paged_attention(q, k, v, ref_k_cache, ref_v_cache, REF.plan_attention(metadata), scale)
 
     backend.store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
-    assert torch.equal(k_cache, ref_k_cache) and torch.equal(v_cache, ref_v_cache)
+    assert torch.equal(k_cache, triton_layout(ref_k_cache)) and torch.equal(v_cache, triton_layout(ref_v_cache))
     plan = backend.plan_attention(metadata, num_splits=num_splits)
     out = backend.paged_attention(q, k, v, k_cache, v_cache, plan, scale)
     assert out.shape == q.shape and out.dtype == dtype
@@ -231,12 +240,12 @@ def test_decode_step_replays_in_a_cuda_graph(triton_backend):
     static["tables"][:, : meta2.block_tables.shape[1]] = meta2.block_tables
     graph.replay()
 
-    ref_k, ref_v = k_cache.clone(), v_cache.clone()  # the graph stored this step's keys
+    ref_k, ref_v = ref_layout(k_cache), ref_layout(v_cache)  # the graph stored this step's keys
     ref_meta = AttentionMetadata(cu_seqlens_q=static["cu"], context_lens=static["ctx"], block_tables=static["tables"],
                                  slot_mapping=static["slots"], query_lens_host=[1] * batch,
                                  context_lens_host=meta2.context_lens_host, block_size=block_size)
     REF.store_kv(k2, v2, ref_k, ref_v, meta2.slot_mapping)
-    assert torch.equal(ref_k, k_cache)
+    assert torch.equal(triton_layout(ref_k), k_cache)
     expected = REF.paged_attention(q2, k2, v2, ref_k, ref_v, REF.plan_attention(ref_meta), 0.1)
     torch.testing.assert_close(out, expected, **TOLERANCE[torch.bfloat16])
 
@@ -273,10 +282,10 @@ def test_store_kv_matches_reference_on_strided_inputs(triton_backend, dtype):
     value = qkv[:, 40 * head_dim :].view(num_tokens, num_kv_heads, head_dim)
     slots = torch.randperm(20 * 16, generator=gen, device=DEVICE)[:num_tokens]
     caches = [torch.randn(20, 16, num_kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype) for _ in range(2)]
-    ref_caches = [c.clone() for c in caches]
+    ref_caches = [ref_layout(c) for c in caches]
     triton_backend.store_kv(key, value, *caches, slots)
     REF.store_kv(key, value, *ref_caches, slots)
-    assert torch.equal(caches[0], ref_caches[0]) and torch.equal(caches[1], ref_caches[1])
+    assert all(torch.equal(c, triton_layout(r)) for c, r in zip(caches, ref_caches))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
