@@ -201,8 +201,11 @@ async def test_prompt_shapes_and_echo(client: openai.AsyncOpenAI, http: httpx.As
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(logprob < 0 for logprob in lp.token_logprobs[1:])
     assert lp.top_logprobs[-1] == {" Paris": pytest.approx(lp.token_logprobs[-1])}  # the greedy continuation
-    chat_ids = (await http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]})).json()
+    messages = [{"role": "user", "content": "Hi"}]
+    chat_ids = (await http.post("/tokenize", json={"messages": messages})).json()
     assert chat_ids["count"] == len(chat_ids["tokens"]) > 3 and chat_ids["max_model_len"] == MAX_MODEL_LEN
+    chat = (await http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})).json()
+    assert chat["usage"]["prompt_tokens"] == chat_ids["count"]  # /tokenize sees what generation sees
 
 
 async def test_metrics_count_what_was_served(http: httpx.AsyncClient) -> None:

@@ -202,7 +202,9 @@ class AsyncEngine:
         self._check_alive()
         params.validate(vocab_size=self._executor.vocab_size, max_logprobs=self.config.max_logprobs)
         self._check_queue()
-        text, token_ids = await self._tokenize(prompt, add_generation_prompt, chat_template_kwargs)
+        text, token_ids = await self.encode_prompt(
+            prompt, add_generation_prompt=add_generation_prompt, chat_template_kwargs=chat_template_kwargs
+        )
         if not token_ids:
             raise InvalidRequest("the prompt must not be empty", param="prompt")
         if min(token_ids) < 0 or max(token_ids) >= self._executor.vocab_size:
@@ -243,17 +245,30 @@ class AsyncEngine:
                 f"{waiting} requests are waiting (max_queued_requests={self.config.max_queued_requests}); retry later"
             )
 
-    async def _tokenize(
-        self, prompt: Prompt, add_generation_prompt: bool, chat_template_kwargs: dict[str, Any]
+    async def encode_prompt(
+        self,
+        prompt: Prompt,
+        *,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_special_tokens: bool | None = None,
     ) -> tuple[str | None, list[int]]:
-        """Return the prompt's text (``None`` for token ids) and token ids."""
+        """The prompt's text (``None`` for token ids) and token ids, exactly as `generate` would see them.
+
+        Chat messages go through the model's chat template, which writes its own
+        special tokens; a plain string gets the tokenizer's (BOS). ``add_special_tokens``
+        overrides either default (the ``/tokenize`` endpoint's field).
+        """
         if isinstance(prompt, str):
-            encode = lambda: (prompt, self._encode(prompt, add_special_tokens=True))  # noqa: E731
+            special = True if add_special_tokens is None else add_special_tokens
+            encode = lambda: (prompt, self._encode(prompt, add_special_tokens=special))  # noqa: E731
             size = len(prompt)
         elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
-            encode = lambda: self._render_chat(prompt, add_generation_prompt, chat_template_kwargs)  # noqa: E731
+            encode = lambda: self._render_chat(  # noqa: E731
+                prompt, add_generation_prompt, chat_template_kwargs or {}, bool(add_special_tokens)
+            )
             size = sum(len(str(m.get("content") or "")) for m in prompt)
         else:
             raise InvalidRequest(
@@ -270,7 +285,11 @@ class AsyncEngine:
         return self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def _render_chat(
-        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool, kwargs: dict[str, Any]
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        kwargs: dict[str, Any],
+        add_special_tokens: bool,
     ) -> tuple[str, list[int]]:
         try:
             text = self.tokenizer.apply_chat_template(
@@ -279,7 +298,7 @@ class AsyncEngine:
         except Exception as exc:  # jinja errors, a missing template, a message the template rejects
             raise InvalidRequest(f"cannot apply the chat template: {exc}", param="messages") from exc
         # The template already wrote the special tokens it wants (BOS included).
-        return text, self._encode(text, add_special_tokens=False)
+        return text, self._encode(text, add_special_tokens=add_special_tokens)
 
     def _abort_request(self, request: _Request) -> None:
         """The reader went away: forget the request and free its blocks."""

@@ -29,6 +29,7 @@ from .errors import ApiError, bad_request, engine_unavailable, from_exception, i
 from .generation import Activity
 from .metrics import ServerMetrics
 from .profiler import Profiler
+from .sampling import chat_messages
 from .schemas import DetokenizeRequest, TokenizeRequest, parse_json, structure
 from .settings import ServerSettings
 
@@ -180,21 +181,14 @@ def create_app(
         engine = srv.require_engine()
         req = structure(TokenizeRequest, await _body())
         _check_model(srv, req.model)
-        tokenizer = engine.tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("give exactly one of prompt or messages", param="prompt")
-        if req.messages is not None:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content or ""}
-                        for m in req.messages]
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False,
-                add_generation_prompt=True if req.add_generation_prompt is None else req.add_generation_prompt,
-                **(req.chat_template_kwargs or {}),
-            )
-            tokens = tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
-        else:
-            add_special = True if req.add_special_tokens is None else req.add_special_tokens
-            tokens = tokenizer.encode(req.prompt, add_special_tokens=add_special)
+        _, tokens = await engine.encode_prompt(
+            req.prompt if req.messages is None else chat_messages(req),
+            add_generation_prompt=True if req.add_generation_prompt is None else req.add_generation_prompt,
+            chat_template_kwargs=req.chat_template_kwargs,
+            add_special_tokens=req.add_special_tokens,
+        )
         return _json({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens})
 
     @app.post("/detokenize")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..engine.sampling_params import SamplingParams
 from .errors import bad_request
-from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 
@@ -86,7 +86,7 @@ def chat_params(req: ChatCompletionRequest) -> SamplingParams:
     return SamplingParams(**_common(req, max_tokens=max_tokens, logprobs=logprobs))
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
+def chat_messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict[str, str]]:
     """Messages as chat templates expect them. ``developer`` is OpenAI's new name for ``system``."""
     out = []
     for message in req.messages:
