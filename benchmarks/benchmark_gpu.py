@@ -38,28 +38,8 @@ from atom_trio.config import EngineConfig
 from atom_trio.engine.plan import SeqChunk, StepPlan
 from atom_trio.engine.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
+from benchmarks.model_shapes import LLAMA_3_1_8B
 
-LLAMA_3_1_8B = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    hidden_act="silu",
-    rope_theta=500000.0,
-    rope_scaling=dict(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
-    ),
-    tie_word_embeddings=False,
-    bos_token_id=128000,
-    eos_token_id=128001,
-    torch_dtype="bfloat16",
-)
 BF16_PEAK_TFLOPS = 789.0  # dense bf16 matmul measured on the H100 of the device tool
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
 
