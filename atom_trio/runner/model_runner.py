@@ -130,13 +130,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
-        """Run one step; returns one sampled token per chunk with ``sample=True``, in plan order."""
+        """Run one step; returns one sampled token per chunk with ``sample=True``, in plan order.
+
+        Under tensor parallelism every rank runs the forward (the collectives
+        need them all) but only rank 0 samples and answers; the others return
+        an empty result, which their worker does not send.
+        """
         if self._fault is not None:
             fault, self._fault = self._fault, None
             raise fault
         logits, prompt_logprobs = self._forward(plan)
         sampled = [c for c in plan.chunks if c.sample]
-        if not sampled:
+        if not sampled or self.rank != 0:
             return StepResult(
                 step_id=plan.step_id, token_ids=[], logprobs=[], top_logprobs=[], prompt_logprobs=prompt_logprobs
             )
