@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
 
 import attrs
 import torch
 import torch.distributed as dist
+
+from .._scoped import scoped
 
 
 def _check_rank(group: TensorParallelGroup, attribute: attrs.Attribute, rank: int) -> None:
@@ -61,14 +62,9 @@ SINGLE = TensorParallelGroup()
 _current: contextvars.ContextVar[TensorParallelGroup] = contextvars.ContextVar("atom_trio_tp_group", default=SINGLE)
 
 
-@contextlib.contextmanager
-def use_tp_group(group: TensorParallelGroup) -> Iterator[TensorParallelGroup]:
+def use_tp_group(group: TensorParallelGroup) -> contextlib.AbstractContextManager[TensorParallelGroup]:
     """Layers constructed inside this block hold (and load) only ``group.rank``'s shard."""
-    token = _current.set(group)
-    try:
-        yield group
-    finally:
-        _current.reset(token)
+    return scoped(_current, group)
 
 
 def current_tp_group() -> TensorParallelGroup:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
 from typing import Any
 
 import attrs
 import torch
 from torch import nn
 
+from atom_trio._scoped import scoped
 from atom_trio.ops import AttentionMetadata, current_backend
 
 
@@ -30,13 +30,9 @@ class ForwardContext:
 _context: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("atom_trio_forward", default=None)
 
 
-@contextlib.contextmanager
-def forward_context(context: ForwardContext) -> Iterator[ForwardContext]:
-    token = _context.set(context)
-    try:
-        yield context
-    finally:
-        _context.reset(token)
+def forward_context(context: ForwardContext) -> contextlib.AbstractContextManager[ForwardContext]:
+    """Attention layers read ``context`` (this step's metadata) inside the block."""
+    return scoped(_context, context)
 
 
 def get_forward_context() -> ForwardContext:

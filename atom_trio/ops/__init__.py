@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
-from collections.abc import Iterator
 
 import torch
 
+from .._scoped import scoped
 from .interface import AttentionMetadata, KernelBackend
 from .torch_ref import TorchRefBackend
 
@@ -52,14 +52,9 @@ def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@contextlib.contextmanager
-def use_backend(backend: KernelBackend) -> Iterator[KernelBackend]:
+def use_backend(backend: KernelBackend) -> contextlib.AbstractContextManager[KernelBackend]:
     """Layers constructed inside this block run their kernels on ``backend``."""
-    token = _current.set(backend)
-    try:
-        yield backend
-    finally:
-        _current.reset(token)
+    return scoped(_current, backend)
 
 
 def current_backend() -> KernelBackend:
