@@ -54,7 +54,8 @@ class EngineConfig:
     executor: str = attrs.field(default="auto", validator=v.in_(("auto", "thread", "process")))
     kernel_backend: str = attrs.field(default="auto", validator=v.in_(("auto", "torch", "triton", "aiter")))
     enforce_eager: bool = False
-    level: int = attrs.field(default=3, validator=[v.ge(0), v.le(3)])
+    level: int | None = attrs.field(default=None, validator=v.optional([v.ge(0), v.le(3)]))
+    """None: 3 on CUDA (CUDA graphs), 0 on the CPU (eager); 1..3 on the CPU torch.compile the forward."""
     worker_timeout: float = 120.0
 
     @property

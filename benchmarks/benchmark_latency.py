@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--level", type=int, default=None, choices=range(4), help="see EngineConfig.level")
     parser.add_argument("--compare-transformers", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -105,9 +106,16 @@ def main() -> None:
     block_size = 16
     blocks = max(args.batch_sizes) * -(-(args.input_len + args.output_len) // block_size)
     config = EngineConfig(
-        model=args.model, dtype=args.dtype, load_format=args.load_format, num_kv_blocks=blocks, block_size=block_size
+        model=args.model,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        num_kv_blocks=blocks,
+        block_size=block_size,
+        level=args.level,
     )
+    start = time.perf_counter()
     runner = ModelRunner(config)
+    print(f"runner ready in {time.perf_counter() - start:.1f} s (level {runner.level})")
     rng = random.Random(args.seed)
     hf_model = None
     if args.compare_transformers:

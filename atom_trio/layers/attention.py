@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
+import weakref
 from typing import Any
 
 import attrs
@@ -60,12 +62,44 @@ class Attention(nn.Module):
         self.scale = scale
         self.k_cache = self.v_cache = torch.empty(0)
         self.ops = current_backend()
+        self.layer_id = next(_layer_ids)
+        _layers[self.layer_id] = self
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        context = get_forward_context()
         query = query.reshape(-1, self.num_heads, self.head_dim)
         key = key.reshape(-1, self.num_kv_heads, self.head_dim)
         value = value.reshape(-1, self.num_kv_heads, self.head_dim)
-        self.ops.store_kv(key, value, self.k_cache, self.v_cache, context.metadata.slot_mapping)
-        out = self.ops.paged_attention(query, key, value, self.k_cache, self.v_cache, context.attn_plan, self.scale)
+        if torch.compiler.is_compiling():  # one opaque op: the metadata never becomes graph input or a guard
+            out = torch.ops.atom_trio.paged_attention(query, key, value, self.layer_id)
+        else:
+            out = self._attend(query, key, value)
         return out.view(-1, self.num_heads * self.head_dim)
+
+    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        context = get_forward_context()
+        self.ops.store_kv(key, value, self.k_cache, self.v_cache, context.metadata.slot_mapping)
+        return self.ops.paged_attention(
+            query, key, value, self.k_cache, self.v_cache, context.attn_plan, self.scale
+        )
+
+
+_layer_ids = itertools.count()
+_layers: weakref.WeakValueDictionary[int, Attention] = weakref.WeakValueDictionary()
+"""Every live `Attention` by ``layer_id``: the custom op gets the layer as an integer, which a graph can hold."""
+
+
+@torch.library.custom_op("atom_trio::paged_attention", mutates_args=())
+def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """`Attention`'s store-and-attend step as torch.compile sees it: reads the forward context when it runs.
+
+    The KV cache stays the layer's business, out of the graph: as inputs its
+    per-layer views of one allocation would be functionalized into copies of
+    the whole cache. Nothing in the graph reads the cache, so its writes
+    need no ordering beyond this op's own data dependencies.
+    """
+    return _layers[layer_id]._attend(query, key, value)
+
+
+@_paged_attention_op.register_fake
+def _(query, key, value, layer_id):
+    return torch.empty_like(query)

@@ -62,6 +62,10 @@ class TorchRefBackend(KernelBackend):
         return (num_kv_heads, num_blocks, block_size, head_dim)
 
     def plan_attention(self, metadata: AttentionMetadata) -> TorchAttentionPlan:
+        # A new step: forget the last step's rotary rows (memoized because every layer
+        # rotates the same positions; a stale entry would also be a guard that makes
+        # torch.compile recompile every step).
+        self._rope_rows = None
         block_size = metadata.block_size
         starts = [0]
         for n in metadata.query_lens_host:

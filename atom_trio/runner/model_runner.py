@@ -37,6 +37,7 @@ from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.loader import init_dummy_weights, iter_weights, resolve_model
 from atom_trio.models import get_model_class
 from atom_trio.ops import AttentionMetadata, get_backend, use_backend
+from atom_trio.runner.compile import compile_forward, compiles_on_cpu, effective_level
 from atom_trio.runner.cuda_graphs import DecodeGraphs, decode_batch_sizes
 
 logger = logging.getLogger("atom_trio.runner")
@@ -102,13 +103,18 @@ class ModelRunner:
             else:
                 self.model.load_weights(iter_weights(resolved))
         self.model.eval()
-        for module in self.model.modules():  # e.g. CPU matmul weight packing
-            if hasattr(module, "process_weights_after_loading"):
-                module.process_weights_after_loading()
+        self.level = effective_level(config, self.device)
+        if not compiles_on_cpu(self.device, self.level):  # inductor packs the weights itself when it freezes them
+            for module in self.model.modules():  # e.g. CPU matmul weight packing
+                if hasattr(module, "process_weights_after_loading"):
+                    module.process_weights_after_loading()
 
         self._attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_kv_blocks = self._num_kv_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
+        self._model_forward = self.model  # on CUDA, levels above 0 mean CUDA graphs (below); nothing compiles yet
+        if self.device.type == "cpu":
+            self._model_forward = compile_forward(self.model, self.level)
         self.decode_graphs = self._capture_decode_graphs()
         self.sampler = Sampler(self.eos_token_ids)
         self._histories: dict[int, _SeqHistory] = {}
@@ -278,7 +284,7 @@ class ModelRunner:
         )
         context = ForwardContext(metadata=metadata, attn_plan=self.backend.plan_attention(metadata))
         with forward_context(context):
-            return self.model(batch.input_ids.to(device), batch.positions.to(device))
+            return self._model_forward(batch.input_ids.to(device), batch.positions.to(device))
 
     def _check_chunk(self, chunk: SeqChunk) -> None:
         end = chunk.end_pos
@@ -469,7 +475,7 @@ class ModelRunner:
         reference plans from device values), so only it is captured.
         """
         config = self.config
-        if self.device.type != "cuda" or self.backend.name != "triton" or config.enforce_eager or config.level == 0:
+        if self.device.type != "cuda" or self.backend.name != "triton" or self.level == 0:
             return None
         graphs = DecodeGraphs(
             self.model,

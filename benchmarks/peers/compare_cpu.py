@@ -102,6 +102,8 @@ def start_server(engine: str, args: argparse.Namespace, peers: Path, port: int, 
             sys.executable, "-m", "atom_trio", "serve", "--model", args.model, "--dtype", args.dtype,
             "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
         ]  # fmt: skip
+        if args.atom_level is not None:
+            command += ["--level", str(args.atom_level)]
     else:
         command = vllm_command(
             peers, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--dtype", args.dtype,
@@ -210,6 +212,9 @@ def main() -> None:
     parser.add_argument("--engines", nargs="+", default=["atom_trio", "vllm"], choices=["atom_trio", "vllm"])
     parser.add_argument("--serving-loads", nargs="+", default=["32x32", "8x1"], help="PROMPTSxCONCURRENCY each")
     parser.add_argument("--server-timeout", type=float, default=600, help="seconds a server may take to start")
+    parser.add_argument(
+        "--atom-level", type=int, choices=range(4), help="atom_trio's --level when serving (3: torch.compile on CPU)"
+    )
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
     args = parser.parse_args()
