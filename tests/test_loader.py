@@ -15,7 +15,7 @@ from atom_trio.config import EngineConfig
 from atom_trio.engine.errors import ModelLoadError
 from atom_trio.loader import (
     default_model_path,
-    init_dummy_weights,
+    iter_dummy_weights,
     iter_weights,
     load_tokenizer,
     resolve_model,
@@ -153,8 +153,8 @@ def test_directory_without_weights_needs_dummy(tiny_llama_dir, tmp_path):
     resolved = resolve_model(EngineConfig(model=str(tmp_path), load_format="dummy"))
     assert resolved.load_format == "dummy"
     assert resolved.hf_config.num_hidden_layers == 2
-    with pytest.raises(ValueError, match="init_dummy_weights"):
-        next(iter_weights(resolved))
+    name, tensor = next(iter_weights(resolved))
+    assert name.startswith("model.") and tensor.dtype == resolved.dtype
 
 
 def test_hub_id_offline_names_the_id(tmp_path):
@@ -175,17 +175,15 @@ def test_hub_id_offline_names_the_id(tmp_path):
     assert "'someone/not-cached-model'" in result.stdout
 
 
-def tiny_llama_module(tiny_llama_dir) -> torch.nn.Module:
+def test_dummy_weights_are_a_seeded_checkpoint_of_the_architecture(tiny_llama_dir):
+    """Every tensor transformers' model has, at full shape, drawn from (seed, name) alone."""
     config = transformers.AutoConfig.from_pretrained(tiny_llama_dir)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-
-
-def test_dummy_weights_are_seeded(tiny_llama_dir):
-    models = [tiny_llama_module(tiny_llama_dir) for _ in range(3)]
-    for model, seed in zip(models, (7, 7, 8)):
-        init_dummy_weights(model, seed)
-    same, again, other = (model.state_dict() for model in models)
+    expected = transformers.AutoModelForCausalLM.from_config(config).state_dict()
+    same, again = (dict(iter_dummy_weights(config, dtype=torch.float32, seed=7)) for _ in range(2))
+    other = dict(iter_dummy_weights(config, dtype=torch.float32, seed=8))
+    assert same.keys() == expected.keys()
     for name, tensor in same.items():
+        assert tensor.shape == expected[name].shape, name
         assert torch.equal(tensor, again[name]), name
         if "norm" in name:
             assert torch.equal(tensor, torch.ones_like(tensor)), name
@@ -193,3 +191,5 @@ def test_dummy_weights_are_seeded(tiny_llama_dir):
             assert not torch.equal(tensor, other[name]), name
             assert tensor.abs().max() <= 1e-3
             assert tensor.std() > 1e-4
+    # Not one stream drawn in order: two tensors of one shape differ.
+    assert not torch.equal(same["model.layers.0.mlp.up_proj.weight"], same["model.layers.1.mlp.up_proj.weight"])

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import safetensors
 import torch
+import transformers
+import xxhash
 
 from atom_trio.loader.gguf_file import iter_gguf_tensors
 from atom_trio.loader.resolve import ResolvedModel
@@ -18,9 +20,16 @@ from atom_trio.loader.resolve import ResolvedModel
 DUMMY_WEIGHT_RANGE = 1e-3
 
 
-def iter_weights(resolved: ResolvedModel) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the model, one at a time, in Hugging Face names and ``resolved.dtype``."""
-    if resolved.load_format == "gguf":
+def iter_weights(
+    resolved: ResolvedModel, *, seed: int = 0, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the model, one at a time, in Hugging Face names and ``resolved.dtype``.
+
+    ``seed`` and ``device`` matter only for dummy weights (see `iter_dummy_weights`).
+    """
+    if resolved.load_format == "dummy":
+        yield from iter_dummy_weights(resolved.hf_config, dtype=resolved.dtype, seed=seed, device=device)
+    elif resolved.load_format == "gguf":
         yield from iter_gguf_tensors(resolved.path, resolved.hf_config, resolved.dtype)
     elif resolved.load_format == "safetensors":
         for file in safetensors_files(resolved.path):
@@ -28,7 +37,7 @@ def iter_weights(resolved: ResolvedModel) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     yield name, f.get_tensor(name).to(resolved.dtype)
     else:
-        raise ValueError(f"load_format {resolved.load_format!r} has no weights to read; use init_dummy_weights")
+        raise ValueError(f"unknown load_format {resolved.load_format!r}")
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -40,21 +49,28 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 
 
-@torch.no_grad()
-def init_dummy_weights(module: torch.nn.Module, seed: int) -> None:
-    """Fill ``module``'s parameters with seeded random values (``--load-format dummy``).
+def iter_dummy_weights(
+    hf_config, *, dtype: torch.dtype, seed: int, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """A made-up checkpoint (``--load-format dummy``): every tensor of ``hf_config``'s architecture, seeded.
 
-    Matrices and biases get uniform(-1e-3, 1e-3); norm weights get 1.0 and
-    norm biases 0.0 (a random norm weight would make activations vanish or
-    blow up layer after layer). Values are drawn where the parameter lives,
-    in its dtype, so a model at real size fills in seconds; the same seed,
-    device and dtype give the same weights.
+    The names and full shapes come from transformers' own model of the
+    architecture, built on the meta device (no memory). Each tensor is drawn
+    from a generator seeded by ``seed`` and its name, so the checkpoint does
+    not depend on the order of reading, and every tensor-parallel rank, which
+    takes its shard of the full tensor like from a real checkpoint, ends up
+    with a slice of the same model: TP=2 and TP=1 compute the same function.
+    Matrices and biases get uniform(-1e-3, 1e-3); norm weights 1.0 and norm
+    biases 0.0 (a random norm weight would make activations vanish or blow up
+    layer after layer). Values are drawn on ``device`` in ``dtype``, so a
+    model at real size fills in seconds.
     """
-    generators: dict[torch.device, torch.Generator] = {}
-    for name, param in module.named_parameters():
-        if param.ndim == 1 and "norm" in name:
-            param.fill_(1.0 if name.endswith("weight") else 0.0)
+    with torch.device("meta"):
+        reference = transformers.AutoModelForCausalLM.from_config(hf_config)
+    for name, meta in reference.state_dict().items():
+        if "norm" in name and meta.ndim == 1:
+            yield name, torch.full(meta.shape, 1.0 if name.endswith("weight") else 0.0, dtype=dtype, device=device)
             continue
-        if param.device not in generators:
-            generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-        param.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generators[param.device])
+        generator = torch.Generator(device=device).manual_seed(xxhash.xxh64_intdigest(f"{seed}/{name}".encode()) >> 1)
+        tensor = torch.empty(meta.shape, dtype=dtype, device=device)
+        yield name, tensor.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator)

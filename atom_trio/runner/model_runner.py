@@ -34,7 +34,7 @@ from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult, TokenLogprobs
 from atom_trio.engine.sampling_params import SamplingParams
 from atom_trio.layers import Attention, ForwardContext, forward_context
 from atom_trio.layers.sampler import SampleRequest, Sampler
-from atom_trio.loader import init_dummy_weights, iter_weights, resolve_model
+from atom_trio.loader import iter_weights, resolve_model
 from atom_trio.models import get_model_class
 from atom_trio.ops import AttentionMetadata, get_backend, use_backend
 from atom_trio.runner.compile import compile_forward, compiles_on_cpu, effective_level
@@ -98,10 +98,7 @@ class ModelRunner:
         # Only now: a model that cannot be split fails on every rank at once instead of in the rendezvous.
         init_distributed(self.tp_group, self.device, timeout_s=config.worker_timeout)
         with torch.no_grad():
-            if resolved.load_format == "dummy":
-                init_dummy_weights(self.model, config.seed)
-            else:
-                self.model.load_weights(iter_weights(resolved))
+            self.model.load_weights(iter_weights(resolved, seed=config.seed, device=self.device))
         self.model.eval()
         self.level = effective_level(config, self.device)
         if not compiles_on_cpu(self.device, self.level):  # inductor packs the weights itself when it freezes them
