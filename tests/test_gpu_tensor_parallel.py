@@ -31,8 +31,12 @@ from benchmarks.model_shapes import LLAMA_3_1_8B  # noqa: E402
 TOKENIZER = Path(os.environ.get("ATOM_TRIO_TEST_TOKENIZER", ".gpu_models/smollm2-tokenizer"))
 STEPS = 32
 PARAMS = SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True, logprobs=5)
-NEAR_TIE = 0.05
-"""Logprob gap (nats) below which a flipped pick counts as a tie, not an error."""
+BF16_ROUNDING = 0.13
+"""Two bf16 units in the last place at the logits' magnitude here (8 to 16: one unit is 0.0625).
+
+The LM head's logits are bf16; a different reduction order may round a logit
+one unit either way, so two candidates within two units can swap places, and a
+logprob can move by that much."""
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +84,16 @@ async def test_tp2_over_nccl_matches_tp1(model_dir):
     prompts = [[rng.randrange(1000, 120000) for _ in range(n)] for n in (5, 37, 300)]
     single = await greedy(model_dir, prompts, 1)
     split = await greedy(model_dir, prompts, 2)
-    worst_logprob_diff = 0.0
+    worst_logprob_diff, compared = 0.0, 0
     for (tokens1, logprobs1), (tokens2, logprobs2) in zip(single, split):
         assert len(tokens1) == len(tokens2) == STEPS
         for step, (a, b) in enumerate(zip(tokens1, tokens2)):
             if a != b:  # a flipped near-tie: the rest of the two sequences differ, so stop comparing there
                 gap = logprobs1[step][a] - logprobs1[step].get(b, float("-inf"))
-                assert gap < NEAR_TIE, f"step {step}: TP=2 picked {b}, {gap:.3f} nats below TP=1's {a}"
+                assert gap < BF16_ROUNDING, f"step {step}: TP=2 picked {b}, {gap:.3f} nats below TP=1's {a}"
                 break
             worst_logprob_diff = max(worst_logprob_diff, abs(logprobs1[step][a] - logprobs2[step][b]))
-    print(f"largest difference of a picked token's logprob between TP=1 and TP=2: {worst_logprob_diff:.4f}")
-    assert worst_logprob_diff < 0.1
+            compared += 1
+    print(f"{compared} steps agree; largest difference of a picked token's logprob: {worst_logprob_diff:.4f}")
+    assert compared >= STEPS  # ties are rare: most steps of the three sequences must be compared
+    assert worst_logprob_diff < BF16_ROUNDING
