@@ -2,6 +2,7 @@
 
     python3 -m benchmarks.benchmark_gpu                    # Llama-3.1-8B shapes, bf16, dummy weights
     python3 -m benchmarks.benchmark_gpu --json out.json
+    python3 -m benchmarks.benchmark_gpu --level 0 1 2 3 --skip-transformers   # the compile levels, one after another
 
 Measured, all in one process on one card:
 
@@ -11,7 +12,9 @@ Measured, all in one process on one card:
   of ``generate`` at batch 1 and its tokens/s at batch 32 (``(t(N tokens) -
   t(1 token)) / (N - 1)``, which takes the prefill out), and one forward of a
   2048-token prompt; it is then freed, and the runner takes the card;
-- the runner (Triton kernels, KV cache sized by ``gpu_memory_utilization``):
+- the runner (Triton kernels, KV cache sized by ``gpu_memory_utilization``)
+  at each ``--level`` in turn (one runner at a time, results under
+  ``level_N``): its start-up time by phase and the decode graphs' memory;
   prefill of one 2048-token prompt (time, TFLOP/s against the bf16 peak);
   time per decode step at batch 1, with CUDA graphs and, on the same runner,
   eagerly; decode tokens/s at batch 32 and 128 with 1024 tokens of context.
@@ -23,6 +26,7 @@ tokens, so the device has finished); figures are medians after warm-up.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import random
@@ -212,28 +216,9 @@ def graph_replay_ms(runner: ModelRunner, size: int, iters: int = 50) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--prefill-len", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    bandwidth = copy_bandwidth()
-    results["copy_bandwidth_GB_s"] = bandwidth / 1e9
-    model_dir = Path(tempfile.mkdtemp(prefix="llama-3.1-8b-shapes-"))
-    (model_dir / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
-
-    if not args.skip_transformers:
-        results.update(transformers_baseline(model_dir, args.input_len, args.prefill_len, args.steps))
-        print(json.dumps(results, indent=1), flush=True)
-
+def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argparse.Namespace) -> dict:
+    """The runner's figures at compile ``level``; the runner is closed (and its memory freed) afterwards."""
+    results: dict = {}
     start = time.perf_counter()
     config = EngineConfig(
         model=str(model_dir),
@@ -242,9 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
         max_num_seqs=max(args.batch_sizes),
         max_num_batched_tokens=args.prefill_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
+        level=level,
     )
     runner = ModelRunner(config)
     results["runner_start_s"] = time.perf_counter() - start
+    results["startup_phases_s"] = runner.startup_seconds
+    results["graph_GiB"] = runner.graph_bytes / 2**30
+    results["graph_GiB_set_aside"] = runner.graph_bytes_budgeted / 2**30
     results["kv_cache_tokens"] = runner.num_kv_blocks * runner.block_size
     weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     results["weight_GB"] = weight_bytes / 1e9
@@ -269,13 +258,47 @@ def main(argv: list[str] | None = None) -> dict:
         if runner.decode_graphs is not None:
             size = runner.decode_graphs.padded_size(batch)
             results[f"decode_b{batch}_graph_replay_ms"] = graph_replay_ms(runner, size)
-        print(json.dumps(results, indent=1), flush=True)
+        print(json.dumps({f"level_{level}": results}, indent=1), flush=True)
     if runner.decode_graphs is not None:  # the same runner and weights without its graphs
         graphs, runner.decode_graphs = runner.decode_graphs, None
         results["decode_b1_eager_ms_per_step"] = decode_ms(driver, 1, args.input_len, args.steps, rng)
         runner.decode_graphs = graphs
-    results["decode_b1_vs_floor"] = results["decode_b1_ms_per_step"] / results["hbm_floor_ms"]
+    if "decode_b1_ms_per_step" in results:
+        results["decode_b1_vs_floor"] = results["decode_b1_ms_per_step"] / results["hbm_floor_ms"]
     runner.close()
+    del runner, driver
+    gc.collect()
+    torch.cuda.empty_cache()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--prefill-len", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--level", type=int, nargs="+", default=[3], choices=range(4), help="torch.compile levels to run, in turn"
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    bandwidth = copy_bandwidth()
+    results["copy_bandwidth_GB_s"] = bandwidth / 1e9
+    model_dir = Path(tempfile.mkdtemp(prefix="llama-3.1-8b-shapes-"))
+    (model_dir / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+
+    if not args.skip_transformers:
+        results.update(transformers_baseline(model_dir, args.input_len, args.prefill_len, args.steps))
+        print(json.dumps(results, indent=1), flush=True)
+
+    for level in args.level:
+        results[f"level_{level}"] = runner_benchmark(model_dir, level, bandwidth, args)
     print(json.dumps(results, indent=1), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

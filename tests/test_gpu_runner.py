@@ -1,4 +1,4 @@
-"""The model runner on a GPU (Triton kernels, CUDA graphs, KV sizing) against transformers, at real model shapes.
+"""The model runner on a GPU (Triton kernels, CUDA graphs, compile levels, KV sizing) against transformers.
 
 Skipped without CUDA. Weights are random but not vLLM's tiny dummy range:
 transformers initialises its model (normal, std 0.02), and the runner copies
@@ -8,18 +8,22 @@ bf16 weights and the logits have real margins between candidates.
 - Qwen3-0.6B shapes, whole model.
 - Llama-3.1-8B shapes with 4 of its 32 layers (every matrix at full size, the
   llama3 rope, 128k vocabulary; fewer layers keep the test inside a minute).
+
+The runners under test: level 3 (the default: piecewise Inductor, decode
+CUDA graphs), ``enforce_eager`` (no compile, no graphs), and levels 1 and 2.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import attrs
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from atom_trio.config import EngineConfig  # noqa: E402
 from atom_trio.engine.plan import SeqChunk, StepPlan  # noqa: E402
@@ -82,33 +86,45 @@ def hf_model(shape: str, dtype: torch.dtype):
     return model.to(dtype).eval()
 
 
+@attrs.frozen
+class Models:
+    reference: torch.nn.Module  # transformers in bf16
+    exact: torch.nn.Module  # transformers in fp32, the same weights
+    graphed: ModelRunner  # level 3 with decode CUDA graphs
+    eager: ModelRunner  # enforce_eager
+    model_dir: object
+
+
+def start_runner(model_dir, reference, **options) -> ModelRunner:
+    """A runner on ``model_dir`` computing with ``reference``'s weights."""
+    config = EngineConfig(
+        model=str(model_dir),
+        load_format="dummy",
+        dtype="bfloat16",
+        block_size=BLOCK_SIZE,
+        num_kv_blocks=80,
+        max_num_seqs=8,
+        **options,
+    )
+    runner = ModelRunner(config)
+    with torch.no_grad():  # in place: the compiled forward and the captured graphs read these very tensors
+        runner.model.load_weights(reference.state_dict().items())
+    return runner
+
+
 @pytest.fixture(scope="module", params=list(SHAPES))
 def models(request, tmp_path_factory):
-    """(transformers in bf16, transformers in fp32, runner with graphs, runner without), same weights."""
     shape = request.param
     reference = hf_model(shape, torch.bfloat16)
     model_dir = tmp_path_factory.mktemp(shape)
     reference.config.save_pretrained(model_dir)
-    runners = []
-    for enforce_eager in (False, True):
-        config = EngineConfig(
-            model=str(model_dir),
-            load_format="dummy",
-            dtype="bfloat16",
-            block_size=BLOCK_SIZE,
-            num_kv_blocks=80,
-            max_num_seqs=8,
-            enforce_eager=enforce_eager,
-        )
-        runner = ModelRunner(config)
-        with torch.no_grad():
-            runner.model.load_weights(reference.state_dict().items())
-        runners.append(runner)
+    graphed = start_runner(model_dir, reference)
+    eager = start_runner(model_dir, reference, enforce_eager=True)
     exact = hf_model(shape, torch.float32)
     exact.load_state_dict(reference.state_dict())
-    yield reference, exact, *runners
-    for runner in runners:
-        runner.close()
+    yield Models(reference=reference, exact=exact, graphed=graphed, eager=eager, model_dir=model_dir)
+    graphed.close()
+    eager.close()
     del reference, exact
     torch.cuda.empty_cache()
 
@@ -195,7 +211,7 @@ def check_picks(reference: torch.Tensor, ours: torch.Tensor, *, what: str) -> fl
 
 
 def test_prefill_and_decode_logits_match_transformers(models):
-    reference, exact, runner, _ = models
+    reference, exact, runner = models.reference, models.exact, models.graphed
     prompt_ids = prompts(runner.vocab_size)
     tokens, ours = run_script(runner, prompt_ids, None, seq_base=100)
     theirs = hf_logits(reference, prompt_ids, tokens)
@@ -211,7 +227,7 @@ def test_prefill_and_decode_logits_match_transformers(models):
 def test_greedy_tokens_match_transformers_for_64_steps(models):
     # transformers in fp32 is the reference: its bf16 run drifts further from it than the runner does
     # (Llama-3.1 shapes: 10% against the runner's 2% relative error).
-    _, exact, runner, _ = models
+    exact, runner = models.exact, models.graphed
     prompt_ids = prompts(runner.vocab_size)
     tokens, ours = run_script(runner, prompt_ids, None, seq_base=200)
     exact_share = check_picks(hf_logits(exact, prompt_ids, tokens), ours, what="runner vs transformers")
@@ -220,8 +236,9 @@ def test_greedy_tokens_match_transformers_for_64_steps(models):
 
 
 def test_outputs_equal_with_graphs_on_and_off(models, monkeypatch):
-    _, _, graphed, eager = models
-    assert eager.decode_graphs is None
+    graphed, eager = models.graphed, models.eager
+    assert eager.decode_graphs is None and eager.compiled is None
+    assert graphed.level == 3 and graphed.compiled.backend.pieces  # piecewise Inductor under the graphs
     assert graphed.decode_graphs.batch_sizes == [1, 2, 4, 8]
     replays = []
     run = graphed.decode_graphs.run
@@ -231,15 +248,37 @@ def test_outputs_equal_with_graphs_on_and_off(models, monkeypatch):
     assert replays == [len(prompt_ids)] * (STEPS - 1)  # every decode step replayed a graph
     eager_tokens, without = run_script(eager, prompt_ids, tokens, seq_base=300)
     assert eager_tokens[0] == tokens[0]  # the prefill runs eagerly in both
-    # Not bit-equal (the graph's split count and padded matmul shapes round differently), but
-    # within bf16 rounding: each run is about 1-2% from the fp32 model.
+    # Not bit-equal (the graph's split count, padded matmul shapes and Inductor's fused elementwise
+    # ops round differently), but within bf16 rounding: each run is about 1-2% from the fp32 model.
     assert relative_error(with_graphs, without) < 2e-2
     exact_share = check_picks(without, with_graphs, what="graphs vs eager")
     assert exact_share >= 0.95
 
 
+@pytest.mark.parametrize("level", [1, 2])
+def test_outputs_equal_at_every_level(models, level):
+    """Levels 1 and 2 against eager (level 3 is the graphed runner above), teacher-forced on the level's picks."""
+    runner = start_runner(models.model_dir, models.reference, level=level)
+    try:
+        assert runner.level == level and runner.decode_graphs is not None
+        prompt_ids = prompts(runner.vocab_size)
+        tokens, ours = run_script(runner, prompt_ids, None, seq_base=500)
+        eager_tokens, eager_logits = run_script(models.eager, prompt_ids, tokens, seq_base=500)
+        assert eager_tokens[0] == tokens[0]
+        # Level and eager differ by their own bf16 roundings (~2%): each must be within bf16 rounding of fp32.
+        truth = hf_logits(models.exact, prompt_ids, tokens)
+        bf16_error = relative_error(hf_logits(models.reference, prompt_ids, tokens), truth)
+        for name, logits in ((f"level {level}", ours), ("eager", eager_logits)):
+            error = relative_error(logits, truth)
+            print(f"{name}: relative error vs fp32 {error:.4f} (transformers bf16 {bf16_error:.4f})")
+            assert error <= 2 * bf16_error + 1e-3, name
+        assert check_picks(eager_logits, ours, what=f"level {level} vs eager") >= 0.95
+    finally:
+        runner.close()
+
+
 def test_graph_padding_rows_write_no_kv(models):
-    _, _, runner, _ = models
+    runner = models.graphed
     runner.kv_cache.zero_()
     prompt_ids = prompts(runner.vocab_size)
     run_script(runner, prompt_ids, None, seq_base=400)
@@ -261,7 +300,7 @@ def test_kv_cache_sized_from_gpu_memory_utilization(tmp_path, caplog):
         load_format="dummy",
         dtype="bfloat16",
         gpu_memory_utilization=utilization,
-        max_num_seqs=8,
+        max_num_seqs=512,  # graphs worth ~0.5 GiB (512 rows of float32 logits alone are 0.3 GiB)
         max_num_batched_tokens=1024,
     )
     with caplog.at_level(logging.INFO, logger="atom_trio.runner"):
@@ -271,11 +310,17 @@ def test_kv_cache_sized_from_gpu_memory_utilization(tmp_path, caplog):
         used = total - free
         block_bytes = runner.kv_cache[0, 0, 0].numel() * 2 * 2 * runner.hf_config.num_hidden_layers
         assert runner.kv_cache.shape[2] == runner.num_kv_blocks
-        # The KV cache fills the budget up to the profiled activations and the graphs' pool.
-        assert used <= utilization * total + 2**29
+        # The graphs' memory was measured before the KV cache took the rest, and the measure holds.
+        assert runner.graph_bytes > 2**28
+        assert runner.graph_bytes <= runner.graph_bytes_budgeted + 2**26
+        # The KV cache fills the budget up to the profiled activations and the graphs.
+        assert used <= utilization * total + 2**27
         assert used >= utilization * total - 2**31
         logged = f"KV cache: {runner.num_kv_blocks} blocks of 16 tokens = {runner.num_kv_blocks * 16} tokens"
         assert logged in caplog.text
+        assert "set aside from the KV cache's budget" in caplog.text
+        assert "start-up took" in caplog.text
+        assert runner.startup_seconds["compile"] > 0 and runner.startup_seconds["graph capture"] > 0
         assert runner.num_kv_blocks * block_bytes > 2**30
         # and the sized runner decodes through its graphs
         prompt = SeqChunk(
@@ -286,3 +331,35 @@ def test_kv_cache_sized_from_gpu_memory_utilization(tmp_path, caplog):
         assert len(runner.execute(StepPlan(step_id=1, chunks=[decode])).token_ids) == 1
     finally:
         runner.close()
+
+
+def test_second_start_hits_the_compile_cache(tmp_path, monkeypatch):
+    """A second runner on the same cache directory takes every Inductor graph from it (none compiled anew)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import clear_caches
+
+    spec = dict(SHAPES["qwen3-0.6b"], num_hidden_layers=2)
+    model_dir = tmp_path / "model"
+    import transformers
+
+    architecture = spec.pop("architectures")[0]
+    config = transformers.Qwen3Config(bos_token_id=1, eos_token_id=2, **spec)
+    config.architectures = [architecture]
+    config.save_pretrained(model_dir)
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # the runner sets them; put them back after
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setenv("ATOM_TRIO_CACHE", str(tmp_path / "cache"))
+    engine_config = EngineConfig(
+        model=str(model_dir), load_format="dummy", dtype="bfloat16", num_kv_blocks=16, max_num_seqs=4
+    )
+    starts = []
+    for _ in range(2):
+        clear_caches()  # what this process loaded: each start finds only the files
+        counters.clear()
+        runner = ModelRunner(engine_config)
+        runner.close()
+        starts.append((counters["inductor"]["fxgraph_cache_miss"], counters["inductor"]["fxgraph_cache_hit"]))
+    (first_misses, _), (second_misses, second_hits) = starts
+    assert first_misses > 0
+    assert second_misses == 0 and second_hits >= first_misses
+    assert (tmp_path / "cache" / "torch_compile" / "inductor").is_dir()

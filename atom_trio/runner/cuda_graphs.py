@@ -9,8 +9,13 @@ rows write no KV (slot -1) and attend to nothing (context length 0), as the
 Triton backend's README specifies.
 
 Every captured size reads the prefix ``[:B]`` of one set of static input
-tensors, and all graphs share one memory pool (captured largest first), so
-the graphs together cost about one largest-size step of activations.
+tensors and writes the prefix of one logits buffer, and all graphs share one
+memory pool (captured largest first, each freeing its temporaries before the
+next), so the graphs together cost about one largest-size step: the runner
+captures that size once before it sizes the KV cache, to set the memory aside.
+
+At levels 1-3 the captured step is the torch.compile'd forward (Inductor's
+kernels between the attention calls), so its kernels run without Python.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,21 +48,29 @@ def decode_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode steps (``input_ids``/``positions`` to float32 logits) for a fixed set of batch sizes.
 
-    The graphs hold pointers to the model's weights, its KV cache and the
-    static tensors here: the KV cache must not be reallocated while they live.
+    ``forward(input_ids, positions)`` is the model's forward as the runner
+    runs it (compiled or not); ``model`` gives the logits and the attention
+    layers' shapes. The graphs hold pointers to the model's weights, its KV
+    cache and the static tensors here: the KV cache must not be reallocated
+    while they live. Build it under ``torch.inference_mode()``, like the
+    steps that will run it, so a compiled forward sees the same kind of
+    tensors (a plain one would be a guard failure and a recompile).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
+        forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         backend,
         *,
         batch_sizes: list[int],
         max_model_len: int,
         block_size: int,
+        vocab_size: int,
         device: torch.device,
     ) -> None:
         self.model = model
+        self.forward = forward
         self.backend = backend
         self.batch_sizes = sorted(batch_sizes)
         self.max_model_len = max_model_len
@@ -69,8 +83,9 @@ class DecodeGraphs:
         self.context_lens = torch.zeros(largest, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
+        # One output buffer for every size: a graph's own output would stay allocated in the pool.
+        self.logits = torch.empty(largest, vocab_size, dtype=torch.float32, device=device)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
 
     @property
     def max_batch_size(self) -> int:
@@ -84,7 +99,6 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Warm up (Triton compiles each kernel variant) and capture every size, largest first."""
         start = time.perf_counter()
-        before = torch.cuda.memory_reserved()
         pool = None
         for size in reversed(self.batch_sizes):
             context = self._context(size)
@@ -93,16 +107,15 @@ class DecodeGraphs:
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._logits[size] = self._step(size)
+                    self._step(size)
             pool = graph.pool() if pool is None else pool
             self._graphs[size] = graph
         torch.cuda.synchronize()
         logger.info(
-            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s, %.2f GiB",
+            "captured %d decode CUDA graphs (batch sizes %s) in %.1f s",
             len(self._graphs),
             _ranges(self.batch_sizes),
             time.perf_counter() - start,
-            (torch.cuda.memory_reserved() - before) / 2**30,
         )
 
     def run(
@@ -129,7 +142,7 @@ class DecodeGraphs:
         tables = block_tables[:, : self.block_tables.shape[1]]
         self.block_tables[:n, : tables.shape[1]].copy_(tables)
         self._graphs[size].replay()
-        return self._logits[size][:n]
+        return self.logits[:n]
 
     def _context(self, size: int) -> ForwardContext:
         metadata = AttentionMetadata(
@@ -165,9 +178,9 @@ class DecodeGraphs:
             num_splits=None,
         ).num_splits
 
-    def _step(self, size: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:size], self.positions[:size])
-        return self.model.compute_logits(hidden).float()
+    def _step(self, size: int) -> None:
+        hidden = self.forward(self.input_ids[:size], self.positions[:size])
+        self.logits[:size].copy_(self.model.compute_logits(hidden))  # the float32 cast, into the shared buffer
 
 
 def _ranges(sizes: list[int]) -> str:

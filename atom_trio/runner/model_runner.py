@@ -14,14 +14,21 @@ states of every prompt position of a chunk. Position ``p`` predicts token
 chunk, which the runner does not know yet: its hidden state is kept until
 that chunk arrives, which makes a prompt split over several steps give the
 values of one step.
+
+Start-up runs in phases, whose seconds one log line reports at the end: build
+the model, load its weights, compile the forward (``level`` 1-3, see
+`atom_trio.runner.compile`), profile the largest step and capture the largest
+decode graph once (on CUDA: both are subtracted from the KV cache's budget),
+allocate the KV cache, warm the kernels up (CUDA) and capture the decode graphs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import chain
 
 import attrs
@@ -37,7 +44,14 @@ from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.loader import iter_weights, resolve_model
 from atom_trio.models import get_model_class
 from atom_trio.ops import AttentionMetadata, get_backend, use_backend
-from atom_trio.runner.compile import compile_forward, compiles_on_cpu, effective_level
+from atom_trio.runner.compile import (
+    CompiledForward,
+    TracedOps,
+    effective_level,
+    freezes_weights,
+    use_compile_cache,
+    warmup_steps,
+)
 from atom_trio.runner.cuda_graphs import DecodeGraphs, decode_batch_sizes
 
 logger = logging.getLogger("atom_trio.runner")
@@ -73,12 +87,18 @@ class ModelRunner:
     """
 
     def __init__(self, config: EngineConfig, *, rank: int = 0, world_size: int = 1) -> None:
+        clock = _StartupClock()
         self.config = config
         self.rank = rank
         self.tp_group = TensorParallelGroup(rank=rank, size=world_size)
         self.device = _pick_device(config.device)
         if world_size > 1 and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", rank)  # one GPU per rank
+        clock.device = self.device  # phases end when the device has finished their work
+        if self.device.type == "cuda":
+            # A GPU step's host work is small tensors: torch's intra-op threads would only spin against each
+            # other and against the other ranks' workers (a batch-64 decode step at TP=2: 25 ms, 10 ms with one).
+            torch.set_num_threads(1)
         resolved = resolve_model(config)
         self.hf_config = resolved.hf_config
         self.dtype = resolved.dtype
@@ -87,47 +107,75 @@ class ModelRunner:
         self.max_model_len = _max_model_len(config, self.hf_config)
         self.block_size = config.block_size
         self.backend = get_backend(config.kernel_backend, self.device)
+        self.level = effective_level(config, self.device)
         torch.manual_seed(config.seed)
 
         model_class = get_model_class(self.hf_config)
+        # Layers of a model torch.compile traces run their elementwise ops as plain torch, for Inductor to fuse.
+        layer_ops = TracedOps(self.backend) if self.level > 0 else self.backend
         try:
-            with _default_dtype(self.dtype), self.device, use_backend(self.backend), use_tp_group(self.tp_group):
+            with _default_dtype(self.dtype), self.device, use_backend(layer_ops), use_tp_group(self.tp_group):
                 self.model = model_class(self.hf_config)
         except ValueError as exc:  # a config feature the implementation lacks (rope type, activation, a TP split...)
             raise ModelLoadError(f"cannot build {model_class.__name__} from {resolved.path}: {exc}") from exc
         # Only now: a model that cannot be split fails on every rank at once instead of in the rendezvous.
         init_distributed(self.tp_group, self.device, timeout_s=config.worker_timeout)
+        clock.lap("model build")
         with torch.no_grad():
             self.model.load_weights(iter_weights(resolved, seed=config.seed, device=self.device))
         self.model.eval()
-        self.level = effective_level(config, self.device)
-        if not compiles_on_cpu(self.device, self.level):  # inductor packs the weights itself when it freezes them
+        if not freezes_weights(self.device, self.level):  # Inductor packs frozen weights itself
             for module in self.model.modules():  # e.g. CPU matmul weight packing
                 if hasattr(module, "process_weights_after_loading"):
                     module.process_weights_after_loading()
+        clock.lap("weight load")
 
         self._attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.num_kv_blocks = self._num_kv_blocks()
-        self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
-        self._model_forward = self.model  # on CUDA, levels above 0 mean CUDA graphs (below); nothing compiles yet
-        if self.device.type == "cpu":
-            self._model_forward = compile_forward(self.model, self.level)
-        self.decode_graphs = self._capture_decode_graphs()
         self.sampler = Sampler(self.eos_token_ids)
         self._histories: dict[int, _SeqHistory] = {}
         self._prompt_tails: dict[int, torch.Tensor] = {}
         """Hidden state of the last position of a prompt-logprobs sequence's previous chunk, by sequence."""
         self._fault: BaseException | None = None
+        self.decode_graphs: DecodeGraphs | None = None
+        self.graph_bytes_budgeted = self.graph_bytes = 0
+        """Device memory set aside for the decode graphs before sizing the KV cache, and what they hold."""
+        self.compiled: CompiledForward | None = None
+        self._model_forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self.model
+        use_compile_cache()  # before anything compiles: Inductor, and the backend's Triton kernels
+        if self.level > 0:
+            self.compiled = self._model_forward = CompiledForward(
+                self.model, self.level, freeze=freezes_weights(self.device, self.level)
+            )
+            self._compile()
+            clock.lap("compile")
+        self.num_kv_blocks = self._num_kv_blocks(clock)
+        self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
+        clock.lap("KV allocation")
+        if self.device.type == "cuda":
+            self.warm_up()
+            clock.lap("warm-up")
+        if self._uses_decode_graphs():
+            self.decode_graphs, self.graph_bytes = self._capture_decode_graphs(decode_batch_sizes(config.max_num_seqs))
+            logger.info(
+                "decode CUDA graphs hold %.3f GiB (%.3f GiB was set aside)",
+                self.graph_bytes / 2**30,
+                self.graph_bytes_budgeted / 2**30,
+            )
+            clock.lap("graph capture")
+        self.startup_seconds = clock.seconds
+        """Seconds spent in each start-up phase (also logged)."""
         logger.info(
-            "model runner on %s: %s %s, kernels %s, %d KV blocks of %d tokens, max_model_len %d",
+            "model runner on %s: %s %s, kernels %s, level %d, %d KV blocks of %d tokens, max_model_len %d",
             self.device,
             type(self.model).__name__,
             self.dtype,
             self.backend.name,
+            self.level,
             self.num_kv_blocks,
             self.block_size,
             self.max_model_len,
         )
+        logger.info("start-up took %s", clock)
 
     # -- public API ---------------------------------------------------------------------------------
 
@@ -172,7 +220,7 @@ class ModelRunner:
 
     def close(self) -> None:
         """Free the model and the KV cache (idempotent); the runner is unusable afterwards."""
-        self.model = self.kv_cache = self.decode_graphs = None
+        self.model = self.kv_cache = self.decode_graphs = self.compiled = self._model_forward = None
         self._attention_layers = []
         self._histories.clear()
         self._prompt_tails.clear()
@@ -257,10 +305,6 @@ class ModelRunner:
                 tops = [[] for _ in rows]
             entries.extend([(token, logprob), *top] for token, logprob, top in zip(rows, chosen, tops))
         return entries
-
-    def _run_eager(self, batch: _HostBatch, rows: list[int]) -> torch.Tensor:
-        """The model on ``batch``, then float32 logits of the token rows ``rows``."""
-        return self._logits(self._run_model(batch), rows)
 
     def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         # int64 spelled out: a step of unsampled prefill chunks selects no rows, and [] would be float
@@ -370,20 +414,25 @@ class ModelRunner:
             raise ValueError(f"kv_cache_dtype {self.config.kv_cache_dtype!r} is not supported; use 'auto'")
         return self.dtype
 
-    def _num_kv_blocks(self) -> int:
+    def _num_kv_blocks(self, clock: _StartupClock) -> int:
         """Blocks from ``num_kv_blocks``, else from the memory budget of the device.
 
         On a GPU the budget is ``gpu_memory_utilization`` of the card less
         everything else: the weights, the peak activations of the largest step
-        (measured by running it), and memory other processes and libraries hold.
+        (measured by running it), the decode CUDA graphs (measured by
+        capturing the largest), and memory other processes and libraries hold.
         """
         if self.config.num_kv_blocks is not None:
             return self.config.num_kv_blocks
         if self.device.type == "cuda":
             peak = self._profile_peak_memory()
+            clock.lap("profiling")
+            if self._uses_decode_graphs():
+                self.graph_bytes_budgeted = self._measure_graph_memory()
+                clock.lap("graph capture")
             free, total = torch.cuda.mem_get_info(self.device)
             not_torch = total - free - torch.cuda.memory_reserved(self.device)
-            budget = total * self.config.gpu_memory_utilization - peak - not_torch
+            budget = total * self.config.gpu_memory_utilization - peak - not_torch - self.graph_bytes_budgeted
             where = f"gpu_memory_utilization={self.config.gpu_memory_utilization} of {total / 2**30:.1f} GiB"
         else:
             budget = self.config.cpu_kv_cache_space_gb * 2**30
@@ -430,12 +479,13 @@ class ModelRunner:
         start = time.perf_counter()
         self._allocate_kv_cache(first_block)
         num_rows = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
-        logits = self._run_eager(self._prepare_inputs(chunks), [i % sum(lengths) for i in range(num_rows)])
+        hidden = self._run_model(self._prepare_inputs(chunks))
+        logits = self._logits(hidden, [i % sum(lengths) for i in range(num_rows)])
         params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
         Sampler(self.eos_token_ids)(logits, [SampleRequest(params, [], [])] * num_rows)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
-        del logits
+        del hidden, logits
         self._unbind_kv_cache()
         torch.cuda.empty_cache()
         logger.info(
@@ -463,27 +513,132 @@ class ModelRunner:
         for attn in self._attention_layers:
             attn.k_cache = attn.v_cache = torch.empty(0)
 
-    # -- CUDA graphs --------------------------------------------------------------------------------
+    # -- compiling, warm-up and CUDA graphs --------------------------------------------------------
 
-    def _capture_decode_graphs(self) -> DecodeGraphs | None:
-        """Graphs for decode batches up to ``max_num_seqs``, unless eager mode or the device rules them out.
+    @torch.inference_mode()
+    def _compile(self) -> None:
+        """Trace and compile the forward now, not at the first request.
 
-        Only the Triton backend launches from host integers alone (the torch
-        reference plans from device values), so only it is captured.
+        A 2-token step compiles the graph for any token count, a 1-token step
+        Dynamo's specialization for it; both write to and read from a
+        temporary one-block KV cache.
         """
-        config = self.config
-        if self.device.type != "cuda" or self.backend.name != "triton" or self.level == 0:
-            return None
+        self._allocate_kv_cache(1)
+        try:
+            with self.compiled.tracing():
+                for n in (2, 1):
+                    chunk = SeqChunk(
+                        seq_id=0, token_ids=[0] * n, start_pos=0, block_table=[0] * n, prompt_len=n, sample=False
+                    )
+                    self._run_model(self._prepare_inputs([chunk]))
+        finally:
+            self._unbind_kv_cache()
+
+    def warm_up(self) -> None:
+        """Run `warmup_steps`, so that the kernels' first-use compiles happen now rather than in a request.
+
+        Every step's sequences read and write block 0 only (their block
+        tables repeat it), so any KV cache of one block or more will do; the
+        runner forgets the sequences afterwards. On CUDA the runner calls this
+        at start, before it captures graphs (which warm up their own steps).
+        """
+        layer = self._attention_layers[0]
+        steps = warmup_steps(
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            query_group=layer.num_heads // layer.num_kv_heads,
+            decodes=not self._uses_decode_graphs(),
+        )
+        greedy = SamplingParams(temperature=0.0)
+        random = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
+        seq_ids = itertools.count()
+        finished = []
+        for step_id, step in enumerate(steps):
+            chunks = []
+            for i, (query_len, context_len) in enumerate(step):
+                start = context_len - query_len
+                chunks.append(
+                    SeqChunk(
+                        seq_id=next(seq_ids),
+                        token_ids=[0] * query_len,
+                        start_pos=start,
+                        block_table=[0] * -(-context_len // self.block_size),
+                        prompt_len=context_len,
+                        sample=True,
+                        sampling_params=random if i % 2 else greedy,
+                        prefix_token_ids=[0] * start if start else None,
+                    )
+                )
+            finished += [c.seq_id for c in chunks]
+            self.execute(StepPlan(step_id=step_id, chunks=chunks))
+        self.execute(StepPlan(step_id=len(steps), chunks=[], finished_seq_ids=finished))
+
+    def _uses_decode_graphs(self) -> bool:
+        """Graphs at levels 1-3 on CUDA, with the Triton backend: the torch reference plans from device values."""
+        return self.device.type == "cuda" and self.backend.name == "triton" and self.level > 0
+
+    def _measure_graph_memory(self) -> int:
+        """Bytes the decode graphs will hold: the largest batch size captured once, against a one-block KV cache.
+
+        Every size shares the largest one's memory pool and output buffer, so
+        that is what they hold together (the log of the real capture says).
+        """
+        self._allocate_kv_cache(1)
+        largest = decode_batch_sizes(self.config.max_num_seqs)[-1]
+        graphs, used = self._capture_decode_graphs([largest])
+        del graphs
+        self._unbind_kv_cache()
+        torch.cuda.empty_cache()
+        logger.info(
+            "decode CUDA graphs: %.3f GiB at batch %d, set aside from the KV cache's budget",
+            used / 2**30,
+            largest,
+        )
+        return used
+
+    @torch.inference_mode()
+    def _capture_decode_graphs(self, batch_sizes: list[int]) -> tuple[DecodeGraphs, int]:
+        """Graphs of the decode step at ``batch_sizes``, and the device memory they hold."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(self.device)
         graphs = DecodeGraphs(
             self.model,
+            self._model_forward,
             self.backend,
-            batch_sizes=decode_batch_sizes(config.max_num_seqs),
+            batch_sizes=batch_sizes,
             max_model_len=self.max_model_len,
             block_size=self.block_size,
+            vocab_size=self.vocab_size,
             device=self.device,
         )
         graphs.capture()
-        return graphs
+        torch.cuda.empty_cache()  # the warm-up steps' temporaries; what stays is the graphs' own
+        return graphs, torch.cuda.memory_reserved(self.device) - before
+
+
+class _StartupClock:
+    """Seconds per start-up phase: each `lap` charges the time since the previous one to a phase."""
+
+    PHASES = ("model build", "weight load", "compile", "profiling", "KV allocation", "warm-up", "graph capture")
+
+    def __init__(self) -> None:
+        self.device: torch.device | None = None
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the phase's device work counts as the phase's
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        phases = ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.seconds.items())
+        return f"{self._last - self._start:.1f} s: {phases}"
 
 
 @attrs.frozen(kw_only=True)
