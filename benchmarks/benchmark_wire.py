@@ -1,39 +1,102 @@
 """Control overhead of the process executor per step, with no model in the way.
 
-    python -m benchmarks.benchmark_wire [--batch 256] [--steps 2000]
+    python -m benchmarks.benchmark_wire [--batch 1 64 256] [--steps 1000] [--context 1024] [--baseline-rev HEAD]
 
 The engine side is the real `ProcessExecutor.execute` (encode the plan, send
 it, wait for the answer, decode it); the worker is an echo process that runs
 the real worker's framing and codec but answers every plan at once with one
-sampled token per sequence. So the time per step is everything a step costs
-beyond the forward pass. The plan is a decode batch with realistic block
-tables (contexts of 256-4096 tokens, 16-token blocks, one sampling-parameters
-object per request) that grows by one token per step, so some tables gain a
-block each step, as in serving.
+sampled token per sampled chunk. So the time per step is everything a step
+costs beyond the forward pass, both directions included.
 
-Also printed: the in-process cost of each codec half, and the cost of a
-plan sent whole (the first step of every sequence).
+Two workloads, as the scheduler plans them:
+
+- ``decode``: ``batch`` running sequences with contexts of ``context/2`` to
+  ``3*context/2`` tokens in 16-token blocks, each gaining one token per step,
+  so about one table in 16 gains a block each step.
+- ``mixed``: the same, but each step one sequence finishes and a new one
+  takes its place with its whole prompt (128-1024 tokens) as a prefill chunk:
+  a new block table, new sampling parameters and a reordered batch every step.
+
+For a same-run baseline, the codec and executor of ``--baseline-rev`` (read
+with ``git show``, loaded beside this tree's) run the same plans, in turns
+with this tree's (see `round_trips`); ``--baseline-rev ''`` skips it. Also
+printed: the in-process cost of each codec half.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 from atom_trio.config import EngineConfig
 from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult
 from atom_trio.engine.sampling_params import SamplingParams
-from atom_trio.executor import protocol
 
 BLOCK_SIZE = 16
+WARMUP = 20
+ROUNDS = 5
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def echo_worker(fd: int) -> int:
+# -- the codec under test: this tree's, or another revision's ---------------------------------
+
+
+@functools.cache
+def load_revision(rev: str) -> tuple[ModuleType, ModuleType]:
+    """``rev``'s protocol and process modules, loaded beside this tree's (with its own plan classes)."""
+    modules = {}
+    # (path, module name, import rewrites so that the old modules import each other, not ours)
+    for path, name, rewrites in (
+        ("atom_trio/engine/plan.py", "atom_trio.engine._baseline_plan", ()),
+        (
+            "atom_trio/executor/protocol.py",
+            "atom_trio.executor._baseline_protocol",
+            (("from ..engine.plan import", "from ..engine._baseline_plan import"),),
+        ),
+        (
+            "atom_trio/executor/process.py",
+            "atom_trio.executor._baseline_process",
+            (("from . import protocol", "from . import _baseline_protocol as protocol"),),
+        ),
+    ):
+        source = subprocess.run(
+            ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
+        for old, new in rewrites:
+            source = source.replace(old, new)
+        spec = importlib.util.spec_from_loader(name, loader=None, origin=str(ROOT / path))
+        module = importlib.util.module_from_spec(spec)
+        module.__file__ = str(ROOT / path)  # process.py finds the source root from it
+        sys.modules[name] = module
+        exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+        modules[name] = module
+    return modules["atom_trio.executor._baseline_protocol"], modules["atom_trio.executor._baseline_process"]
+
+
+def codec(rev: str | None) -> tuple[ModuleType, ModuleType]:
+    if rev is None:
+        from atom_trio.executor import process, protocol
+
+        return protocol, process
+    return load_revision(rev)
+
+
+# -- the echo worker ------------------------------------------------------------------------------
+
+
+def echo_worker(fd: int, rev: str | None) -> int:
     """A worker without a model: InitDone for Init, one token per sampled chunk for Execute."""
+    protocol, _ = codec(rev)
     encoder, decoder = protocol.Encoder(), protocol.Decoder()
     with socket.socket(fileno=fd) as sock:
         while True:
@@ -43,11 +106,11 @@ def echo_worker(fd: int) -> int:
                 return 0
             if isinstance(message, protocol.Execute):
                 plan = message.plan
-                n = sum(c.sample for c in plan.chunks)
+                n = [c.sample for c in plan.chunks].count(True)  # sum() over bools is slow: 20 µs at 256
                 reply = protocol.Result(
                     result=StepResult(
                         step_id=plan.step_id,
-                        token_ids=[(plan.step_id + i) % 49152 for i in range(n)],
+                        token_ids=[plan.step_id % 49152] * n,
                         logprobs=[None] * n,
                         top_logprobs=[None] * n,
                     )
@@ -59,130 +122,221 @@ def echo_worker(fd: int) -> int:
             else:
                 return 0
             sock.sendall(encoder.encode(reply))
+            message = plan = reply = None  # as the worker does: the next plan reuses this one's memory
 
 
-class DecodeBatch:
-    """``batch`` running sequences that each gain one token per step, as the scheduler would plan them."""
+# -- plans ----------------------------------------------------------------------------------------
 
-    def __init__(self, batch: int, seed: int = 0) -> None:
-        rng = random.Random(seed)
-        self.lengths = [rng.randint(256, 4096) for _ in range(batch)]
-        self.tables = [rng.sample(range(1 << 16), -(-n // BLOCK_SIZE)) for n in self.lengths]
-        self.params = [
-            SamplingParams(temperature=0.7, top_p=0.95, max_tokens=1024, seed=rng.randrange(1 << 30), stop=["\n\n"])
-            for _ in range(batch)
-        ]
-        self.free = iter(range(1 << 16, 1 << 20))
+
+class _Seq:
+    def __init__(self, seq_id: int, prompt: list[int], table: list[int], params: SamplingParams) -> None:
+        self.seq_id = seq_id
+        self.prompt = prompt  # not yet run: its first chunk is the whole prompt
+        self.length = len(prompt)
+        self.table = table
+        self.params = params
+
+
+class Workload:
+    """``batch`` running sequences planned step after step, as the scheduler does (see the module docstring)."""
+
+    def __init__(self, batch: int, context: int, mixed: bool, seed: int = 0) -> None:
+        self.rng = random.Random(seed)
+        self.mixed = mixed
+        self.free_blocks = iter(range(1 << 30))
+        self.seq_ids = iter(range(1 << 30))
         self.step_id = 0
+        self.running = []
+        for _ in range(batch):
+            seq = self._new_seq(self.rng.randint(context // 2, context * 3 // 2))
+            seq.prompt = None  # already running: it decodes from the first plan on
+            self.running.append(seq)
+
+    def _new_seq(self, length: int) -> _Seq:
+        rng = self.rng
+        table = [next(self.free_blocks) for _ in range(-(-length // BLOCK_SIZE))]
+        params = SamplingParams(
+            temperature=0.7, top_p=0.95, max_tokens=1024, seed=rng.randrange(1 << 30), stop=["\n\n"]
+        )
+        return _Seq(next(self.seq_ids), [rng.randrange(49152) for _ in range(length)], table, params)
 
     def next_plan(self) -> StepPlan:
+        finished = []
+        if self.mixed:
+            # One sequence ends; a new one joins at the end of the batch, as in the scheduler's running dict.
+            done = self.running.pop(self.rng.randrange(len(self.running)))
+            finished.append(done.seq_id)
+            self.running.append(self._new_seq(self.rng.randint(128, 1024)))
         chunks = []
-        for seq_id, (n, table, params) in enumerate(zip(self.lengths, self.tables, self.params)):
-            if len(table) * BLOCK_SIZE < n:
-                table.append(next(self.free))
+        for seq in self.running:
+            if seq.prompt is not None:
+                chunks.append(
+                    SeqChunk(
+                        seq_id=seq.seq_id, token_ids=seq.prompt, start_pos=0, block_table=seq.table[:],
+                        prompt_len=len(seq.prompt), sample=True, sampling_params=seq.params, prefix_token_ids=[],
+                    )
+                )
+                seq.prompt = None
+                continue
+            seq.length += 1
+            if len(seq.table) * BLOCK_SIZE < seq.length:
+                seq.table.append(next(self.free_blocks))
             chunks.append(
                 SeqChunk(
-                    seq_id=seq_id,
-                    token_ids=[n % 49152],
-                    start_pos=n - 1,
-                    block_table=table[:],  # the scheduler hands out a fresh slice each step
-                    prompt_len=200,
-                    sample=True,
-                    sampling_params=params,
+                    seq_id=seq.seq_id, token_ids=[seq.length % 49152], start_pos=seq.length - 1,
+                    block_table=seq.table[:],  # the scheduler hands out a fresh slice each step
+                    prompt_len=200, sample=True, sampling_params=seq.params,
                 )
             )
-            self.lengths[seq_id] = n + 1
         self.step_id += 1
-        return StepPlan(step_id=self.step_id, chunks=chunks)
+        return StepPlan(step_id=self.step_id, chunks=chunks, finished_seq_ids=finished)
+
+
+# -- measurements ---------------------------------------------------------------------------------
 
 
 def per_call_us(fn, repeat: int) -> float:
+    """µs per call of ``fn``: the best of five runs of ``repeat`` calls, so that other load shows least."""
     fn()
-    start = time.perf_counter()
-    for _ in range(repeat):
-        fn()
-    return (time.perf_counter() - start) / repeat * 1e6
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best / repeat * 1e6
 
 
-def codec_costs(batch: int) -> None:
-    source = DecodeBatch(batch)
-    first, steady = source.next_plan(), source.next_plan()
-    result = StepResult(step_id=1, token_ids=list(range(batch)), logprobs=[None] * batch, top_logprobs=[None] * batch)
-    for name, previous, plan in (("whole plan (first step)", None, first), ("steady decode plan", first, steady)):
-        encoder, decoder = protocol.Encoder(), protocol.Decoder()
-        if previous is not None:
-            decoder.decode(encoder.encode(protocol.Execute(plan=previous))[4:])
-        # Each timed call starts from the state after ``previous``, as the real step does.
-        encoder_state, decoder_state = encoder._state.tables, decoder._state.tables
-        frame = encoder.encode(protocol.Execute(plan=plan))
+def rewinder(end) -> Callable[[], None]:
+    """A function that puts an `Encoder` or `Decoder` back in its current state."""
+    if hasattr(end, "_state"):  # the codec before columns kept its tables in a mutable _state
+        state, tables = end._state, end._state.tables
+        return lambda: setattr(state, "tables", tables)
+    sent = end._sent
+    return lambda: setattr(end, "_sent", sent)
 
-        def encode(plan=plan, encoder=encoder, state=encoder_state):
-            encoder._state.tables = state
-            encoder.encode(protocol.Execute(plan=plan))
 
-        def decode(frame=frame, decoder=decoder, state=decoder_state):
-            decoder._state.tables = state
-            decoder.decode(frame[4:])
+def codec_costs(protocol: ModuleType, batch: int, context: int, mixed: bool) -> str:
+    """Encode and decode of one steady plan and its result, in process: µs of each half, and bytes."""
+    source = Workload(batch, context, mixed)
+    previous, plan = source.next_plan(), source.next_plan()
+    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    decoder.decode(encoder.encode(protocol.Execute(plan=previous))[4:])
+    # Each timed call starts from the state after ``previous``, as the real step does.
+    rewind_encoder, rewind_decoder = rewinder(encoder), rewinder(decoder)
+    frame = encoder.encode(protocol.Execute(plan=plan))
 
-        print(
-            f"  {name:24s} {len(frame):7d} B   encode {per_call_us(encode, 300):7.1f} us"
-            f"   decode {per_call_us(decode, 300):7.1f} us"
-        )
-    frame = protocol.Encoder().encode(protocol.Result(result=result))
-    print(
-        f"  {'result':24s} {len(frame):7d} B   encode "
-        f"{per_call_us(lambda: protocol.Encoder().encode(protocol.Result(result=result)), 1000):7.1f} us"
-        f"   decode {per_call_us(lambda: protocol.Decoder().decode(frame[4:]), 1000):7.1f} us"
+    def encode():
+        rewind_encoder()
+        encoder.encode(protocol.Execute(plan=plan))
+
+    def decode():
+        rewind_decoder()
+        decoder.decode(frame[4:])
+
+    n = len(plan.chunks)
+    result = protocol.Result(
+        result=StepResult(step_id=1, token_ids=[7] * n, logprobs=[None] * n, top_logprobs=[None] * n)
+    )
+    result_frame = encoder.encode(result)
+    return (
+        f"plan {len(frame):6d} B encode {per_call_us(encode, 300):6.1f} decode {per_call_us(decode, 300):6.1f}"
+        f" | result {len(result_frame):5d} B encode {per_call_us(lambda: encoder.encode(result), 1000):5.1f}"
+        f" decode {per_call_us(lambda: decoder.decode(result_frame[4:]), 1000):5.1f}"
     )
 
 
-async def round_trips(batch: int, steps: int) -> list[float]:
+async def round_trips(
+    revs: list[str | None], batch: int, context: int, mixed: bool, steps: int
+) -> dict[str | None, list[float]]:
+    """µs per `execute` over a socketpair to an echo worker, one per measured step, for each codec.
+
+    One worker per codec, all up at once; the codecs take turns in
+    ``ROUNDS`` blocks of steps, so that they share the machine's drifting
+    load, each on the same stream of plans. Not step by step: each step would
+    then find the caches cooled by the other worker, which no engine does.
+    The first steps of each block (and the whole first plan) are warm-up.
+    """
     import trio
 
-    from atom_trio.executor.process import ProcessExecutor
+    def echo_executor(rev: str | None) -> type:
+        class EchoExecutor(codec(rev)[1].ProcessExecutor):
+            def _command(self, fd: int) -> list[str]:
+                baseline = [] if rev is None else ["--echo-rev", rev]
+                return [sys.executable, "-m", "benchmarks.benchmark_wire", "--echo-fd", str(fd), *baseline]
 
-    class EchoExecutor(ProcessExecutor):
-        def _command(self, fd: int) -> list[str]:
-            return [sys.executable, "-m", "benchmarks.benchmark_wire", "--echo-fd", str(fd)]
+        return EchoExecutor
 
-    source = DecodeBatch(batch)
-    plans = [source.next_plan() for _ in range(steps + 50)]
-    timings = []
+    sources = {rev: Workload(batch, context, mixed) for rev in revs}  # same seed: the same plans
+    timings: dict[str | None, list[float]] = {rev: [] for rev in revs}
     async with trio.open_nursery() as nursery:
-        executor = await EchoExecutor.create(EngineConfig(model="echo"), nursery)
+        executors = {}
         try:
-            for i, plan in enumerate(plans):
-                start = time.perf_counter()
-                result = await executor.execute(plan)
-                elapsed = time.perf_counter() - start
-                assert result.step_id == plan.step_id and len(result.token_ids) == batch
-                if i >= 50:  # warm-up, and the first plan goes whole
-                    timings.append(elapsed * 1e6)
+            for rev in revs:
+                executors[rev] = await echo_executor(rev).create(EngineConfig(model="echo"), nursery)
+            for round_ in range(ROUNDS):
+                for rev in revs if round_ % 2 else revs[::-1]:
+                    for i in range(WARMUP + steps // ROUNDS):
+                        # Planned right before it runs, as the scheduler does (its lists as warm in the cache).
+                        plan = sources[rev].next_plan()
+                        start = time.perf_counter()
+                        result = await executors[rev].execute(plan)
+                        elapsed = time.perf_counter() - start
+                        assert result.step_id == plan.step_id and len(result.token_ids) == len(plan.chunks)
+                        if i >= WARMUP:
+                            timings[rev].append(elapsed * 1e6)
         finally:
-            await executor.aclose()
+            for executor in executors.values():
+                await executor.aclose()
     return timings
+
+
+def summary(timings: list[float]) -> str:
+    return f"{statistics.median(timings):8.1f} (p90 {statistics.quantiles(timings, n=10)[8]:7.1f})"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=256, help="decode sequences per step")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64, 256], help="sequences per step")
+    parser.add_argument("--steps", type=int, default=1000, help="measured steps per case")
+    parser.add_argument("--context", type=int, default=1024, help="mean context length of a decoding sequence")
+    parser.add_argument("--baseline-rev", default="HEAD", help="git revision to compare against ('' for none)")
     parser.add_argument("--echo-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--echo-rev", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_fd is not None:
-        return echo_worker(args.echo_fd)
+        return echo_worker(args.echo_fd, args.echo_rev)
 
     import trio
 
-    print(f"codec, in process, batch {args.batch}:")
-    codec_costs(args.batch)
-    timings = trio.run(round_trips, args.batch, args.steps)
-    q = statistics.quantiles(timings, n=100)
-    print(
-        f"execute() round trip over a socketpair to an echo worker, batch {args.batch}, {len(timings)} steps:\n"
-        f"  median {statistics.median(timings):.1f} us   mean {statistics.fmean(timings):.1f} us"
-        f"   p90 {q[89]:.1f} us   p99 {q[98]:.1f} us"
-    )
+    revs: list[str | None] = [None]
+    if args.baseline_rev:
+        try:
+            load_revision(args.baseline_rev)
+            revs.append(args.baseline_rev)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"no baseline: cannot read {args.baseline_rev!r} from git ({exc})")
+    names = {None: "this tree", args.baseline_rev: args.baseline_rev}
+    cases = [(batch, mixed) for mixed in (False, True) for batch in args.batch]
+
+    print("codec in process, one steady plan (µs per call, best of 5 runs):")
+    for batch, mixed in cases:
+        for rev in revs:
+            line = codec_costs(codec(rev)[0], batch, args.context, mixed)
+            print(f"  {'mixed' if mixed else 'decode':6s} {batch:4d} {names[rev]:>10s}: {line}")
+
+    print(f"\nexecute() round trip to an echo worker over a socketpair, median µs of {args.steps} steps (p90):")
+    header = f"  {'workload':8s} {'batch':>5s} {names[None]:>24s}"
+    if len(revs) > 1:
+        header += f" {names[args.baseline_rev]:>24s} {'ratio':>6s}"
+    print(header)
+    for batch, mixed in cases:
+        timings = trio.run(round_trips, revs, batch, args.context, mixed, args.steps)
+        line = f"  {'mixed' if mixed else 'decode':8s} {batch:5d} {summary(timings[None]):>24s}"
+        if len(revs) > 1:
+            ratio = statistics.median(timings[args.baseline_rev]) / statistics.median(timings[None])
+            line += f" {summary(timings[args.baseline_rev]):>24s} {ratio:5.2f}x"
+        print(line, flush=True)
     return 0
 
 

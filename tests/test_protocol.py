@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 
-import attrs
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -65,14 +65,18 @@ step_results = st.integers(0, 2**40).flatmap(
 
 @st.composite
 def plan_streams(draw) -> list[StepPlan]:
-    """Consecutive plans in which sequences come back with grown, kept, rewritten or shrunk block tables,
-    and with the same or new sampling parameters: every path of the delta codec."""
+    """Consecutive plans in which sequences come back with grown, kept, rewritten or shrunk block tables, with
+    the same or new sampling parameters, join, leave (finish or are preempted) and come back, and in which
+    a batch may keep its previous order (the codec's steady path): every path of the delta codec."""
     tables: dict[int, list[int]] = {}
     params: dict[int, SamplingParams | None] = {}
     plans = []
+    seq_ids: list[int] = []
     for step_id in range(draw(st.integers(1, 6))):
+        if not seq_ids or draw(st.booleans()):
+            seq_ids = draw(st.lists(st.integers(0, 6), unique=True, max_size=5))
         chunks = []
-        for seq_id in draw(st.lists(st.integers(0, 6), unique=True, max_size=5)):
+        for seq_id in seq_ids:
             old = tables.get(seq_id, [])
             how = draw(st.sampled_from(["grow", "keep", "rewrite", "shrink"]))
             if how == "grow":
@@ -141,11 +145,35 @@ def test_step_results_round_trip_exactly(result):
     assert round_trip(protocol.Result(result=result)) == protocol.Result(result=result)
 
 
-def test_a_result_without_prompt_logprobs_keeps_its_wire_form():
-    plain = StepResult(step_id=4, token_ids=[9], logprobs=[None], top_logprobs=[None])
-    assert protocol.converter.unstructure(protocol.Result(result=plain), protocol.Result) == [4, [9], [None], [None]]
-    asked = attrs.evolve(plain, prompt_logprobs=[None, [None, [(5, -0.5), (7, -0.25)]]])
-    assert round_trip(protocol.Result(result=asked)).result.prompt_logprobs == [None, [None, [(5, -0.5), (7, -0.25)]]]
+@pytest.mark.parametrize(
+    "result",
+    [
+        StepResult(step_id=4, token_ids=[9, 8], logprobs=[None, None], top_logprobs=[None, None]),
+        StepResult(step_id=5, token_ids=[9, 8], logprobs=[-0.5, None], top_logprobs=[[(9, -0.5), (3, -1.5)], None]),
+        StepResult(step_id=6, token_ids=[9], logprobs=[-0.25], top_logprobs=[[]]),
+        StepResult(
+            step_id=7,
+            token_ids=[9],
+            logprobs=[None],
+            top_logprobs=[None],
+            prompt_logprobs=[None, [None, [(5, -0.5), (7, -0.25)]], []],
+        ),
+        StepResult(step_id=8, token_ids=[], logprobs=[], top_logprobs=[], prompt_logprobs=[None]),
+    ],
+    ids=["no-logprobs", "logprobs", "zero-alternatives", "prompt-logprobs", "unsampled-prefill"],
+)
+def test_results_with_and_without_logprobs_round_trip_with_their_types(result):
+    decoded = round_trip(protocol.Result(result=result)).result
+    assert decoded == result
+    pairs = [pair for top in decoded.top_logprobs if top for pair in top]
+    pairs += [pair for chunk in decoded.prompt_logprobs or [] if chunk for entry in chunk if entry for pair in entry]
+    assert all(type(pair) is tuple for pair in pairs)
+
+
+def test_a_step_without_logprobs_sends_little_more_than_its_tokens():
+    n = 256
+    plain = StepResult(step_id=4, token_ids=[40_000] * n, logprobs=[None] * n, top_logprobs=[None] * n)
+    assert len(protocol.Encoder().encode(protocol.Result(result=plain))) < 3 * n + 32
 
 
 @pytest.mark.parametrize(
@@ -232,6 +260,57 @@ def test_unencodable_plan_leaves_the_codec_in_step():
 def test_garbage_is_a_protocol_error(body):
     with pytest.raises(protocol.ProtocolError):
         protocol.Decoder().decode(body)
+
+
+def _plan_body(**changes) -> bytes:
+    """A valid Execute body for a fresh decoder, with fields of its wire form replaced."""
+    table = [1, 2, 3]
+    plan = StepPlan(
+        step_id=1,
+        chunks=[
+            SeqChunk(
+                seq_id=s, token_ids=[5], start_pos=40, block_table=table, prompt_len=9, sample=True,
+                sampling_params=SamplingParams(),
+            )
+            for s in (0, 1)
+        ],
+    )
+    tag, payload = msgpack.unpackb(protocol.Encoder().encode(protocol.Execute(plan=plan))[protocol.HEADER.size :])
+    fields = [
+        "step_id", "seq_ids", "token_ids", "start_pos", "prompt_lens", "samples", "prefixes", "tables", "params", "finished"
+    ]
+    for name, value in changes.items():
+        payload[fields.index(name)] = value
+    return msgpack.packb([tag, payload])
+
+
+def test_a_valid_plan_body_decodes():
+    assert len(protocol.Decoder().decode(_plan_body()).plan.chunks) == 2
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _plan_body()[:-3],  # truncated
+        _plan_body() + b"\x00",  # trailing bytes
+        _plan_body(start_pos=[40]),  # columns that do not line up
+        _plan_body(tables=[[0, 2, [7]]]),  # keeps blocks of a table the decoder never had
+        _plan_body(tables=[[5, 0, [7]]]),  # changes a chunk the plan does not have
+        _plan_body(params=[[0, [1, 2]]]),  # sampling parameters with fields missing
+        _plan_body(seq_ids=None),
+    ],
+    ids=["truncated", "trailing", "ragged", "keep", "index", "params", "type"],
+)
+def test_a_corrupt_plan_is_a_protocol_error(body):
+    with pytest.raises(protocol.ProtocolError):
+        protocol.Decoder().decode(body)
+
+
+def test_keeping_more_blocks_than_the_decoder_holds_is_a_protocol_error():
+    decoder = protocol.Decoder()
+    decoder.decode(_plan_body())  # both sequences now hold 3 blocks
+    with pytest.raises(protocol.ProtocolError, match="keeps 9 blocks of a 3-block table"):
+        decoder.decode(_plan_body(tables=[[0, 9, [7]]]))
 
 
 def test_blocking_framing_over_a_socketpair():
