@@ -1,6 +1,6 @@
 """Microbenchmarks of the Triton kernels, against the device's measured copy bandwidth.
 
-    python -m benchmarks.benchmark_kernels [--dtype bfloat16] [--iters 100] [--json out.json]
+    python -m benchmarks.benchmark_kernels [--dtype bfloat16] [--iters 100] [--json out.json] [--sampling-only]
 
 Shapes are Llama-3.1-8B's (hidden 4096, 32 query / 8 KV heads of 128, MLP
 14336). The run first times a 1 GiB device-to-device copy; every kernel's
@@ -10,6 +10,11 @@ memory-bound kernels. Prefill attention is compute-bound, so it reports
 TFLOP/s and is set beside PyTorch's fused SDPA on the same dense tensors.
 Times are the median over ``--iters`` runs, each bracketed by CUDA events,
 after a warm-up; the torch reference backend is timed alongside.
+
+The sampling section draws from float32 logits of Llama-3's vocabulary (128256)
+with top-k 50 + top-p 0.9, then top-p 0.9 alone, against the torch sampler's
+sort-based path; its bandwidth counts one read of the logits, so it also says
+how far the tiled passes (statistics, search rounds, draw) are from a single pass.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.ops import AttentionMetadata, TorchRefBackend
-from atom_trio.ops.triton import TritonBackend, launch_config
+from atom_trio.ops.triton import TritonBackend, launch_config, sample
 from atom_trio.ops.triton.attention import LaunchConfig, paged_attention
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
+VOCAB = 128256
 BLOCK_SIZE = 16
 GRAPH_REPS = 10
 
@@ -137,12 +145,58 @@ def tune(triton_ops: TritonBackend, dtype: torch.dtype, iters: int) -> None:
               flush=True)
 
 
+SAMPLING_CASES = [("top-k 50 + top-p 0.9", 50, 0.9), ("top-p 0.9", 0, 0.9)]
+
+
+def sampling(copy_bw: float, iters: int) -> list[dict[str, Any]]:
+    """Sampling with `SAMPLING_CASES`: the Triton kernels, alone and inside `Sampler`, against torch's path.
+
+    "kernel" is `sample` on ready device tensors (CUDA-graph replays, and eager);
+    "sampler" is a whole `Sampler` call as the runner makes it (host packing of
+    the per-row knobs and the final read of the tokens included), with the
+    kernels and with the torch path (topk, sort + softmax + cumsum for top-p,
+    exponential noise, argmax), eager: the torch path's host syncs cannot be captured.
+    top-p alone is the kernels' hardest case: its nucleus can hold much of the
+    vocabulary, so every search round works on many tiles.
+    """
+    rows = []
+    for name, top_k, top_p in SAMPLING_CASES:
+        print(f"\nsampling, vocab {VOCAB}, float32 logits * 4, {name} (bandwidth: one read of the logits)")
+        params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
+        with_kernels, with_torch = Sampler(frozenset(), triton=True), Sampler(frozenset(), triton=False)
+        for batch in (1, 32, 128, 256):
+            logits = torch.randn(batch, VOCAB, device="cuda") * 4
+            requests = [SampleRequest(params, [], [])] * batch
+            knobs = (
+                torch.ones(batch, device="cuda"),
+                torch.full((batch,), top_k, dtype=torch.int32, device="cuda"),
+                torch.full((batch,), top_p, device="cuda"),
+                torch.zeros(batch, device="cuda"),
+                torch.randint(0, 2**62, (batch,), device="cuda"),
+            )
+            kernel_ms = cuda_time_ms(lambda: sample(logits, *knobs), iters=iters)
+            kernel_eager_ms = cuda_time_ms(lambda: sample(logits, *knobs), iters=iters, graph=False)
+            sampler_ms = cuda_time_ms(lambda: with_kernels(logits, requests), iters=iters, graph=False)
+            torch_ms = cuda_time_ms(lambda: with_torch(logits, requests), iters=iters, graph=False)
+            nbytes = logits.numel() * logits.element_size()
+            row = dict(kernel=f"sampling {name}", shape=f"batch {batch} x {VOCAB}", triton_us=kernel_ms * 1e3,
+                       triton_eager_us=kernel_eager_ms * 1e3, sampler_triton_us=sampler_ms * 1e3,
+                       baseline="torch sampler (sort)", baseline_us=torch_ms * 1e3,
+                       gb_per_s=nbytes / kernel_ms / 1e6, of_copy_bw=nbytes / (kernel_ms * 1e-3) / copy_bw)
+            rows.append(row)
+            print(f"{'sampling':<18} {row['shape']:<42} kernel {kernel_ms * 1e3:8.1f} us (eager {kernel_eager_ms * 1e3:7.1f})  "
+                  f"sampler: triton {sampler_ms * 1e3:8.1f} us, torch {torch_ms * 1e3:8.1f} us  "
+                  f"{row['gb_per_s']:7.0f} GB/s {100 * row['of_copy_bw']:5.1f}% of copy", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--tune", action="store_true", help="also time paged attention under several tile configs")
+    parser.add_argument("--sampling-only", action="store_true", help="time only the sampling kernels")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     element = torch.empty(0, dtype=dtype).element_size()
@@ -152,6 +206,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"device-to-device copy (1 GiB, read+write): {copy_bw / 1e9:.0f} GB/s")
     print(f"times: median device time per call from CUDA-graph replays (eager: launched from Python)\n")
     rows: list[dict[str, Any]] = []
+    if args.sampling_only:
+        rows += sampling(copy_bw, args.iters)
+        write_json(args.json, args.dtype, copy_bw, rows)
+        return rows
 
     def report(kernel: str, shape: str, run: Callable[[Any], Any], *, nbytes: float = 0, flops: float = 0,
                baseline: Callable[[], Any] | None = None, baseline_name: str = "torch_ref") -> None:
@@ -236,12 +294,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                baseline=lambda: F.scaled_dot_product_attention(*dense, is_causal=True, scale=scale),
                baseline_name="sdpa")
 
+    rows += sampling(copy_bw, args.iters)
     if args.tune:
         tune(triton_ops, dtype, args.iters)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), dtype=args.dtype, copy_gb_per_s=copy_bw / 1e9, rows=rows), f, indent=1)
+    write_json(args.json, args.dtype, copy_bw, rows)
     return rows
+
+
+def write_json(path: str | None, dtype: str, copy_bw: float, rows: list[dict[str, Any]]) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), dtype=dtype, copy_gb_per_s=copy_bw / 1e9, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,5 +8,6 @@ from __future__ import annotations
 
 from .attention import MAX_SPLITS, MIN_SPLIT_TOKENS, TritonAttentionPlan, launch_config
 from .backend import TritonBackend
+from .sampling import cutoffs, sample
 
-__all__ = ["MAX_SPLITS", "MIN_SPLIT_TOKENS", "TritonAttentionPlan", "TritonBackend", "launch_config"]
+__all__ = ["MAX_SPLITS", "MIN_SPLIT_TOKENS", "TritonAttentionPlan", "TritonBackend", "cutoffs", "launch_config", "sample"]
