@@ -55,7 +55,9 @@ class EngineConfig:
     kernel_backend: str = attrs.field(default="auto", validator=v.in_(("auto", "torch", "triton", "aiter")))
     enforce_eager: bool = False
     level: int | None = attrs.field(default=None, validator=v.optional([v.ge(0), v.le(3)]))
-    """None: 3 on CUDA (CUDA graphs), 0 on the CPU (eager); 1..3 on the CPU torch.compile the forward."""
+    """torch.compile level: 0 eager, 1 dynamo trace check, 2 whole-graph Inductor, 3 piecewise Inductor (split at
+    the attention op); on CUDA levels 1-3 also replay decode steps from CUDA graphs. None: 3 on CUDA, 0 on the CPU
+    (compiling there takes tens of seconds on a few cores, for a few percent)."""
     worker_timeout: float = 120.0
 
     @property

@@ -59,8 +59,8 @@ _HELP: dict[str, str] = {
     "num_kv_blocks": "KV cache blocks (default: sized from free memory)",
     "max_model_len": "context length (default: the model's)",
     "max_queued_requests": "waiting requests beyond this are refused with 429",
-    "level": "0 eager, 1 dynamo trace check, 2-3 torch.compile (inductor) on the CPU, 1-3 CUDA graphs on CUDA; "
-    "default 3 on CUDA, 0 on the CPU",
+    "level": "0 eager, 1 dynamo trace check, 2 whole-graph inductor, 3 piecewise inductor (split at attention); "
+    "CUDA graphs for decode at 1-3 on CUDA; default 3 on CUDA, 0 on the CPU",
     "api_key": "require `Authorization: Bearer KEY` on /v1/*",
     "max_request_bytes": "larger request bodies are refused with 413",
     "shutdown_timeout": "seconds in-flight requests get to finish after SIGTERM",
