@@ -16,9 +16,10 @@ Attention is a custom op that reads the forward context (see
 nor a guard, and with the token dimension dynamic one graph serves every
 batch shape (plus Dynamo's own specialization for a single token: batch-1
 decode). Layers built for a compiled forward get `TracedOps`: the device
-backend's attention and KV store, plain torch for everything elementwise, so
-that Inductor fuses the norms, rotary, SiLU and residual adds around the
-matmuls (vLLM likewise turns its custom elementwise ops off under Inductor).
+backend's attention and KV store; for the norms, rotary and SiLU the Triton
+backend's fused kernels as opaque custom ops (for long prompts they beat what
+Inductor generates, unlike vLLM's experience with its CUDA ones), else plain
+torch for Inductor to fuse.
 
 Inductor's and Triton's caches live under the atom_trio cache directory
 (`compile_cache_dir`), so a second start reuses the generated code.
@@ -87,15 +88,22 @@ class TracedOps(KernelBackend):
     """The kernels layers call in a model that torch.compile traces.
 
     Attention and the KV store are the device backend's (they run behind the
-    opaque attention op, outside the graph); the elementwise ops are plain
-    torch, which Inductor fuses with their neighbours better than it could
-    call a hand-written kernel.
+    opaque attention op, outside the graph). The elementwise ops are the
+    Triton backend's hand-fused kernels as opaque custom ops
+    (`atom_trio.ops.triton.opaque`: faster than Inductor's own for long
+    prompts), and plain torch on other backends, which Inductor fuses with
+    their neighbours.
     """
 
     def __init__(self, device_backend: KernelBackend) -> None:
         self.device_backend = device_backend
         self.name = device_backend.name
         self._torch = TorchRefBackend()
+        self._fused = None
+        if device_backend.name == "triton":
+            from atom_trio.ops.triton import opaque
+
+            self._fused = opaque
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return self.device_backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
@@ -110,15 +118,23 @@ class TracedOps(KernelBackend):
         return self.device_backend.paged_attention(query, key, value, k_cache, v_cache, plan, scale)
 
     def rms_norm(self, x, weight, eps, residual=None):
-        return self._torch.rms_norm(x, weight, eps, residual)
+        if self._fused is None:
+            return self._torch.rms_norm(x, weight, eps, residual)
+        if residual is None:
+            return self._fused.rms_norm_op(x, weight, eps)
+        return self._fused.add_rms_norm_op(x, residual, weight, eps)
 
     def rotary_embedding(self, positions, query, key, cos_sin_cache):
+        if self._fused is not None:
+            return self._fused.rotary_embedding_op(positions, query, key, cos_sin_cache)
         # A fresh reference backend each call: the shared one memoizes a step's cos/sin rows on
         # itself, which a traced graph would turn into a guard that fails at the next step.
         return TorchRefBackend().rotary_embedding(positions, query, key, cos_sin_cache)
 
     def silu_and_mul(self, x):
-        return self._torch.silu_and_mul(x)
+        if self._fused is None:
+            return self._torch.silu_and_mul(x)
+        return self._fused.silu_and_mul_op(x)
 
 
 class PiecewiseBackend:

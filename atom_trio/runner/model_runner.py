@@ -111,7 +111,7 @@ class ModelRunner:
         torch.manual_seed(config.seed)
 
         model_class = get_model_class(self.hf_config)
-        # Layers of a model torch.compile traces run their elementwise ops as plain torch, for Inductor to fuse.
+        # Layers of a model torch.compile traces call their elementwise kernels as ops dynamo does not trace into.
         layer_ops = TracedOps(self.backend) if self.level > 0 else self.backend
         try:
             with _default_dtype(self.dtype), self.device, use_backend(layer_ops), use_tp_group(self.tp_group):
