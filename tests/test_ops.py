@@ -87,11 +87,15 @@ def run_paged_attention(backend, seqs, *, num_heads, num_kv_heads, head_dim, blo
 
 MIXED_STEP = [(1, 16), (9, 0), (7, 23), (1, 0), (1, 45), (16, 16), (3, 1), (1, 31)]
 DECODE_STEP = [(1, 16), (1, 0), (1, 45), (1, 31), (1, 7)]
+# a lone decode takes torch_ref's fused path up to a context length, the batched one beyond it
+LONE_DECODES = {"lone-decode": [(1, 40)], "lone-long-decode": [(1, 700)]}
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("seqs", [MIXED_STEP, DECODE_STEP], ids=["mixed", "decodes"])
+@pytest.mark.parametrize(
+    "seqs", [MIXED_STEP, DECODE_STEP, *LONE_DECODES.values()], ids=["mixed", "decodes", *LONE_DECODES]
+)
 def test_paged_attention_matches_dense(backend, dtype, seqs):
     # (query_len, cached_len): decodes at several context lengths, a fresh prefill, prefill chunks
     # over cached context, a one-token sequence, and block-boundary lengths

