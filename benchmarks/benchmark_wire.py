@@ -8,6 +8,13 @@ the real worker's framing and codec but answers every plan at once with one
 sampled token per sampled chunk. So the time per step is everything a step
 costs beyond the forward pass, both directions included.
 
+Also measured, per step: the plan's one-way trip, from before the engine
+encodes it to when the worker has decoded it (encode, send, receive, decode:
+the issue's definition of the control overhead). Both ends read
+``time.perf_counter`` (CLOCK_MONOTONIC on Linux, one clock for every process
+of the host); the echo worker keeps its decode-done times and writes them to
+a file when its connection closes.
+
 Two workloads, as the scheduler plans them:
 
 - ``decode``: ``batch`` running sequences with contexts of ``context/2`` to
@@ -28,11 +35,13 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import json
 import random
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -94,10 +103,21 @@ def codec(rev: str | None) -> tuple[ModuleType, ModuleType]:
 # -- the echo worker ------------------------------------------------------------------------------
 
 
-def echo_worker(fd: int, rev: str | None) -> int:
-    """A worker without a model: InitDone for Init, one token per sampled chunk for Execute."""
+def echo_worker(fd: int, rev: str | None, times_path: str) -> int:
+    """A worker without a model: InitDone for Init, one token per sampled chunk for Execute.
+
+    Writes ``{step_id: perf_counter() once the plan was decoded}`` as JSON to ``times_path`` at the end.
+    """
     protocol, _ = codec(rev)
     encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    decoded_at: dict[int, float] = {}
+    try:
+        return _echo(protocol, encoder, decoder, fd, decoded_at)
+    finally:
+        Path(times_path).write_text(json.dumps(decoded_at))
+
+
+def _echo(protocol: ModuleType, encoder, decoder, fd: int, decoded_at: dict[int, float]) -> int:
     with socket.socket(fileno=fd) as sock:
         while True:
             try:
@@ -105,6 +125,7 @@ def echo_worker(fd: int, rev: str | None) -> int:
             except EOFError:
                 return 0
             if isinstance(message, protocol.Execute):
+                decoded_at[message.plan.step_id] = time.perf_counter()
                 plan = message.plan
                 n = [c.sample for c in plan.chunks].count(True)  # sum() over bools is slow: 20 µs at 256
                 reply = protocol.Result(
@@ -248,8 +269,8 @@ def codec_costs(protocol: ModuleType, batch: int, context: int, mixed: bool) -> 
 
 async def round_trips(
     revs: list[str | None], batch: int, context: int, mixed: bool, steps: int
-) -> dict[str | None, list[float]]:
-    """µs per `execute` over a socketpair to an echo worker, one per measured step, for each codec.
+) -> tuple[dict[str | None, list[float]], dict[str | None, list[float]]]:
+    """µs per `execute` over a socketpair to an echo worker, and µs of the plan's one-way trip, for each codec.
 
     One worker per codec, all up at once; the codecs take turns in
     ``ROUNDS`` blocks of steps, so that they share the machine's drifting
@@ -259,16 +280,21 @@ async def round_trips(
     """
     import trio
 
+    times_dir = Path(tempfile.mkdtemp(prefix="benchmark-wire-"))
+    times_paths = {rev: times_dir / f"worker-{i}.json" for i, rev in enumerate(revs)}
+
     def echo_executor(rev: str | None) -> type:
         class EchoExecutor(codec(rev)[1].ProcessExecutor):
             def _command(self, fd: int) -> list[str]:
                 baseline = [] if rev is None else ["--echo-rev", rev]
-                return [sys.executable, "-m", "benchmarks.benchmark_wire", "--echo-fd", str(fd), *baseline]
+                times = ["--echo-times", str(times_paths[rev])]
+                return [sys.executable, "-m", "benchmarks.benchmark_wire", "--echo-fd", str(fd), *times, *baseline]
 
         return EchoExecutor
 
     sources = {rev: Workload(batch, context, mixed) for rev in revs}  # same seed: the same plans
     timings: dict[str | None, list[float]] = {rev: [] for rev in revs}
+    started: dict[str | None, dict[int, float]] = {rev: {} for rev in revs}
     async with trio.open_nursery() as nursery:
         executors = {}
         try:
@@ -285,10 +311,15 @@ async def round_trips(
                         assert result.step_id == plan.step_id and len(result.token_ids) == len(plan.chunks)
                         if i >= WARMUP:
                             timings[rev].append(elapsed * 1e6)
+                            started[rev][plan.step_id] = start
         finally:
             for executor in executors.values():
                 await executor.aclose()
-    return timings
+    one_way = {}
+    for rev in revs:
+        decoded_at = {int(step): t for step, t in json.loads(times_paths[rev].read_text()).items()}
+        one_way[rev] = [(decoded_at[step] - start) * 1e6 for step, start in started[rev].items()]
+    return timings, one_way
 
 
 def summary(timings: list[float]) -> str:
@@ -303,9 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-rev", default="HEAD", help="git revision to compare against ('' for none)")
     parser.add_argument("--echo-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--echo-rev", help=argparse.SUPPRESS)
+    parser.add_argument("--echo-times", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.echo_fd is not None:
-        return echo_worker(args.echo_fd, args.echo_rev)
+        return echo_worker(args.echo_fd, args.echo_rev, args.echo_times)
 
     import trio
 
@@ -325,17 +357,20 @@ def main(argv: list[str] | None = None) -> int:
             line = codec_costs(codec(rev)[0], batch, args.context, mixed)
             print(f"  {'mixed' if mixed else 'decode':6s} {batch:4d} {names[rev]:>10s}: {line}")
 
-    print(f"\nexecute() round trip to an echo worker over a socketpair, median µs of {args.steps} steps (p90):")
-    header = f"  {'workload':8s} {'batch':>5s} {names[None]:>24s}"
+    print(
+        f"\nper step, median µs of {args.steps} steps (p90): the execute() round trip to an echo worker, and the"
+        " plan's one-way trip (encode, send, receive, decode)"
+    )
+    header = f"  {'workload':8s} {'batch':>5s} {'round trip':>24s} {'plan one way':>24s}"
     if len(revs) > 1:
-        header += f" {names[args.baseline_rev]:>24s} {'ratio':>6s}"
+        header += f" {names[args.baseline_rev] + ' round trip':>24s} {'one way':>24s} {'ratio':>6s}"
     print(header)
     for batch, mixed in cases:
-        timings = trio.run(round_trips, revs, batch, args.context, mixed, args.steps)
-        line = f"  {'mixed' if mixed else 'decode':8s} {batch:5d} {summary(timings[None]):>24s}"
+        timings, one_way = trio.run(round_trips, revs, batch, args.context, mixed, args.steps)
+        line = f"  {'mixed' if mixed else 'decode':8s} {batch:5d} {summary(timings[None]):>24s} {summary(one_way[None]):>24s}"
         if len(revs) > 1:
             ratio = statistics.median(timings[args.baseline_rev]) / statistics.median(timings[None])
-            line += f" {summary(timings[args.baseline_rev]):>24s} {ratio:5.2f}x"
+            line += f" {summary(timings[args.baseline_rev]):>24s} {summary(one_way[args.baseline_rev]):>24s} {ratio:5.2f}x"
         print(line, flush=True)
     return 0
 
