@@ -216,6 +216,30 @@ def graph_replay_ms(runner: ModelRunner, size: int, iters: int = 50) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
+def kernel_breakdown(runner: ModelRunner, size: int, iters: int = 20, top: int = 25) -> list[dict]:
+    """Device time per replay of the decode graph of ``size``, by kernel (CUPTI sees inside graphs), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = runner.decode_graphs._graphs[size]
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = [
+        {"kernel": e.key[:120], "us_per_step": e.device_time_total / iters, "calls_per_step": e.count / iters}
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    total = sum(r["us_per_step"] for r in rows)
+    print(f"decode graph of size {size}: {total:.0f} us of kernels per step", flush=True)
+    for r in rows[:top]:
+        print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['kernel']}", flush=True)
+    return rows[:top]
+
+
 def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argparse.Namespace) -> dict:
     """The runner's figures at compile ``level``; the runner is closed afterwards."""
     results: dict = {}
@@ -259,6 +283,8 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
             size = runner.decode_graphs.padded_size(batch)
             results[f"decode_b{batch}_graph_replay_ms"] = graph_replay_ms(runner, size)
         print(json.dumps({f"level_{level}": results}, indent=1), flush=True)
+    if args.profile and runner.decode_graphs is not None:
+        results["decode_b1_kernels"] = kernel_breakdown(runner, runner.decode_graphs.padded_size(1))
     if runner.decode_graphs is not None:  # the same runner and weights without its graphs
         graphs, runner.decode_graphs = runner.decode_graphs, None
         results["decode_b1_eager_ms_per_step"] = decode_ms(driver, 1, args.input_len, args.steps, rng)
@@ -287,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         choices=range(4),
         help="torch.compile level; one per process (on the H100 a second runner in one process ran out of memory)",
     )
+    parser.add_argument("--profile", action="store_true", help="also list the kernels of a batch-1 decode step")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -83,7 +83,19 @@ def hf_model(shape: str, dtype: torch.dtype):
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = getattr(transformers, architecture)(config)
-    return model.to(dtype).eval()
+    return exact_rotary(model.to(dtype).eval())
+
+
+def exact_rotary(model):
+    """``model`` with its rotary frequencies rebuilt in fp32 (returned for chaining).
+
+    ``Module.to(dtype)`` rounds the ``inv_freq`` buffer as well, which
+    transformers never does when it loads a checkpoint in bf16; rounded
+    frequencies alone put its bf16 logits 10-50% away from fp32's.
+    """
+    with torch.device("cuda"):
+        model.model.rotary_emb = type(model.model.rotary_emb)(model.config)
+    return model
 
 
 @attrs.frozen
