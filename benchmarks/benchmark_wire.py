@@ -10,10 +10,12 @@ costs beyond the forward pass, both directions included.
 
 Also measured, per step: the plan's one-way trip, from before the engine
 encodes it to when the worker has decoded it (encode, send, receive, decode:
-the issue's definition of the control overhead). Both ends read
-``time.perf_counter`` (CLOCK_MONOTONIC on Linux, one clock for every process
-of the host); the echo worker keeps its decode-done times and writes them to
-a file when its connection closes.
+the issue's definition of the control overhead), and its three parts: the
+engine's encode, the transit (from the encoded frame to the worker holding
+all of it: the send, the kernel, waking the worker, its reads) and the
+worker's decode. Both ends read ``time.perf_counter`` (CLOCK_MONOTONIC on
+Linux, one clock for every process of the host); the echo worker keeps its
+times and writes them to a file when its connection closes.
 
 Two workloads, as the scheduler plans them:
 
@@ -106,26 +108,29 @@ def codec(rev: str | None) -> tuple[ModuleType, ModuleType]:
 def echo_worker(fd: int, rev: str | None, times_path: str) -> int:
     """A worker without a model: InitDone for Init, one token per sampled chunk for Execute.
 
-    Writes ``{step_id: perf_counter() once the plan was decoded}`` as JSON to ``times_path`` at the end.
+    Writes ``{step_id: [perf_counter() once the frame was read, once it was decoded]}``
+    as JSON to ``times_path`` at the end.
     """
     protocol, _ = codec(rev)
     encoder, decoder = protocol.Encoder(), protocol.Decoder()
-    decoded_at: dict[int, float] = {}
+    times: dict[int, tuple[float, float]] = {}
     try:
-        return _echo(protocol, encoder, decoder, fd, decoded_at)
+        return _echo(protocol, encoder, decoder, fd, times)
     finally:
-        Path(times_path).write_text(json.dumps(decoded_at))
+        Path(times_path).write_text(json.dumps(times))
 
 
-def _echo(protocol: ModuleType, encoder, decoder, fd: int, decoded_at: dict[int, float]) -> int:
+def _echo(protocol: ModuleType, encoder, decoder, fd: int, times: dict[int, tuple[float, float]]) -> int:
     with socket.socket(fileno=fd) as sock:
         while True:
             try:
-                message = decoder.decode(protocol.receive_frame(sock))
+                frame = protocol.receive_frame(sock)
             except EOFError:
                 return 0
+            received_at = time.perf_counter()
+            message = decoder.decode(frame)
             if isinstance(message, protocol.Execute):
-                decoded_at[message.plan.step_id] = time.perf_counter()
+                times[message.plan.step_id] = (received_at, time.perf_counter())
                 plan = message.plan
                 n = [c.sample for c in plan.chunks].count(True)  # sum() over bools is slow: 20 µs at 256
                 reply = protocol.Result(
@@ -143,7 +148,7 @@ def _echo(protocol: ModuleType, encoder, decoder, fd: int, decoded_at: dict[int,
             else:
                 return 0
             sock.sendall(encoder.encode(reply))
-            message = plan = reply = None  # as the worker does: the next plan reuses this one's memory
+            message = plan = reply = frame = None  # as the worker does: the next plan reuses this one's memory
 
 
 # -- plans ----------------------------------------------------------------------------------------
@@ -267,10 +272,29 @@ def codec_costs(protocol: ModuleType, batch: int, context: int, mixed: bool) -> 
     )
 
 
+class _TimedEncoder:
+    """An executor's `Encoder`, noting when each plan's frame is ready."""
+
+    def __init__(self, encoder) -> None:
+        self._encoder = encoder
+        self.encoded_at: dict[int, float] = {}
+
+    def encode(self, message) -> bytes:
+        frame = self._encoder.encode(message)
+        plan = getattr(message, "plan", None)
+        if plan is not None:
+            self.encoded_at[plan.step_id] = time.perf_counter()
+        return frame
+
+
+ONE_WAY_PARTS = ("one way", "encode", "transit", "decode")
+
+
 async def round_trips(
     revs: list[str | None], batch: int, context: int, mixed: bool, steps: int
-) -> tuple[dict[str | None, list[float]], dict[str | None, list[float]]]:
-    """µs per `execute` over a socketpair to an echo worker, and µs of the plan's one-way trip, for each codec.
+) -> tuple[dict[str | None, list[float]], dict[str | None, dict[str, list[float]]]]:
+    """µs per `execute` over a socketpair to an echo worker, and µs of the plan's one-way trip and of its
+    parts (see `ONE_WAY_PARTS`), for each codec.
 
     One worker per codec, all up at once; the codecs take turns in
     ``ROUNDS`` blocks of steps, so that they share the machine's drifting
@@ -299,7 +323,8 @@ async def round_trips(
         executors = {}
         try:
             for rev in revs:
-                executors[rev] = await echo_executor(rev).create(EngineConfig(model="echo"), nursery)
+                executors[rev] = executor = await echo_executor(rev).create(EngineConfig(model="echo"), nursery)
+                executor._encoder = _TimedEncoder(executor._encoder)  # the executor's own, which we time
             for round_ in range(ROUNDS):
                 for rev in revs if round_ % 2 else revs[::-1]:
                     for i in range(WARMUP + steps // ROUNDS):
@@ -317,8 +342,14 @@ async def round_trips(
                 await executor.aclose()
     one_way = {}
     for rev in revs:
-        decoded_at = {int(step): t for step, t in json.loads(times_paths[rev].read_text()).items()}
-        one_way[rev] = [(decoded_at[step] - start) * 1e6 for step, start in started[rev].items()]
+        worker_times = {int(step): t for step, t in json.loads(times_paths[rev].read_text()).items()}
+        encoded_at = executors[rev]._encoder.encoded_at
+        one_way[rev] = {part: [] for part in ONE_WAY_PARTS}
+        for step, start in started[rev].items():
+            encoded, (received, decoded) = encoded_at[step], worker_times[step]
+            seconds = (decoded - start, encoded - start, received - encoded, decoded - received)
+            for part, duration in zip(ONE_WAY_PARTS, seconds):
+                one_way[rev][part].append(duration * 1e6)
     return timings, one_way
 
 
@@ -365,13 +396,25 @@ def main(argv: list[str] | None = None) -> int:
     if len(revs) > 1:
         header += f" {names[args.baseline_rev] + ' round trip':>24s} {'one way':>24s} {'ratio':>6s}"
     print(header)
+    parts = []
     for batch, mixed in cases:
+        workload = f"{'mixed' if mixed else 'decode':8s} {batch:5d}"
         timings, one_way = trio.run(round_trips, revs, batch, args.context, mixed, args.steps)
-        line = f"  {'mixed' if mixed else 'decode':8s} {batch:5d} {summary(timings[None]):>24s} {summary(one_way[None]):>24s}"
+        line = f"  {workload} {summary(timings[None]):>24s} {summary(one_way[None]['one way']):>24s}"
         if len(revs) > 1:
             ratio = statistics.median(timings[args.baseline_rev]) / statistics.median(timings[None])
-            line += f" {summary(timings[args.baseline_rev]):>24s} {summary(one_way[args.baseline_rev]):>24s} {ratio:5.2f}x"
+            line += (
+                f" {summary(timings[args.baseline_rev]):>24s} {summary(one_way[args.baseline_rev]['one way']):>24s}"
+                f" {ratio:5.2f}x"
+            )
         print(line, flush=True)
+        for rev in revs:
+            medians = " ".join(f"{statistics.median(one_way[rev][part]):8.1f}" for part in ONE_WAY_PARTS[1:])
+            parts.append(f"  {workload} {names[rev]:>10s} {medians}")
+
+    print("\nthe plan's one-way trip in parts, median µs")
+    print(f"  {'workload':8s} {'batch':>5s} {'codec':>10s}" + "".join(f" {part:>8s}" for part in ONE_WAY_PARTS[1:]))
+    print("\n".join(parts))
     return 0
 
 

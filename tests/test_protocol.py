@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import threading
+import weakref
 
 import msgpack
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import strategies as st
 from atom_trio.config import EngineConfig
 from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult
 from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.engine.scheduler import Scheduler
 from atom_trio.executor import protocol
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -20,7 +23,6 @@ FLOATS = st.floats(allow_nan=False)
 # Any str a JSON request can carry, lone surrogates included.
 TEXT = st.text(st.characters(codec=None, categories=None), max_size=8)
 TOKEN = st.integers(0, 200_000)
-TOKENS = st.lists(TOKEN, max_size=12)
 
 sampling_params = st.builds(
     SamplingParams,
@@ -63,43 +65,59 @@ step_results = st.integers(0, 2**40).flatmap(
 )
 
 
+# In a plan, -1 too: async output's stand-in for the token a sequence sampled in the step before, still on the GPU.
+PLAN_TOKEN = st.integers(-1, 200_000)
+PLAN_TOKENS = st.lists(PLAN_TOKEN, max_size=12)
+BLOCKS = st.lists(st.integers(0, 10_000), max_size=6)
+
+
 @st.composite
 def plan_streams(draw) -> list[StepPlan]:
-    """Consecutive plans in which sequences come back with grown, kept, rewritten or shrunk block tables, with
-    the same or new sampling parameters, join, leave (finish or are preempted) and come back, and in which
-    a batch may keep its previous order (the codec's steady path): every path of the delta codec."""
+    """Consecutive plans as the scheduler makes them, through every path of the delta codec.
+
+    Sequences join, leave (finish or are preempted) and come back; a batch may
+    keep its previous order (the steady path); sampling parameters change or
+    stay. A block table follows the scheduler's invariant: while the runner
+    knows a sequence, its table only grows at the end; a sequence that sits
+    out a plan or is introduced again (its chunk carries ``prefix_token_ids``)
+    may come back with any table and prompt length. A known table may also
+    shrink, which the scheduler never does but the encoder notices.
+    """
     tables: dict[int, list[int]] = {}
     params: dict[int, SamplingParams | None] = {}
+    prompt_lens: dict[int, int] = {}
     plans = []
     seq_ids: list[int] = []
     for step_id in range(draw(st.integers(1, 6))):
+        known = set(seq_ids)
         if not seq_ids or draw(st.booleans()):
             seq_ids = draw(st.lists(st.integers(0, 6), unique=True, max_size=5))
+        plain = draw(st.booleans())  # every chunk samples, none is introduced
+        decode = plain and draw(st.booleans())  # and each brings one token
         chunks = []
         for seq_id in seq_ids:
-            old = tables.get(seq_id, [])
-            how = draw(st.sampled_from(["grow", "keep", "rewrite", "shrink"]))
-            if how == "grow":
-                table = old + draw(st.lists(st.integers(0, 10_000), max_size=3))
-            elif how == "keep":
-                table = list(old)
-            elif how == "shrink":
-                table = old[: draw(st.integers(0, len(old)))]
+            prefix = None if plain else draw(st.none() | PLAN_TOKENS)
+            if seq_id in known and prefix is None:
+                old = tables[seq_id]
+                if draw(st.integers(0, 9)):
+                    tables[seq_id] = old + draw(st.lists(st.integers(0, 10_000), max_size=2))
+                else:
+                    tables[seq_id] = draw(st.lists(st.integers(0, 10_000), max_size=max(len(old) - 1, 0)))
             else:
-                table = draw(st.lists(st.integers(0, 10_000), max_size=6))
-            tables[seq_id] = table
+                tables[seq_id] = draw(BLOCKS)
+                prompt_lens[seq_id] = draw(st.integers(0, 1 << 20))
             if seq_id not in params or draw(st.booleans()):
-                params[seq_id] = draw(st.none() | sampling_params)
+                params[seq_id] = draw(sampling_params if plain else st.none() | sampling_params)
             chunks.append(
                 SeqChunk(
                     seq_id=seq_id,
-                    token_ids=draw(TOKENS),
+                    token_ids=[draw(PLAN_TOKEN)] if decode else draw(PLAN_TOKENS),
                     start_pos=draw(st.integers(0, 1 << 20)),
-                    block_table=table,
-                    prompt_len=draw(st.integers(0, 1 << 20)),
-                    sample=params[seq_id] is not None,
+                    block_table=tables[seq_id][:],  # a fresh slice, as the scheduler's
+                    prompt_len=prompt_lens[seq_id],
+                    sample=plain or params[seq_id] is not None,
                     sampling_params=params[seq_id],
-                    prefix_token_ids=draw(st.none() | TOKENS),
+                    prefix_token_ids=prefix,
                 )
             )
         plans.append(StepPlan(step_id=step_id, chunks=chunks, finished_seq_ids=draw(st.lists(st.integers(0, 6)))))
@@ -132,12 +150,21 @@ def test_sampling_params_round_trip_exactly(params):
 @settings(max_examples=200)
 @given(plan_streams())
 def test_plan_streams_round_trip_exactly_on_every_rank(plans):
-    # One encoder feeds every rank (the executor sends the same frames to all).
-    encoder, ranks = protocol.Encoder(), [protocol.Decoder(), protocol.Decoder()]
-    for plan in plans:
-        frame = encoder.encode(protocol.Execute(plan=plan))
-        for decoder in ranks:
-            assert decoder.decode(frame[protocol.HEADER.size :]) == protocol.Execute(plan=plan)
+    # One encoder feeds every rank (the executor sends the same frames to all), Execute and Launch alike.
+    messages = [(protocol.Launch if plan.step_id % 2 else protocol.Execute)(plan=plan) for plan in plans]
+    encoder, ranks = protocol.Encoder(), [protocol.Decoder(), protocol.Decoder(), protocol.Decoder()]
+    launched, kept = None, []
+    for message in messages:
+        body = encoder.encode(message)[protocol.HEADER.size :]
+        # Each rank keeps its plans another while, so that the decoder may reuse the chunks of some:
+        # none (as the worker does), until the next plan is decoded (as a runner holds the step it
+        # launched), or for good.
+        assert ranks[0].decode(body) == message
+        previous, launched = launched, ranks[1].decode(body)
+        assert launched == message
+        assert previous is None or previous == messages[len(kept) - 1]
+        kept.append(ranks[2].decode(body))
+    assert kept == messages  # a plan someone holds never changes
 
 
 @given(step_results)
@@ -183,6 +210,7 @@ def test_a_step_without_logprobs_sends_little_more_than_its_tokens():
         protocol.InitDone(num_kv_blocks=9, block_size=16, max_model_len=2048, vocab_size=100, eos_token_ids={2, 5}),
         protocol.Ack(step_id=12),
         protocol.Shutdown(),
+        protocol.Flush(),
         protocol.Error(type_name="ValueError", message="bad \ud800", traceback="Traceback ...\n"),
     ],
     ids=lambda m: type(m).__name__,
@@ -227,19 +255,85 @@ def test_steady_decode_sends_only_what_changed():
     assert decoded.chunks[5].block_table[-1] == 9999
 
 
-def test_a_table_changed_in_place_is_still_sent():
-    """The encoder keeps its own copy, so a scheduler that mutates the plan's list after the step is safe."""
+def test_a_table_grown_in_place_after_the_step_is_still_sent():
+    """The encoder keeps no reference to the plan's lists, so a scheduler that grows its own list in place is safe."""
     table = [1, 2, 3]
     params = SamplingParams()
     encoder, decoder = protocol.Encoder(), protocol.Decoder()
-    for step, change in enumerate([None, lambda: table.append(4), lambda: table.__setitem__(0, 42)]):
-        if change:
-            change()
-        plan = StepPlan(
-            step_id=step,
-            chunks=[SeqChunk(seq_id=0, token_ids=[1], start_pos=0, block_table=table, prompt_len=1, sample=True, sampling_params=params)],
+    for step in range(3):
+        chunk = SeqChunk(
+            seq_id=0, token_ids=[1], start_pos=0, block_table=table, prompt_len=1, sample=True, sampling_params=params
         )
+        plan = StepPlan(step_id=step, chunks=[chunk])
         assert decoder.decode(encoder.encode(protocol.Execute(plan=plan))[4:]).plan.chunks[0].block_table == table
+        table.append(10 + step)
+
+
+def _decode_chunk(seq_id: int, table: list[int], prefix: list[int] | None = None) -> SeqChunk:
+    return SeqChunk(
+        seq_id=seq_id, token_ids=[-1], start_pos=16 * len(table) - 1, block_table=table, prompt_len=5, sample=True,
+        sampling_params=SamplingParams(), prefix_token_ids=prefix,
+    )
+
+
+def test_a_reintroduced_sequence_may_bring_a_whole_new_table():
+    """After preemption (or whenever its chunk carries ``prefix_token_ids``) a sequence's table is not a delta."""
+    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    plans = [
+        StepPlan(step_id=0, chunks=[_decode_chunk(0, [1, 2, 3, 4]), _decode_chunk(1, [5, 6])]),
+        # sequence 0 preempted: it sits out a plan, then comes back with other blocks, fewer of them
+        StepPlan(step_id=1, chunks=[_decode_chunk(1, [5, 6])], finished_seq_ids=[0]),
+        StepPlan(step_id=2, chunks=[_decode_chunk(1, [5, 6]), _decode_chunk(0, [9, 8], prefix=[7] * 31)]),
+        # reintroduced at once, with a table of the same length: only the introduction says it changed
+        StepPlan(step_id=3, chunks=[_decode_chunk(1, [5, 6]), _decode_chunk(0, [3, 4], prefix=[7] * 31)]),
+        StepPlan(step_id=4, chunks=[_decode_chunk(1, [5, 6, 7]), _decode_chunk(0, [3, 4])]),
+    ]
+    for plan in plans:
+        assert decoder.decode(encoder.encode(protocol.Execute(plan=plan))[4:]).plan == plan
+
+
+def test_steady_decode_reuses_only_chunks_that_no_one_holds():
+    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    plans = [StepPlan(step_id=s, chunks=[_decode_chunk(i, [i] * (1 + s // 2)) for i in range(3)]) for s in range(6)]
+
+    def step(step_id: int) -> StepPlan:
+        decoded = decoder.decode(encoder.encode(protocol.Execute(plan=plans[step_id]))[4:]).plan
+        assert decoded == plans[step_id]
+        return decoded
+
+    held = step(0)  # for good
+    dropped = weakref.ref(step(1).chunks[0])  # at once: only the decoder holds step 1's chunks
+    launched = step(2)
+    assert launched.chunks[0] is dropped()
+    # A runner holds the step it launched (2) until the next one (3) is decoded; step 0's are held too.
+    launched, collected = step(3), weakref.ref(launched.chunks[0])
+    assert launched.chunks[0] is not collected() and launched.chunks[0] is not held.chunks[0]
+    assert step(4).chunks[0] is collected()  # the chunks of step 2, which nobody holds any more
+    assert held == plans[0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), num_blocks=st.integers(4, 12), prefix_caching=st.booleans())
+def test_the_real_schedulers_plans_round_trip_through_preemption(seed, num_blocks, prefix_caching):
+    """The codec sends block tables as deltas on the scheduler's invariant: check it on the scheduler's own plans,
+    with few enough blocks that sequences get preempted and come back, some with their blocks in the cache."""
+    rng = random.Random(seed)
+    scheduler = Scheduler(
+        num_blocks=num_blocks, block_size=4, max_num_seqs=6, max_num_batched_tokens=24, max_model_len=40,
+        enable_prefix_caching=prefix_caching,
+    )
+    shared_prompt = [rng.randrange(100) for _ in range(9)]
+    for i in range(8):
+        prompt = shared_prompt[: rng.randint(1, 9)] + [rng.randrange(100) for _ in range(rng.randint(0, 6))]
+        scheduler.add_request(f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 20), n=rng.randint(1, 2)))
+    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    while (plan := scheduler.schedule()) is not None:
+        assert decoder.decode(encoder.encode(protocol.Execute(plan=plan))[4:]).plan == plan
+        n = sum(c.sample for c in plan.chunks)
+        tokens = [rng.randrange(100) for _ in range(n)]
+        result = StepResult(step_id=plan.step_id, token_ids=tokens, logprobs=[None] * n, top_logprobs=[None] * n)
+        scheduler.update(plan, result)
+    assert not scheduler.has_unfinished()
 
 
 def test_unencodable_plan_leaves_the_codec_in_step():
@@ -277,7 +371,7 @@ def _plan_body(**changes) -> bytes:
     )
     tag, payload = msgpack.unpackb(protocol.Encoder().encode(protocol.Execute(plan=plan))[protocol.HEADER.size :])
     fields = [
-        "step_id", "seq_ids", "token_ids", "start_pos", "prompt_lens", "samples", "prefixes", "tables", "params", "finished"
+        "step_id", "seq_ids", "token_ids", "start_pos", "unplain", "introductions", "appends", "params", "finished"
     ]
     for name, value in changes.items():
         payload[fields.index(name)] = value
@@ -294,23 +388,24 @@ def test_a_valid_plan_body_decodes():
         _plan_body()[:-3],  # truncated
         _plan_body() + b"\x00",  # trailing bytes
         _plan_body(start_pos=[40]),  # columns that do not line up
-        _plan_body(tables=[[0, 2, [7]]]),  # keeps blocks of a table the decoder never had
-        _plan_body(tables=[[5, 0, [7]]]),  # changes a chunk the plan does not have
+        _plan_body(appends=[[0, 2, [7]]]),  # appends to a table the decoder does not hold
+        _plan_body(introductions=[[0, 9, [1, 2, 3]], [5, 9, [7]]]),  # introduces a chunk the plan does not have
+        _plan_body(introductions=[[0, 9, [1, 2, 3]]]),  # names a sequence it does not introduce
         _plan_body(params=[[0, [1, 2]]]),  # sampling parameters with fields missing
         _plan_body(seq_ids=None),
     ],
-    ids=["truncated", "trailing", "ragged", "keep", "index", "params", "type"],
+    ids=["truncated", "trailing", "ragged", "append", "index", "stranger", "params", "type"],
 )
 def test_a_corrupt_plan_is_a_protocol_error(body):
     with pytest.raises(protocol.ProtocolError):
         protocol.Decoder().decode(body)
 
 
-def test_keeping_more_blocks_than_the_decoder_holds_is_a_protocol_error():
+def test_appending_to_another_table_than_the_decoder_holds_is_a_protocol_error():
     decoder = protocol.Decoder()
     decoder.decode(_plan_body())  # both sequences now hold 3 blocks
-    with pytest.raises(protocol.ProtocolError, match="keeps 9 blocks of a 3-block table"):
-        decoder.decode(_plan_body(tables=[[0, 9, [7]]]))
+    with pytest.raises(protocol.ProtocolError, match=r"appends to 9 blocks of sequence 0, which holds \[1, 2, 3\]"):
+        decoder.decode(_plan_body(introductions=[], appends=[[0, 9, [7]]]))
 
 
 def test_blocking_framing_over_a_socketpair():
