@@ -58,6 +58,9 @@ class EngineConfig:
     """torch.compile level: 0 eager, 1 dynamo trace check, 2 whole-graph Inductor, 3 piecewise Inductor (split at
     the attention op); on CUDA levels 1-3 also replay decode steps from CUDA graphs. None: 3 on CUDA, 0 on the CPU
     (compiling there takes tens of seconds on a few cores, for a few percent)."""
+    async_scheduling: bool | None = None
+    """Plan and prepare step N+1 while the device runs step N, reading sampled tokens a step late
+    (vLLM's ``--async-scheduling``). None: on where the model runs on a GPU."""
     worker_timeout: float = 120.0
 
     @property

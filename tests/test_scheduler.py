@@ -7,11 +7,20 @@ sequence's tokens, that no shared or cached block is ever written, and that
 the runner-state protocol (``prefix_token_ids`` / ``finished_seq_ids``) holds.
 Its sampled tokens are random; its prompt logprobs name their position
 (`fake_prompt_logprobs`), so the test sees which positions reached the output.
+
+The machine runs the scheduler as the engine does, with one plan in flight
+or two (asynchronous scheduling: the next plan is made and run before the
+previous one's update). The fake runner runs each plan when it is made, in
+order, as the device would; it replaces `PREVIOUS_TOKEN` with the token it
+sampled for that sequence in the plan before, and checks every chunk against
+the tokens it knows each sequence truly has, which run ahead of the
+scheduler's by the tokens in flight.
 """
 
 from __future__ import annotations
 
 import random
+from collections import deque
 
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -26,7 +35,7 @@ from hypothesis.stateful import (
 
 from atom_trio.engine import block_manager as bm_module
 from atom_trio.engine.errors import ContextLengthExceeded, InvalidRequest
-from atom_trio.engine.plan import StepPlan, StepResult
+from atom_trio.engine.plan import PREVIOUS_TOKEN, StepPlan, StepResult
 from atom_trio.engine.sampling_params import SamplingParams
 from atom_trio.engine.scheduler import Scheduler, SeqOutput
 from atom_trio.engine.sequence import SequenceStatus
@@ -50,6 +59,10 @@ class FakeRunner:
         """(block, slot) -> the token prefix whose last token's KV is stored there."""
         self.history: dict[int, list[int]] = {}
         """Runner state per sequence: the tokens it has seen (what penalties would need)."""
+        self.truth: dict[int, list[int]] = {}
+        """Each sequence's tokens: its prompt and every token sampled for it, known to the scheduler or not yet."""
+        self.last_samples: dict[int, int] = {}
+        """What the previous plan sampled, by sequence: the values of its `PREVIOUS_TOKEN`s."""
 
     def execute(self, plan: StepPlan) -> StepResult:
         sched = self.scheduler
@@ -58,18 +71,27 @@ class FakeRunner:
         assert 0 < len(plan.chunks) <= sched.max_num_seqs
         seq_ids = [c.seq_id for c in plan.chunks]
         assert len(set(seq_ids)) == len(seq_ids)
-        assert not set(plan.finished_seq_ids) & set(seq_ids)
+        for chunk in plan.chunks:  # the runner drops state first: only a restarted sequence may be in both
+            assert chunk.seq_id not in plan.finished_seq_ids or chunk.prefix_token_ids is not None
         for seq_id in plan.finished_seq_ids:
             del self.history[seq_id]
         live = {s.seq_id: s for s in sched.running}
         blocks = sched.block_manager.blocks
         samples = []
         prompt_logprobs = []
+        samples_by_seq = {}
         for chunk in plan.chunks:
             seq = live[chunk.seq_id]
-            tokens = seq.token_ids
+            tokens = self.truth.setdefault(seq.seq_id, list(seq.token_ids))
+            assert tokens[: len(seq.token_ids)] == seq.token_ids
+            assert len(tokens) - len(seq.token_ids) == seq.num_pending_tokens - chunk.sample
             end = chunk.start_pos + len(chunk.token_ids)
-            assert chunk.token_ids and chunk.token_ids == tokens[chunk.start_pos : end]
+            if chunk.token_ids == [PREVIOUS_TOKEN]:
+                assert chunk.start_pos == len(seq.token_ids) and chunk.prefix_token_ids is None
+                assert self.last_samples[seq.seq_id] == tokens[chunk.start_pos]
+                event("previous token fed back")
+            else:
+                assert chunk.token_ids and chunk.token_ids == tokens[chunk.start_pos : end]
             assert chunk.prompt_len == seq.prompt_len
             assert len(chunk.block_table) == -(-end // size)
             assert chunk.sample == (end == len(tokens))
@@ -93,9 +115,12 @@ class FakeRunner:
                 block = blocks[chunk.block_table[pos // size]]
                 assert block.ref_count == 1 and block.block_hash is None, "wrote a shared or cached block"
                 self.kv[block.block_id, pos % size] = tuple(tokens[: pos + 1])
-            history.extend(chunk.token_ids)
+            history.extend(tokens[chunk.start_pos : end])
             if chunk.sample:  # EOS rarely, so that sequences grow long enough to need preemption
                 samples.append(EOS if self.rng.random() < 0.05 else self.rng.randrange(1, VOCAB))
+                samples_by_seq[seq.seq_id] = samples[-1]
+                tokens.append(samples[-1])
+        self.last_samples = samples_by_seq
         return StepResult(
             step_id=plan.step_id,
             token_ids=samples,
@@ -112,7 +137,8 @@ def check_invariants(sched: Scheduler) -> None:
     for seq in sched.running:
         assert seq.status is SequenceStatus.RUNNING
         assert len(seq.block_table) == -(-seq.num_computed_tokens // size)
-        assert seq.num_computed_tokens < len(seq.token_ids)
+        assert seq.num_computed_tokens < len(seq.token_ids) + seq.num_pending_tokens
+        assert 0 <= seq.num_pending_tokens <= sched.max_in_flight
         for block_id in seq.block_table:
             refs[block_id] += 1
         for i in range(seq.num_published_blocks):
@@ -175,9 +201,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_num_seqs=st.integers(1, 6),
         max_num_batched_tokens=st.integers(1, 24),
         caching=st.sampled_from([True, True, False]),
+        max_in_flight=st.sampled_from([1, 2]),
         seed=st.integers(0, 2**16),
     )
-    def setup(self, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, caching, seed) -> None:
+    def setup(self, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, caching, max_in_flight, seed) -> None:
+        self.in_flight: deque[tuple[StepPlan, StepResult]] = deque()
         self.sched = Scheduler(
             num_blocks=num_blocks,
             block_size=block_size,
@@ -186,6 +214,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             max_model_len=24,
             enable_prefix_caching=caching,
             eos_token_ids=frozenset({EOS}),
+            max_in_flight=max_in_flight,
         )
         self.runner = FakeRunner(self.sched, seed)
 
@@ -221,17 +250,27 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(abort_midway=st.sampled_from([None, None, None, 0, 1, "all"]), data=st.data())
     def step(self, abort_midway, data) -> None:
-        plan = self.sched.schedule()
-        if plan is None:
-            assert not self.sched.has_unfinished()
-            return
-        self.failed = True  # until the step completes: teardown must not go on from a broken step
-        result = self.runner.execute(plan)
+        """One turn of the engine's loop: plan and run a step while fewer than ``max_in_flight`` are
+        in flight, else (or with nothing to plan) hand the oldest step's result back."""
+        self.failed = True  # until the turn completes: teardown must not go on from a broken step
+        sched = self.sched
+        if len(self.in_flight) < sched.max_in_flight:
+            plan = sched.schedule()
+            if plan is not None:
+                self.in_flight.append((plan, self.runner.execute(plan)))
+                event(f"{len(self.in_flight)} plans in flight")
+                self.failed = False
+                return
+            if not self.in_flight:
+                assert not sched.has_unfinished()
+                self.failed = False
+                return
+        plan, result = self.in_flight.popleft()
         if abort_midway is not None and self.live_requests():
             request_id = data.draw(st.sampled_from(self.live_requests()))
             self.abort(request_id, None if abort_midway == "all" else abort_midway)
             event("aborted while in flight")
-        self.take(self.sched.update(plan, result))
+        self.take(sched.update(plan, result))
         self.failed = False
 
     def take(self, outputs: list[SeqOutput]) -> None:
@@ -281,11 +320,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         if not hasattr(self, "sched") or self.failed:
             return
         # capacity always allows every sequence to finish: run until all have
-        for _ in range(2000):
-            plan = self.sched.schedule()
-            if plan is None:
+        for _ in range(4000):
+            if not self.in_flight and not self.sched.has_unfinished():
                 break
-            self.take(self.sched.update(plan, self.runner.execute(plan)))
+            self.step(None, None)
             check_invariants(self.sched)
         assert not self.sched.has_unfinished(), "some sequence never finished"
         stats = self.sched.stats()

@@ -256,9 +256,13 @@ async def _greedy_tokens(
         return tokens
 
 
-async def test_tiny_qwen3_tp2_same_greedy_tokens_as_tp1(tiny_qwen3_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+async def test_tiny_qwen3_tp2_same_greedy_tokens_as_tp1(tiny_qwen3_dir, async_scheduling):
+    # With async scheduling every decode feeds back the previous token on the device: rank 0 broadcasts it.
     single = await _greedy_tokens(tiny_qwen3_dir, PROMPTS, GREEDY)
-    split = await _greedy_tokens(tiny_qwen3_dir, PROMPTS, GREEDY, tensor_parallel_size=2)
+    split = await _greedy_tokens(
+        tiny_qwen3_dir, PROMPTS, GREEDY, tensor_parallel_size=2, async_scheduling=async_scheduling
+    )
     assert all(len(t) == GREEDY.max_tokens for t in single)
     assert split == single
 

@@ -40,6 +40,12 @@ class TensorParallelGroup:
             dist.all_reduce(tensor)
         return tensor
 
+    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """``tensor`` as rank ``src`` holds it, on every rank (in place)."""
+        if self.size > 1:
+            dist.broadcast(tensor, src=src)
+        return tensor
+
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's ``tensor`` concatenated along ``dim``, in rank order (same shapes on every rank)."""
         if self.size == 1:

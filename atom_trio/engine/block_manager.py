@@ -177,16 +177,18 @@ class BlockManager:
         return block_id
 
     def publish(self, seq: Sequence) -> None:
-        """Offer ``seq``'s newly computed full blocks to the prefix cache.
+        """Offer ``seq``'s newly computed full blocks of known tokens to the prefix cache.
 
-        Called after the step that computed them, never before: a block in
-        the cache must hold valid KV. When the hash is taken already (two
+        A block in the cache must hold valid KV for whoever finds it, so this
+        is called once the step that computes the block has been sent to the
+        runner: the runner runs plans in order, and a sequence that finds the
+        block can only be in a later plan. When the hash is taken already (two
         sequences computed the same prefix at once, or a collision) the block
         stays private, and so do the sequence's later blocks.
         """
         if not self.enable_prefix_caching:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // self.block_size
         start = seq.num_published_blocks
         if start >= num_full:
             return

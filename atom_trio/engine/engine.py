@@ -2,11 +2,13 @@
 
 Inside ``async with open_engine(config) as engine:`` two tasks run:
 
-- the **step loop**: asks the scheduler for a plan, awaits the executor
-  (the model computes on a worker thread; the event loop stays free), lets
-  the scheduler digest the result, and passes the per-sequence outputs on
-  through a small channel. With nothing to run it sleeps on an event that
-  intake sets.
+- the **step loop**: asks the scheduler for a plan, has the executor
+  launch it (the model computes on a worker thread or in worker processes;
+  the event loop stays free), collects the result, lets the scheduler digest
+  it, and passes the per-sequence outputs on through a small channel. With
+  asynchronous scheduling (the default on a GPU) it plans and launches the
+  next step before collecting the previous one. With nothing to run it
+  sleeps on an event that intake sets.
 - the **detokenizer**: turns each step's token deltas into text deltas (one
   `Detokenizer` per completion), applies stop strings (aborting the
   sequence in the scheduler with reason "stop"), and puts one
@@ -58,6 +60,7 @@ if sys.version_info < (3, 11):
 if TYPE_CHECKING:
     from atom_trio.executor import Executor
 
+    from .plan import StepPlan
     from .scheduler import Scheduler
     from .sequence import SeqOutput
 
@@ -325,15 +328,27 @@ class AsyncEngine:
             self._die(exc)
 
     async def _step_loop(self, send: trio.MemorySendChannel[list[SeqOutput]]) -> None:
+        """Launch the scheduler's plans and hand their results back to it, up to its ``max_in_flight`` at once.
+
+        With one in flight a step runs start to end; with two (asynchronous
+        scheduling) the next plan is launched before the previous one's
+        tokens are collected, so the device never waits for the host.
+        """
+        scheduler, executor = self._scheduler, self._executor
+        in_flight: collections.deque[StepPlan] = collections.deque()
         async with send:
             while True:
-                self._work = trio.Event()  # before schedule(): a request arriving from now on wakes us
-                plan = self._scheduler.schedule()
-                if plan is None:
-                    await self._work.wait()
-                    continue
-                result = await self._executor.execute(plan)
-                outputs = self._scheduler.update(plan, result)
+                if len(in_flight) < scheduler.max_in_flight:
+                    self._work = trio.Event()  # before schedule(): a request arriving from now on wakes us
+                    plan = scheduler.schedule()
+                    if plan is not None:
+                        await executor.launch(plan)
+                        in_flight.append(plan)
+                        continue
+                    if not in_flight:
+                        await self._work.wait()
+                        continue
+                outputs = scheduler.update(in_flight.popleft(), await executor.collect())
                 self._num_steps += 1
                 if outputs:
                     await send.send(outputs)
@@ -481,7 +496,7 @@ async def open_engine(config: EngineConfig | None = None, /, **fields: Any) -> A
             itself propagates as it was raised.
         ModelLoadError: the model or tokenizer could not be loaded.
     """
-    from atom_trio.executor import open_executor
+    from atom_trio.executor import open_executor, wants_async_scheduling
     from atom_trio.loader import load_tokenizer
 
     from .scheduler import Scheduler
@@ -500,6 +515,7 @@ async def open_engine(config: EngineConfig | None = None, /, **fields: Any) -> A
                 max_model_len=executor.max_model_len,
                 enable_prefix_caching=config.enable_prefix_caching,
                 eos_token_ids=executor.eos_token_ids,
+                max_in_flight=2 if wants_async_scheduling(config) else 1,
             )
             engine = AsyncEngine(config, tokenizer, executor, scheduler)
             try:

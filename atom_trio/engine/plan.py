@@ -17,6 +17,13 @@ import attrs
 
 from .sampling_params import SamplingParams
 
+PREVIOUS_TOKEN = -1
+"""The token id of a decode chunk whose token is the one its sequence sampled in the previous plan.
+
+Asynchronous scheduling plans step N+1 while step N runs, before N's tokens
+are known; the runner feeds each such chunk the token it sampled for that
+sequence in N, straight from the device."""
+
 
 @attrs.define
 class SeqChunk:
@@ -32,7 +39,8 @@ class SeqChunk:
 
     Attributes:
         seq_id: the scheduler's id of the sequence (unique while it lives).
-        token_ids: the tokens whose KV this step computes and stores.
+        token_ids: the tokens whose KV this step computes and stores; a
+            decode chunk's may be ``[PREVIOUS_TOKEN]``.
         start_pos: position of ``token_ids[0]``; positions below it are
             already in the KV cache (computed earlier or found in the prefix cache).
         block_table: physical KV blocks covering positions ``[0, start_pos + len(token_ids))``.
@@ -73,7 +81,12 @@ class SeqChunk:
 
 @attrs.frozen(kw_only=True)
 class StepPlan:
-    """One step: chunks to compute, and sequences whose runner state can be dropped."""
+    """One step: chunks to compute, and sequences whose runner state can be dropped.
+
+    The runner drops that state before it reads the chunks: a sequence
+    preempted while an earlier plan was in flight may be in both, restarted
+    by a chunk that carries its ``prefix_token_ids``.
+    """
 
     step_id: int
     chunks: list[SeqChunk]

@@ -65,6 +65,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling reads the values of the tokens so far (repetition, presence or frequency penalty)."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
     def validate(self, *, vocab_size: int | None = None, max_logprobs: int = 20) -> None:
         """Raise `InvalidRequest` naming the first parameter that is out of range."""
 

@@ -31,6 +31,17 @@ the prefix cache, and ends sequences on EOS (unless ``ignore_eos``), a stop
 token id, ``max_tokens`` or the context length; EOS and stop token ids do not
 end a sequence before ``min_tokens``.
 
+Asynchronous scheduling: `schedule` may plan the next step while
+``max_in_flight`` - 1 earlier plans still run (the engine uses two, so that the
+host plans step N+1 while the device computes step N). A chunk counts as
+computed as soon as it is planned, since the runner runs plans in order. A
+sequence whose token is still being sampled gets a decode chunk carrying
+`PREVIOUS_TOKEN`, which the runner replaces with that token on the device;
+one that will reach ``max_tokens`` with it gets none. When the token turns
+out to end the sequence (EOS, a stop string), the next plan has already run
+one wasted decode for it: `update` drops that chunk's result, and the blocks
+freed meanwhile are only reused by plans that run after it.
+
 A request asking for prompt logprobs gets them from sibling 0 alone (they are
 the same for every sibling). That sequence never takes prompt tokens from the
 prefix cache, as in vLLM: a cached position is not run through the model, so
@@ -48,7 +59,7 @@ import attrs
 
 from .block_manager import BlockManager
 from .errors import ContextLengthExceeded, InvalidRequest
-from .plan import SeqChunk, StepPlan, StepResult
+from .plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult
 from .sampling_params import SamplingParams
 from .sequence import FinishReason, Sequence, SeqOutput, SequenceStatus
 
@@ -80,7 +91,8 @@ class Scheduler:
     ``max_model_len`` is capped at the KV cache's capacity
     (``num_blocks * block_size``) so that a sequence running alone always
     fits; read the effective value from ``scheduler.max_model_len``.
-    `schedule` and `update` alternate: one plan is in flight at a time.
+    Up to ``max_in_flight`` plans from `schedule` await their `update`, which
+    takes them oldest first.
     """
 
     def __init__(
@@ -93,9 +105,10 @@ class Scheduler:
         max_model_len: int,
         enable_prefix_caching: bool = True,
         eos_token_ids: frozenset[int] = frozenset(),
+        max_in_flight: int = 1,
     ) -> None:
-        if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
-            raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1 or max_in_flight < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens, max_model_len and max_in_flight must be positive")
         self.block_manager = BlockManager(
             num_blocks=num_blocks, block_size=block_size, enable_prefix_caching=enable_prefix_caching
         )
@@ -105,6 +118,7 @@ class Scheduler:
         self.max_model_len = min(max_model_len, num_blocks * block_size)
         self.enable_prefix_caching = enable_prefix_caching
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_in_flight = max_in_flight
 
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}
@@ -115,8 +129,7 @@ class Scheduler:
         self._step_ids = itertools.count()
         self._dropped: list[int] = []
         """Sequences whose runner state can go, sent with the next plan."""
-        self._in_flight: StepPlan | None = None
-        self._in_flight_samples = 0
+        self._in_flight: deque[StepPlan] = deque()
 
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -198,8 +211,8 @@ class Scheduler:
 
     def schedule(self) -> StepPlan | None:
         """The next step's plan, or ``None`` when nothing can run."""
-        if self._in_flight is not None:
-            raise RuntimeError("schedule() called again before update() of the previous plan")
+        if len(self._in_flight) >= self.max_in_flight:
+            raise RuntimeError(f"schedule() called with {len(self._in_flight)} plans awaiting update()")
         budget = self.max_num_batched_tokens
         size = self.block_size
         chunks: list[SeqChunk] = []
@@ -213,9 +226,12 @@ class Scheduler:
             if seq.status is not _RUNNING:  # preempted for an older sequence in this loop
                 continue
             tokens = seq.token_ids
-            num_tokens = len(tokens)
+            pending = seq.num_pending_tokens
+            num_tokens = len(tokens) + pending
             if seq.num_computed_tokens + 1 < num_tokens:
                 prefilling.append(seq)
+                continue
+            if num_tokens >= seq.max_len:  # its pending token is its last
                 continue
             if len(seq.block_table) * size < num_tokens and not self._fit(seq, 1, scheduled):
                 continue
@@ -224,15 +240,17 @@ class Scheduler:
             chunks.append(
                 SeqChunk(
                     seq_id=seq.seq_id,
-                    token_ids=tokens[-1:],
+                    token_ids=[PREVIOUS_TOKEN] if pending else tokens[-1:],
                     start_pos=num_tokens - 1,
                     block_table=seq.block_table[:],
                     prompt_len=seq.prompt_len,
                     sample=True,
                     sampling_params=seq.params,
-                    prefix_token_ids=None if seq.runner_knows else self._introduce(seq),
+                    prefix_token_ids=None if seq.runner_knows else self._introduce(seq, num_tokens - 1),
                 )
             )
+            seq.num_computed_tokens = num_tokens
+            seq.num_pending_tokens = pending + 1
             budget -= 1
 
         for seq in prefilling:
@@ -253,8 +271,7 @@ class Scheduler:
             return None
         plan = StepPlan(step_id=next(self._step_ids), chunks=chunks, finished_seq_ids=self._dropped)
         self._dropped = []
-        self._in_flight = plan
-        self._in_flight_samples = sum(1 for c in chunks if c.sample)
+        self._in_flight.append(plan)
         return plan
 
     def _fit(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> int:
@@ -283,7 +300,7 @@ class Scheduler:
         while budget and self._waiting and len(self._running) < self.max_num_seqs:
             seq = self._waiting[0]
             leader = seq.leader
-            if leader is not None and leader.status is _RUNNING and leader.num_computed_tokens < leader.prompt_len:
+            if leader is not None and leader.status is _RUNNING and not self._prompt_ready(leader, chunks):
                 break  # share the prompt's blocks once sibling 0 has computed them
             lookup = self.enable_prefix_caching and seq.params.prompt_logprobs is None
             shared = manager.match_prefix(seq) if lookup else self._leader_blocks(seq)
@@ -308,6 +325,19 @@ class Scheduler:
             budget -= num_tokens
         return budget
 
+    @staticmethod
+    def _prompt_ready(leader: Sequence, chunks: list[SeqChunk]) -> bool:
+        """Whether running sibling 0's prompt blocks are computed (and published) for plans from this one on.
+
+        Not while its first token is still to come back (its last prompt
+        chunk may be in flight, unpublished) or it recomputes the prompt after
+        a preemption, in an earlier plan or in this one.
+        """
+        prompt_len = leader.prompt_len
+        if len(leader.token_ids) == prompt_len or leader.num_computed_tokens < prompt_len:
+            return False
+        return not any(c.seq_id == leader.seq_id and c.start_pos < prompt_len for c in chunks)
+
     def _leader_blocks(self, seq: Sequence) -> list[int]:
         """Without a prefix cache, a sibling shares the full prompt blocks sibling 0 has computed."""
         leader = seq.leader
@@ -318,10 +348,13 @@ class Scheduler:
         return leader.block_table[:num_blocks]
 
     def _chunk(self, seq: Sequence, num_tokens: int) -> SeqChunk:
+        """The next chunk of a sequence whose tokens are all known, counted as computed from now on."""
         start = seq.num_computed_tokens
         end = start + num_tokens
         tokens = seq.token_ids
         sample = end == len(tokens)
+        seq.num_computed_tokens = end
+        seq.num_pending_tokens = int(sample)
         return SeqChunk(
             seq_id=seq.seq_id,
             token_ids=tokens[start:end],
@@ -330,14 +363,14 @@ class Scheduler:
             prompt_len=seq.prompt_len,
             sample=sample,
             sampling_params=seq.params if sample or seq.prompt_logprobs is not None else None,
-            prefix_token_ids=None if seq.runner_knows else self._introduce(seq),
+            prefix_token_ids=None if seq.runner_knows else self._introduce(seq, start),
         )
 
     @staticmethod
-    def _introduce(seq: Sequence) -> list[int]:
+    def _introduce(seq: Sequence, start: int) -> list[int]:
         """The ``prefix_token_ids`` of the first chunk the runner sees of ``seq`` (since admission or preemption)."""
         seq.runner_knows = True
-        return seq.token_ids[: seq.num_computed_tokens]
+        return seq.token_ids[:start]
 
     def _preempt(self, seq: Sequence) -> None:
         del self._running[seq.seq_id]
@@ -350,21 +383,22 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update(self, plan: StepPlan, result: StepResult) -> list[SeqOutput]:
-        """Take the step's sampled tokens: extend sequences, publish computed blocks, end finished ones."""
-        if plan is not self._in_flight:
-            raise RuntimeError("update() must get the plan that the last schedule() returned")
-        self._in_flight = None
-        num_samples = self._in_flight_samples
+        """Take the oldest plan's sampled tokens: extend sequences, publish computed blocks, end finished ones."""
+        if not self._in_flight or plan is not self._in_flight[0]:
+            raise RuntimeError("update() must get the oldest plan that schedule() returned and update() has not taken")
+        chunks = plan.chunks
+        num_samples = sum(1 for c in chunks if c.sample)
         prompt_logprobs = result.prompt_logprobs
         if (
             result.step_id != plan.step_id
             or len(result.token_ids) != num_samples
-            or (prompt_logprobs is not None and len(prompt_logprobs) != len(plan.chunks))
+            or (prompt_logprobs is not None and len(prompt_logprobs) != len(chunks))
         ):
             raise ValueError(
                 f"result of step {result.step_id} with {len(result.token_ids)} tokens does not match "
-                f"plan {plan.step_id} with {num_samples} sampled chunks of {len(plan.chunks)}"
+                f"plan {plan.step_id} with {num_samples} sampled chunks of {len(chunks)}"
             )
+        self._in_flight.popleft()
         manager = self.block_manager
         size = self.block_size
         caching = self.enable_prefix_caching
@@ -372,25 +406,31 @@ class Scheduler:
         sampled, logprobs, top_logprobs = result.token_ids, result.logprobs, result.top_logprobs
         outputs: list[SeqOutput] = []
         k = -1
-        for j, chunk in enumerate(plan.chunks):
+        for j, chunk in enumerate(chunks):
             if chunk.sample:
                 k += 1
             seq = live.get(chunk.seq_id)
-            if seq is None:  # aborted while its step was in flight
+            if seq is None:  # aborted or ended while its step was in flight
                 continue
             if prompt_logprobs is not None and prompt_logprobs[j] is not None and seq.prompt_logprobs is not None:
                 # a recompute after preemption brings again the positions collected before it
                 collected = seq.prompt_logprobs
                 collected.extend(prompt_logprobs[j][max(0, len(collected) - chunk.start_pos) :])
-            num_computed = seq.num_computed_tokens + len(chunk.token_ids)
-            seq.num_computed_tokens = num_computed
-            if caching and num_computed // size > seq.num_published_blocks:
+            tokens = seq.token_ids
+            if chunk.sample:
+                token = sampled[k]
+                tokens.append(token)
+                seq.num_pending_tokens -= 1
+            # Blocks planned by now hold valid KV for every later plan; only known tokens can be hashed.
+            # (A sequence preempted since this plan keeps its token but has no blocks left to publish.)
+            if (
+                caching
+                and min(seq.num_computed_tokens, len(tokens)) // size > seq.num_published_blocks
+                and seq.status is _RUNNING
+            ):
                 manager.publish(seq)
             if not chunk.sample:
                 continue
-            token = sampled[k]
-            tokens = seq.token_ids
-            tokens.append(token)
             if token in seq.finish_token_ids or len(tokens) >= seq.max_len:
                 finish_reason, stop_reason = self._stop(seq, token)
             else:

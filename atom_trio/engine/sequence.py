@@ -2,8 +2,12 @@
 
 A request with ``n`` completions becomes ``n`` sibling sequences that share
 the prompt. A sequence's *known tokens* are its prompt followed by what it has
-generated so far; the KV of all but the last one is computed (or, mid-prefill,
-of the first ``num_computed_tokens``).
+generated so far. With asynchronous scheduling a step may be planned while
+the previous one still runs, so a sequence may also have a *pending* token:
+sampled by a plan in flight, not known yet, but already fed to the next plan
+(the runner takes it from the device). The KV of all its tokens, known and
+pending, but the last is planned (or, mid-prefill, of the first
+``num_computed_tokens``).
 """
 
 from __future__ import annotations
@@ -30,7 +34,12 @@ class Sequence:
 
     Attributes:
         token_ids: the known tokens, prompt first.
-        num_computed_tokens: leading tokens whose KV is in ``block_table``'s blocks.
+        num_computed_tokens: leading tokens whose KV is in ``block_table``'s
+            blocks, or will be once the plans in flight have run: a chunk
+            counts from the moment it is planned, because the runner runs
+            plans in order, so any later plan finds its KV written.
+        num_pending_tokens: tokens sampled by plans in flight whose values
+            are not known yet (0, or 1 under asynchronous scheduling).
         block_table: physical blocks covering at least ``num_computed_tokens`` positions.
         block_hashes: chained hashes of the first full blocks of ``token_ids``,
             computed lazily and kept across preemption (they depend on the
@@ -65,6 +74,7 @@ class Sequence:
         "leader",
         "status",
         "num_computed_tokens",
+        "num_pending_tokens",
         "block_table",
         "block_hashes",
         "num_published_blocks",
@@ -99,6 +109,7 @@ class Sequence:
         self.leader = leader
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []
         self.num_published_blocks = 0

@@ -14,7 +14,16 @@ from atom_trio.executor.thread import ThreadExecutor as ThreadExecutor
 if TYPE_CHECKING:
     from atom_trio.config import EngineConfig
 
-__all__ = ["Executor", "ProcessExecutor", "ThreadExecutor", "open_executor", "open_process_executor", "wants_processes"]
+__all__ = [
+    "Executor",
+    "ProcessExecutor",
+    "ThreadExecutor",
+    "open_executor",
+    "open_process_executor",
+    "runs_on_gpu",
+    "wants_async_scheduling",
+    "wants_processes",
+]
 
 
 @asynccontextmanager
@@ -42,6 +51,21 @@ def wants_processes(config: EngineConfig) -> bool:
     """
     if config.executor != "auto" or config.tensor_parallel_size > 1:
         return config.executor == "process" or config.tensor_parallel_size > 1
+    return runs_on_gpu(config)
+
+
+def wants_async_scheduling(config: EngineConfig) -> bool:
+    """``config.async_scheduling``, by default on a GPU.
+
+    Planning step N+1 while step N runs hides the host's share of a step
+    behind the device's. On the CPU the runner computes a step before it
+    returns from launching it, so there is nothing to hide, and results would
+    only come a step later.
+    """
+    return runs_on_gpu(config) if config.async_scheduling is None else config.async_scheduling
+
+
+def runs_on_gpu(config: EngineConfig) -> bool:
     if config.device != "auto":
         return config.device.startswith("cuda")
     import torch

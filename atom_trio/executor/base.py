@@ -12,8 +12,10 @@ class Executor(Protocol):
     """Runs step plans on the model runner(s) without blocking the event loop.
 
     The attributes describe the model and its KV cache as the runner sized
-    them; the engine builds its scheduler from them. ``execute`` is called by
-    one task at a time, a step after the previous one has returned.
+    them; the engine builds its scheduler from them. One task at a time runs
+    steps: ``execute`` (one step, start to end), or `launch` and `collect`,
+    which let the next plan be launched before the previous step's tokens
+    are read, so that the host's work overlaps the device's.
     """
 
     num_kv_blocks: int
@@ -29,6 +31,14 @@ class Executor(Protocol):
 
     async def execute(self, plan: StepPlan) -> StepResult:
         """Run one step and return what it sampled; an error here means the model is unusable."""
+        ...
+
+    async def launch(self, plan: StepPlan) -> None:
+        """Start one step without waiting for its tokens (at most two launched steps await `collect`)."""
+        ...
+
+    async def collect(self) -> StepResult:
+        """What the oldest launched step sampled; an error here means the model is unusable."""
         ...
 
     async def aclose(self) -> None:

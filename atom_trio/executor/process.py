@@ -25,6 +25,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -169,7 +170,7 @@ class _Worker:
     exited: trio.Event = attrs.Factory(trio.Event)
     ready: bool = False  # answered Init, so it reads its socket and will see Shutdown
     error: protocol.Error | None = None  # what the worker said before exiting, if anything
-    owed: int = 0  # steps sent and not answered yet
+    owed: int = 0  # answers due (a step executed, or launched and then followed or flushed) and not read yet
 
     @property
     def returncode(self) -> int | None:
@@ -193,6 +194,10 @@ class ProcessExecutor:
         self._failure: WorkerDied | None = None
         self._step_scope: trio.CancelScope | None = None
         self._closed = False
+        self._launched: deque[int] = deque()
+        """Steps launched and not collected, oldest first."""
+        self._held = False
+        """Whether the workers hold the newest launched step's answer until the next Launch or a Flush."""
         self.num_kv_blocks = self.block_size = self.max_model_len = self.vocab_size = 0
         self.eos_token_ids: frozenset[int] = frozenset()
 
@@ -325,13 +330,48 @@ class ProcessExecutor:
         Raises:
             WorkerDied: a worker exited, failed, or gave no answer within ``config.worker_timeout``.
         """
+        self._check_ready()
+        if self._launched:
+            raise trio.BusyResourceError("launched steps await collect()")
+        return await self._round(plan.step_id, self._encoder.encode(protocol.Execute(plan=plan)))
+
+    async def launch(self, plan: StepPlan) -> None:
+        """Send ``plan`` to every rank, which start it and answer the step launched before it, if any.
+
+        Raises:
+            WorkerDied: as `execute`.
+        """
+        self._check_ready()
+        if len(self._launched) >= 2:
+            raise trio.BusyResourceError("two launched steps await collect()")
+        await self._round(None, self._encoder.encode(protocol.Launch(plan=plan)), due=self._held)
+        self._launched.append(plan.step_id)
+        self._held = True
+
+    async def collect(self) -> StepResult:
+        """Rank 0's result of the oldest launched step (asking for it when no step was launched after it).
+
+        Raises:
+            WorkerDied: as `execute`.
+        """
+        self._check_ready()
+        step_id = self._launched.popleft()  # a collect cancelled midway leaves its answer to be skipped
+        if self._held and not self._launched:
+            self._held = False
+            return await self._round(step_id, self._encoder.encode(protocol.Flush()))
+        return await self._round(step_id, None)
+
+    def _check_ready(self) -> None:
         if self._failure is not None:
             raise self._failure
         if self._closed:
             raise trio.ClosedResourceError("the executor is closed")
         if self._step_scope is not None:
             raise trio.BusyResourceError("another task is already running a step")
-        frame = self._encoder.encode(protocol.Execute(plan=plan))
+
+    async def _round(self, step_id: int | None, frame: bytes | None, *, due: bool = True) -> Any:
+        """Send ``frame`` (if any) to every rank, which makes one answer ``due`` from each; then, unless
+        ``step_id`` is None, read each rank's latest answer and return rank 0's result of step ``step_id``."""
         deadline = trio.current_time() + self._timeout
         answers: list[Any] = []
         # One scope for both ways a step ends early (each costs µs): `_fail` cancels it
@@ -339,26 +379,30 @@ class ProcessExecutor:
         with trio.CancelScope(deadline=deadline) as scope:
             self._step_scope = scope
             try:
-                answers = await self._step(frame, deadline)
+                if frame is not None:
+                    for worker in self._workers:
+                        await self._send(worker, frame, deadline)  # only the deadline may interrupt it
+                        worker.owed += due
+                if step_id is not None:
+                    answers = [await self._latest_answer(worker) for worker in self._workers]
             finally:
                 self._step_scope = None
         if self._failure is not None:  # a worker exited while we waited on another
             raise self._failure
         if scope.cancelled_caught:
-            raise self._fail(self._timed_out(next(w for w in self._workers if w.owed)))
+            raise self._fail(self._timed_out(next((w for w in self._workers if w.owed), self._workers[0])))
+        if step_id is None:
+            return None
         result = answers[0].result
-        if result.step_id != plan.step_id or any(ack.step_id != plan.step_id for ack in answers[1:]):
+        if result.step_id != step_id or any(ack.step_id != step_id for ack in answers[1:]):
             raise self._fail(WorkerDied(rank=0, returncode=None, detail="answered another step"))
         return result
 
-    async def _step(self, frame: bytes, deadline: float) -> list[Any]:
-        for worker in self._workers:
-            while worker.owed:  # answers to a step that was cancelled from outside: the worker ran it anyway
-                await self._answer(worker)
-        for worker in self._workers:
-            await self._send(worker, frame, deadline)  # only the deadline may interrupt it
-            worker.owed += 1
-        return [await self._answer(worker) for worker in self._workers]
+    async def _latest_answer(self, worker: _Worker) -> Any:
+        """The last answer due from ``worker``, after those of steps whose reader was cancelled."""
+        while worker.owed > 1:
+            await self._answer(worker)
+        return await self._answer(worker)
 
     def _timed_out(self, worker: _Worker) -> WorkerDied:
         return WorkerDied(rank=worker.rank, returncode=None, detail=f"no answer within worker_timeout={self._timeout} s")

@@ -11,6 +11,8 @@ so nothing touches the KV cache after the engine believes the step is over.
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -36,6 +38,7 @@ class ThreadExecutor:
         self.max_model_len: int = runner.max_model_len
         self.vocab_size: int = runner.vocab_size
         self.eos_token_ids: frozenset[int] = frozenset(runner.eos_token_ids)
+        self._launched: deque[Any] = deque()
 
     @classmethod
     async def create(cls, config: EngineConfig) -> ThreadExecutor:
@@ -52,8 +55,17 @@ class ThreadExecutor:
         return None
 
     async def execute(self, plan: StepPlan) -> StepResult:
+        return await self._run(self.runner.execute, plan)
+
+    async def launch(self, plan: StepPlan) -> None:
+        self._launched.append(await self._run(self.runner.launch, plan))
+
+    async def collect(self) -> StepResult:
+        return await self._run(self.runner.collect, self._launched.popleft())
+
+    async def _run(self, work: Callable[[Any], Any], arg: Any) -> Any:
         return await trio.to_thread.run_sync(
-            self.runner.execute, plan, limiter=self._limiter, abandon_on_cancel=False, thread_name="atom-trio step"
+            work, arg, limiter=self._limiter, abandon_on_cancel=False, thread_name="atom-trio step"
         )
 
     async def aclose(self) -> None:

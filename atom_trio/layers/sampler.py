@@ -80,7 +80,7 @@ def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Copy host data to `device` without a host sync.
 
     A pageable host-to-CUDA copy waits for the stream to drain; a pinned,
@@ -90,6 +90,11 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
+
+
+def _row_index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``rows`` as an index tensor on ``device``: indexing a CUDA tensor with a list would copy it with a host sync."""
+    return host_to_device(torch.tensor(rows, dtype=torch.long), device)
 
 
 @functools.cache
@@ -112,7 +117,7 @@ def _flat_index(rows: Sequence[int], token_lists: Sequence[Sequence[int]], vocab
     lengths = [len(t) for t in token_lists]
     tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.int64, count=sum(lengths))
     tokens += np.repeat(np.asarray(rows, dtype=np.int64) * vocab, lengths)
-    return _to_device(torch.from_numpy(tokens), torch.device(device))
+    return host_to_device(torch.from_numpy(tokens), torch.device(device))
 
 
 TRITON_MIN_ROWS = 32
@@ -138,13 +143,24 @@ class Sampler:
         self._triton = triton
 
     def __call__(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SamplerOutput:
+        token_ids, logprobs, top_logprobs = self.sample_on_device(logits, requests)
+        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs, top_logprobs=top_logprobs)
+
+    def sample_on_device(
+        self, logits: torch.Tensor, requests: list[SampleRequest]
+    ) -> tuple[torch.Tensor, list[float | None], list[list[tuple[int, float]] | None]]:
+        """The sampled tokens as an int64 tensor on the logits' device, and the logprob columns.
+
+        Waits for the device only when a row asks for logprobs (they come back as
+        Python lists); otherwise the tokens can feed the next step before the host has seen them.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         logits = logits.float()
         processed = self.process_logits(logits, requests)
         token_ids = self._sample(processed, requests)
         logprobs, top_logprobs = self._logprobs(logits, token_ids, requests)
-        return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs, top_logprobs=top_logprobs)
+        return token_ids, logprobs, top_logprobs
 
     # -- steps 2-3: logits processors that can change the argmax ----------------------
 
@@ -158,11 +174,7 @@ class Sampler:
         bias_rows = [i for i, r in enumerate(requests) if r.params.logit_bias]
         blocked = {i: self._blocked_ids(r) for i, r in enumerate(requests)}
         blocked = {i: ids for i, ids in blocked.items() if ids}
-        penalty_rows = [
-            i
-            for i, r in enumerate(requests)
-            if r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty
-        ]
+        penalty_rows = [i for i, r in enumerate(requests) if r.params.penalized]
         if not (bias_rows or blocked or penalty_rows):
             return logits
         out = logits.clone()
@@ -170,7 +182,7 @@ class Sampler:
         if bias_rows:
             biases = [requests[i].params.logit_bias for i in bias_rows]
             index = _flat_index(bias_rows, [list(b) for b in biases], vocab, device)
-            values = _to_device(torch.tensor([v for b in biases for v in b.values()], dtype=out.dtype), device)
+            values = host_to_device(torch.tensor([v for b in biases for v in b.values()], dtype=out.dtype), device)
             flat.index_add_(0, index, values)
         if blocked:
             flat.index_fill_(0, _flat_index(list(blocked), list(blocked.values()), vocab, device), -math.inf)
@@ -193,11 +205,11 @@ class Sampler:
         vocab, device = out.shape[1], out.device
         local = range(len(rows))
         whole = len(rows) == out.shape[0]
-        row_index = None if whole else _to_device(torch.tensor(rows), device)
+        row_index = None if whole else host_to_device(torch.tensor(rows), device)
         sub = out if whole else out[row_index]
 
         def column(values: list[float]) -> torch.Tensor:
-            return _to_device(torch.tensor(values, dtype=sub.dtype), device).unsqueeze(1)
+            return host_to_device(torch.tensor(values, dtype=sub.dtype), device).unsqueeze(1)
 
         params = [r.params for r in requests]
         output_index = _flat_index(local, [r.output_token_ids for r in requests], vocab, device)
@@ -229,12 +241,13 @@ class Sampler:
         if kernels is not None:
             return self._sample_triton(kernels, logits, requests)
         all_random = len(random_rows) == len(requests)
-        x = logits if all_random else logits[random_rows]
+        random_index = None if all_random else _row_index(random_rows, logits.device)
+        x = logits if all_random else logits[random_index]
         params = [requests[i].params for i in random_rows]
         device = x.device
 
         def column(values: list[float], dtype=torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device).unsqueeze(1)
+            return host_to_device(torch.tensor(values, dtype=dtype), device).unsqueeze(1)
 
         if any(p.temperature != 1.0 for p in params):
             x = x / column([p.temperature for p in params])
@@ -254,7 +267,7 @@ class Sampler:
         if all_random:
             return sampled
         tokens = logits.argmax(dim=-1)
-        tokens[random_rows] = sampled
+        tokens[random_index] = sampled
         return tokens
 
     def _kernels(self, device: torch.device, num_random_rows: int) -> ModuleType | None:
@@ -297,7 +310,7 @@ class Sampler:
             ],
             dtype=torch.int64,
         )
-        knobs, integers = _to_device(knobs, logits.device), _to_device(integers, logits.device)
+        knobs, integers = host_to_device(knobs, logits.device), host_to_device(integers, logits.device)
         seeds = integers[1]
         if not all(seeded):
             drawn = torch.empty_like(seeds).random_()
@@ -312,14 +325,15 @@ class Sampler:
         rows = [i for i, k in enumerate(ks) if k]
         if not rows:
             return
-        sub = x if len(rows) == len(params) else x[rows]
-        k = torch.tensor([ks[i] for i in rows], dtype=torch.long, device=x.device).unsqueeze(1)
+        index = None if len(rows) == len(params) else _row_index(rows, x.device)
+        sub = x if index is None else x[index]
+        k = host_to_device(torch.tensor([ks[i] for i in rows], dtype=torch.long), x.device).unsqueeze(1)
         kth = sub.topk(max(ks), dim=-1).values.gather(1, k - 1)
         masked = sub.masked_fill(sub < kth, -math.inf)
-        if sub is x:
+        if index is None:
             x.copy_(masked)
         else:
-            x[rows] = masked
+            x[index] = masked
 
     @staticmethod
     def _top_p(x: torch.Tensor, params: list[SamplingParams]) -> None:
@@ -327,17 +341,18 @@ class Sampler:
         rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
         if not rows:
             return
-        sub = x if len(rows) == len(params) else x[rows]
-        top_p = torch.tensor([params[i].top_p for i in rows], dtype=x.dtype, device=x.device).unsqueeze(1)
+        index = None if len(rows) == len(params) else _row_index(rows, x.device)
+        sub = x if index is None else x[index]
+        top_p = host_to_device(torch.tensor([params[i].top_p for i in rows], dtype=x.dtype), x.device).unsqueeze(1)
         ascending, order = sub.sort(dim=-1)
         tail_mass = ascending.softmax(dim=-1).cumsum(dim=-1)
         drop = tail_mass <= 1.0 - top_p
         drop[:, -1] = False  # the most likely token always survives
         masked = sub.masked_fill(drop.scatter(1, order, drop), -math.inf)
-        if sub is x:
+        if index is None:
             x.copy_(masked)
         else:
-            x[rows] = masked
+            x[index] = masked
 
     def _exponential_noise(self, probs: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
         """Exp(1) noise per row: the default RNG for unseeded rows, a per-step seeded stream otherwise."""
@@ -345,7 +360,7 @@ class Sampler:
         seeded = [i for i, r in enumerate(requests) if r.params.seed is not None]
         if len(seeded) < len(requests):
             if seeded:
-                unseeded = [i for i, r in enumerate(requests) if r.params.seed is None]
+                unseeded = _row_index([i for i, r in enumerate(requests) if r.params.seed is None], probs.device)
                 noise[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=probs.device).exponential_()
             else:
                 noise.exponential_()

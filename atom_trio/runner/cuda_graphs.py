@@ -126,7 +126,7 @@ class DecodeGraphs:
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
     ) -> torch.Tensor:
-        """Replay the step for ``n`` decode tokens given as host tensors; float32 logits ``[n, vocab]``.
+        """Replay the step for ``n`` decode tokens (inputs on the host or the device); float32 logits ``[n, vocab]``.
 
         The result is a view of the graph's output: the next replay overwrites it.
         """

@@ -8,6 +8,17 @@ sequence's token history (prompt and output, for the sampler's penalties and
 seeds) from the tokens the plans carry, and forgets it when the plan lists
 the sequence as finished.
 
+``execute`` is `launch` then `collect`, and the two may be apart: `launch`
+queues the step on the device and returns at once, its sampled tokens still
+on the device; `collect` waits for them and reads them. Between the two the
+next plan can be launched, its decode chunks carrying `PREVIOUS_TOKEN` where
+the host does not know a token yet: those take the token this runner sampled
+for their sequence in the step launched just before, on the device (under
+tensor parallelism rank 0 broadcasts it). So the host plans and prepares step
+N+1 while the device computes step N. Host-to-device copies go through pinned
+memory without waiting for the device; what still waits is a request for
+logprobs (they come back as lists) and a penalty on a token not read yet.
+
 Prompt logprobs (``SamplingParams.prompt_logprobs``) come from the hidden
 states of every prompt position of a chunk. Position ``p`` predicts token
 ``p + 1``, so a chunk's last position predicts the first token of the *next*
@@ -28,6 +39,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import chain
 
@@ -37,10 +49,10 @@ import torch
 from atom_trio.config import EngineConfig
 from atom_trio.distributed import TensorParallelGroup, destroy_distributed, init_distributed, use_tp_group
 from atom_trio.engine.errors import ModelLoadError
-from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult, TokenLogprobs
+from atom_trio.engine.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult, TokenLogprobs
 from atom_trio.engine.sampling_params import SamplingParams
 from atom_trio.layers import Attention, ForwardContext, forward_context
-from atom_trio.layers.sampler import SampleRequest, Sampler
+from atom_trio.layers.sampler import SampleRequest, Sampler, host_to_device
 from atom_trio.loader import iter_weights, resolve_model
 from atom_trio.models import get_model_class
 from atom_trio.ops import AttentionMetadata, get_backend, use_backend
@@ -77,6 +89,33 @@ class _SeqHistory:
         in_prompt = max(0, min(len(tokens), self.prompt_len - len(self)))
         self.prompt.extend(tokens[:in_prompt])
         self.output.extend(tokens[in_prompt:])
+
+    def fill(self, position: int, token: int) -> None:
+        """Put the sampled ``token`` where a `PREVIOUS_TOKEN` stands for it (nothing if none does)."""
+        index = position - self.prompt_len
+        if 0 <= index < len(self.output) and self.output[index] == PREVIOUS_TOKEN:
+            self.output[index] = token
+
+
+@attrs.define(kw_only=True)
+class LaunchedStep:
+    """A step queued on the device; `ModelRunner.collect` reads its sampled tokens."""
+
+    step_id: int
+    seq_ids: list[int]
+    """The sequences that sample, in plan order (not their chunks, which the wire decoder may then reuse)..."""
+    positions: list[int]
+    """...and the position each sampled token takes."""
+    tokens: torch.Tensor
+    """Their tokens on the device (rank 0; other ranks hold them only to feed the next step)."""
+    host_tokens: torch.Tensor
+    """The same tokens, copied to (pinned) host memory once ``ready``."""
+    ready: torch.cuda.Event | None
+    logprobs: list[float | None]
+    top_logprobs: list[list[tuple[int, float]] | None]
+    prompt_logprobs: list[list[TokenLogprobs | None] | None] | None
+    token_ids: list[int] | None = None
+    """The tokens as a list, once read."""
 
 
 class ModelRunner:
@@ -135,6 +174,11 @@ class ModelRunner:
         self._histories: dict[int, _SeqHistory] = {}
         self._prompt_tails: dict[int, torch.Tensor] = {}
         """Hidden state of the last position of a prompt-logprobs sequence's previous chunk, by sequence."""
+        self._unread: deque[LaunchedStep] = deque()
+        """Launched steps whose tokens the host has not read, oldest first."""
+        self._last_tokens = torch.empty(0, dtype=torch.long, device=self.device)
+        self._last_rows: dict[int, int] = {}
+        """The tokens sampled by the last step launched, and each sampling sequence's row of them."""
         self._fault: BaseException | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.graph_bytes_budgeted = self.graph_bytes = 0
@@ -179,7 +223,6 @@ class ModelRunner:
 
     # -- public API ---------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step; returns one sampled token per chunk with ``sample=True``, in plan order.
 
@@ -187,27 +230,80 @@ class ModelRunner:
         need them all) but only rank 0 samples and answers; the others return
         an empty result, which their worker does not send.
         """
+        return self.collect(self.launch(plan))
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Queue one step on the device; its tokens stay there until `collect`."""
         if self._fault is not None:
             fault, self._fault = self._fault, None
             raise fault
         logits, prompt_logprobs = self._forward(plan)
         sampled = [c for c in plan.chunks if c.sample]
-        if not sampled or self.rank != 0:
-            return StepResult(
-                step_id=plan.step_id, token_ids=[], logprobs=[], top_logprobs=[], prompt_logprobs=prompt_logprobs
-            )
-        requests = []
-        for chunk in sampled:
-            history = self._histories[chunk.seq_id]
-            requests.append(SampleRequest(chunk.sampling_params, history.prompt, history.output))
-        out = self.sampler(logits, requests)
-        return StepResult(
+        logprobs: list = [None] * len(sampled)
+        top_logprobs: list = [None] * len(sampled)
+        if self.rank == 0 and sampled:
+            if any(c.token_ids[0] == PREVIOUS_TOKEN and c.sampling_params.penalized for c in sampled):
+                for step in list(self._unread):  # penalties count the values of the tokens fed back
+                    self._read(step)
+            requests = []
+            for chunk in sampled:
+                history = self._histories[chunk.seq_id]
+                requests.append(SampleRequest(chunk.sampling_params, history.prompt, history.output))
+            tokens, logprobs, top_logprobs = self.sampler.sample_on_device(logits, requests)
+        else:
+            tokens = torch.zeros(len(sampled), dtype=torch.long, device=self.device)  # filled by a broadcast if fed back
+        self._last_tokens = tokens
+        self._last_rows = {c.seq_id: i for i, c in enumerate(sampled)}
+        ready = None
+        host_tokens = tokens
+        if self.rank == 0 and tokens.is_cuda:
+            host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host_tokens.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        step = LaunchedStep(
             step_id=plan.step_id,
-            token_ids=out.token_ids,
-            logprobs=out.logprobs,
-            top_logprobs=out.top_logprobs,
+            seq_ids=[c.seq_id for c in sampled],
+            positions=[c.end_pos for c in sampled],
+            tokens=tokens,
+            host_tokens=host_tokens,
+            ready=ready,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
             prompt_logprobs=prompt_logprobs,
         )
+        self._unread.append(step)
+        return step
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        """Wait for ``step``'s tokens (on rank 0; the other ranks return an empty result at once)."""
+        if self.rank != 0:
+            self._unread.remove(step)
+            return StepResult(
+                step_id=step.step_id, token_ids=[], logprobs=[], top_logprobs=[], prompt_logprobs=step.prompt_logprobs
+            )
+        return StepResult(
+            step_id=step.step_id,
+            token_ids=self._read(step),
+            logprobs=step.logprobs,
+            top_logprobs=step.top_logprobs,
+            prompt_logprobs=step.prompt_logprobs,
+        )
+
+    def _read(self, step: LaunchedStep) -> list[int]:
+        """``step``'s tokens on the host; each also replaces the `PREVIOUS_TOKEN` that stood for it in a history."""
+        if step.token_ids is None:
+            if step.ready is not None:
+                step.ready.synchronize()
+            step.token_ids = step.host_tokens.tolist()
+            histories = self._histories
+            for seq_id, position, token in zip(step.seq_ids, step.positions, step.token_ids):
+                history = histories.get(seq_id)
+                if history is not None:
+                    history.fill(position, token)
+            self._unread.remove(step)
+        return step.token_ids
 
     @torch.inference_mode()
     def compute_logits(self, plan: StepPlan) -> torch.Tensor:
@@ -224,6 +320,8 @@ class ModelRunner:
         self._attention_layers = []
         self._histories.clear()
         self._prompt_tails.clear()
+        self._unread.clear()
+        self._last_tokens, self._last_rows = torch.empty(0), {}
         if self.tp_group.size > 1:
             destroy_distributed()
         if self.device.type == "cuda":
@@ -243,7 +341,7 @@ class ModelRunner:
         if not plan.chunks:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device), None
         self._record_tokens(plan.chunks)
-        batch = self._prepare_inputs(plan.chunks)
+        batch = self._feed_previous_tokens(self._prepare_inputs(plan.chunks).to(self.device))
         sampled = [i for i, chunk in enumerate(plan.chunks) if chunk.sample]
         wants_prompt = any(_wants_prompt_logprobs(chunk) for chunk in plan.chunks)
         graphs = self.decode_graphs
@@ -308,14 +406,14 @@ class ModelRunner:
 
     def _logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         # int64 spelled out: a step of unsampled prefill chunks selects no rows, and [] would be float
-        hidden = hidden.index_select(0, torch.tensor(rows, dtype=torch.long, device=self.device))
+        hidden = hidden.index_select(0, host_to_device(torch.tensor(rows, dtype=torch.long), self.device))
         return self.model.compute_logits(hidden).float()
 
-    def _run_model(self, batch: _HostBatch) -> torch.Tensor:
+    def _run_model(self, batch: _Batch) -> torch.Tensor:
         """The model on ``batch``: the last layer's hidden state of every token."""
         device = self.device
         metadata = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(_cumsum(batch.query_lens), dtype=torch.int32).to(device),
+            cu_seqlens_q=host_to_device(torch.tensor(_cumsum(batch.query_lens), dtype=torch.int32), device),
             context_lens=batch.context_lens.to(device),
             block_tables=batch.block_tables.to(device),
             slot_mapping=batch.slot_mapping.to(device),
@@ -340,6 +438,13 @@ class ModelRunner:
             )
         if chunk.sample and chunk.sampling_params is None:
             raise ValueError(f"sequence {chunk.seq_id}: sample=True needs sampling_params")
+        if chunk.token_ids[0] == PREVIOUS_TOKEN and (
+            len(chunk.token_ids) != 1 or chunk.seq_id not in self._last_rows or chunk.prefix_token_ids is not None
+        ):
+            raise ValueError(
+                f"sequence {chunk.seq_id}: PREVIOUS_TOKEN stands only for the token a decode chunk's sequence "
+                "sampled in the step launched just before"
+            )
 
     def _record_tokens(self, chunks: list[SeqChunk]) -> None:
         """Extend each sequence's token history; a (re)started sequence brings its prefix.
@@ -371,12 +476,17 @@ class ModelRunner:
             self._histories[chunk.seq_id] = history
             history.extend(chunk.token_ids)
 
-    def _prepare_inputs(self, chunks: list[SeqChunk]) -> _HostBatch:
+    def _prepare_inputs(self, chunks: list[SeqChunk]) -> _Batch:
         """The flat batch, on the host: every chunk's tokens back to back, and where their KV lives."""
         query_lens = [len(c.token_ids) for c in chunks]
         context_lens = [c.start_pos + n for c, n in zip(chunks, query_lens)]
         max_blocks = max(len(c.block_table) for c in chunks)
         input_ids = torch.tensor(list(chain.from_iterable(c.token_ids for c in chunks)), dtype=torch.long)
+        # A decode chunk's PREVIOUS_TOKEN is filled in on the device (see `_feed_previous_tokens`).
+        fed = [i for i, c in enumerate(chunks) if c.token_ids[0] == PREVIOUS_TOKEN]
+        starts = _cumsum(query_lens) if fed else []
+        feed_rows = [starts[i] for i in fed]
+        input_ids[feed_rows] = 0
         lowest, highest = (int(v) for v in torch.aminmax(input_ids))
         if lowest < 0 or highest >= self.vocab_size:
             raise ValueError(f"token id {highest if highest >= self.vocab_size else lowest} is outside the vocabulary")
@@ -392,7 +502,7 @@ class ModelRunner:
             block_tables[seq_of_token, positions // self.block_size].long() * self.block_size
             + positions % self.block_size
         )
-        return _HostBatch(
+        return _Batch(
             input_ids=input_ids,
             positions=positions,
             slot_mapping=slot_mapping,
@@ -400,7 +510,19 @@ class ModelRunner:
             context_lens=torch.tensor(context_lens, dtype=torch.int32),
             query_lens=query_lens,
             context_lens_host=context_lens,
+            feed_rows=feed_rows,
+            feed_sources=[self._last_rows[chunks[i].seq_id] for i in fed],
         )
+
+    def _feed_previous_tokens(self, batch: _Batch) -> _Batch:
+        """Write into ``batch.input_ids`` (on the device) the tokens its `PREVIOUS_TOKEN` chunks stand for."""
+        if batch.feed_rows:
+            if self.tp_group.size > 1:  # every rank runs this plan, so every rank takes part
+                self.tp_group.broadcast(self._last_tokens, src=0)
+            rows = host_to_device(torch.tensor(batch.feed_rows), self.device)
+            sources = host_to_device(torch.tensor(batch.feed_sources), self.device)
+            batch.input_ids.index_copy_(0, rows, self._last_tokens.index_select(0, sources))
+        return batch
 
     # -- KV cache -----------------------------------------------------------------------------------
 
@@ -642,8 +764,8 @@ class _StartupClock:
 
 
 @attrs.frozen(kw_only=True)
-class _HostBatch:
-    """One step's flat batch on the host (`AttentionMetadata`'s fields before they move to the device)."""
+class _Batch:
+    """One step's flat batch: `AttentionMetadata`'s fields, built on the host, then copied to the device."""
 
     input_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
@@ -652,6 +774,21 @@ class _HostBatch:
     context_lens: torch.Tensor  # [num_seqs] int32
     query_lens: list[int]
     context_lens_host: list[int]
+    feed_rows: list[int]
+    """Rows of ``input_ids`` that take a token sampled by the previous step (`PREVIOUS_TOKEN`)..."""
+    feed_sources: list[int]
+    """...and which row of that step's tokens each takes."""
+
+    def to(self, device: torch.device) -> _Batch:
+        """The batch with its tensors on ``device``, copied without waiting for the device to be idle."""
+        return attrs.evolve(
+            self,
+            input_ids=host_to_device(self.input_ids, device),
+            positions=host_to_device(self.positions, device),
+            slot_mapping=host_to_device(self.slot_mapping, device),
+            block_tables=host_to_device(self.block_tables, device),
+            context_lens=host_to_device(self.context_lens, device),
+        )
 
     @property
     def is_decode(self) -> bool:

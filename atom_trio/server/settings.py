@@ -61,6 +61,7 @@ _HELP: dict[str, str] = {
     "max_queued_requests": "waiting requests beyond this are refused with 429",
     "level": "0 eager, 1 dynamo trace check, 2 whole-graph inductor, 3 piecewise inductor (split at attention); "
     "CUDA graphs for decode at 1-3 on CUDA; default 3 on CUDA, 0 on the CPU",
+    "async_scheduling": "plan step N+1 while the device runs step N (default: on a GPU)",
     "api_key": "require `Authorization: Bearer KEY` on /v1/*",
     "max_request_bytes": "larger request bodies are refused with 413",
     "shutdown_timeout": "seconds in-flight requests get to finish after SIGTERM",
