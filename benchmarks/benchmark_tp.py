@@ -1,6 +1,7 @@
 """Decode time per step through the whole engine at several tensor-parallel sizes, in one run.
 
     python3 -m benchmarks.benchmark_tp --tokenizer-from .gpu_models/smollm2-tokenizer --tp 1 2 --batch-sizes 1 64
+    python3 -m benchmarks.benchmark_tp --tokenizer-from ... --tp 1 --async-scheduling off on   # its gain
 
 Llama-3.1-8B shapes with dummy weights (``--load-format dummy``), bf16, the
 process executor (one worker per rank, NCCL between them). For each TP size
@@ -13,6 +14,10 @@ detokenizing. Request 0's step time is taken over the window in which every
 request of the batch is decoding (after the last first token), as elapsed
 time over tokens, so merged deltas do not skew it. Dummy weights are drawn per
 tensor from the seed, so every TP size runs the same model.
+
+``--async-scheduling off on`` runs each TP size both ways (planning step
+N+1 while step N runs, or not); the engines get the same prompts, and the
+greedy tokens of each batch's request 0 are compared between the two.
 """
 
 from __future__ import annotations
@@ -34,11 +39,12 @@ from benchmarks.gpu_serving import write_model_dir
 from benchmarks.model_shapes import LLAMA_3_1_8B
 
 
-async def decode_step_seconds(engine, prompts: list[list[int]], output_len: int) -> float:
-    """Request 0's time per decode step while every request of the batch decodes."""
+async def decode_step_seconds(engine, prompts: list[list[int]], output_len: int) -> tuple[float, list[int]]:
+    """Request 0's time per decode step while every request of the batch decodes, and its tokens."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     first_token_times: list[float] = [0.0] * len(prompts)
     progress: list[tuple[float, int]] = []  # request 0: (time, tokens so far)
+    tokens: list[int] = []
 
     async def one(i: int, prompt: list[int]) -> None:
         count = 0
@@ -49,6 +55,7 @@ async def decode_step_seconds(engine, prompts: list[list[int]], output_len: int)
                 first_token_times[i] = now
             if i == 0:
                 progress.append((now, count))
+                tokens.extend(out.outputs[0].token_ids)
 
     async with trio.open_nursery() as nursery:
         for i, prompt in enumerate(prompts):
@@ -58,12 +65,13 @@ async def decode_step_seconds(engine, prompts: list[list[int]], output_len: int)
     (t0, n0), (t1, n1) = window[0], window[-1]
     if n1 - n0 < 8:
         raise SystemExit(f"only {n1 - n0} steps with the whole batch decoding; raise --output-len")
-    return (t1 - t0) / (n1 - n0)
+    return (t1 - t0) / (n1 - n0), tokens
 
 
-async def measure(config: EngineConfig, args: argparse.Namespace) -> dict[str, float]:
+async def measure(config: EngineConfig, args: argparse.Namespace) -> tuple[dict[int, float], dict[int, list[int]]]:
+    """Milliseconds per decode step by batch size, and request 0's tokens of each batch's last run."""
     rng = random.Random(args.seed)
-    rows = {}
+    rows, tokens = {}, {}
     start = time.perf_counter()
     async with open_engine(config) as engine:
         print(f"TP={config.tensor_parallel_size}: engine ready in {time.perf_counter() - start:.1f} s", flush=True)
@@ -71,15 +79,19 @@ async def measure(config: EngineConfig, args: argparse.Namespace) -> dict[str, f
         for batch in [max(args.batch_sizes), *args.batch_sizes]:  # the first pass warms every kernel variant up
             prompts = [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(batch)]
             runs = [await decode_step_seconds(engine, prompts, args.output_len) for _ in range(args.num_iters)]
-            rows[batch] = statistics.median(runs) * 1e3
-    return rows
+            rows[batch] = statistics.median(seconds for seconds, _ in runs) * 1e3
+            tokens[batch] = runs[-1][1]
+    return rows, tokens
 
 
 async def main_async(args: argparse.Namespace) -> dict:
-    results: dict[int, dict[int, float]] = {}
+    results: dict[str, dict[int, float]] = {}
+    tokens: dict[str, dict[int, list[int]]] = {}
+    variants = [(tp, mode) for tp in args.tp for mode in args.async_scheduling]
+    names = [f"TP={tp}" + (f" async {mode}" if len(args.async_scheduling) > 1 else "") for tp, mode in variants]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "llama-3.1-8b", LLAMA_3_1_8B, args.tokenizer_from)
-        for tp in args.tp:
+        for (tp, mode), name in zip(variants, names):
             config = EngineConfig(
                 model=str(model_dir),
                 load_format="dummy",
@@ -91,20 +103,32 @@ async def main_async(args: argparse.Namespace) -> dict:
                 max_num_batched_tokens=args.max_num_batched_tokens,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=False,
+                async_scheduling=mode == "on",
             )
-            results[tp] = await measure(config, args)
-    header = f"{'batch':>5} | " + " | ".join(f"TP={tp} ms/step" for tp in args.tp)
-    if len(args.tp) > 1:
-        header += " | " + " | ".join(f"TP={tp}/TP={args.tp[0]}" for tp in args.tp[1:])
+            results[name], tokens[name] = await measure(config, args)
+    header = f"{'batch':>5} | " + " | ".join(f"{name} ms/step" for name in names)
+    if len(names) > 1:
+        header += " | " + " | ".join(f"{name}/{names[0]}" for name in names[1:])
     print(header)
     print("-" * len(header))
     for batch in args.batch_sizes:
-        steps = [results[tp][batch] for tp in args.tp]
-        row = f"{batch:>5} | " + " | ".join(f"{s:>12.2f}" for s in steps)
+        steps = [results[name][batch] for name in names]
+        row = f"{batch:>5} | " + " | ".join(f"{s:>{len(name) + 8}.2f}" for s, name in zip(steps, names))
         if len(steps) > 1:
             row += " | " + " | ".join(f"{s / steps[0]:>8.2f}x" for s in steps[1:])
         print(row)
-    return {"input_len": args.input_len, "output_len": args.output_len, "ms_per_step": results}
+    same_tokens = {}
+    for tp in args.tp:
+        pair = [name for (t, _), name in zip(variants, names) if t == tp]
+        if len(pair) == 2:
+            same_tokens[tp] = {b: tokens[pair[0]][b] == tokens[pair[1]][b] for b in args.batch_sizes}
+            print(f"TP={tp}: request 0's greedy tokens equal with async scheduling off and on: {same_tokens[tp]}")
+    return {
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "ms_per_step": results,
+        "same_tokens_async_off_on": same_tokens,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--async-scheduling", nargs="+", choices=["on", "off"], default=["on"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
