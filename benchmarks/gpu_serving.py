@@ -40,6 +40,8 @@ import httpx
 
 from benchmarks.model_shapes import LLAMA_3_1_8B, QWEN3_0_6B
 
+ENGINE_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096"]
+
 
 def write_model_dir(path: Path, hf_config: dict, tokenizer_from: Path) -> Path:
     """A model directory of ``hf_config`` (no weights) with ``tokenizer_from``'s tokenizer padded to its vocabulary."""
