@@ -8,7 +8,11 @@ cached context, GQA and causal masking are all on the path.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import platform
 import random
+import shutil
 
 import pytest
 import torch
@@ -19,9 +23,15 @@ from hypothesis import strategies as st
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from atom_trio.layers import get_rope
-from atom_trio.ops import AttentionMetadata, TorchRefBackend, get_backend
+from atom_trio.ops import AttentionMetadata, TorchRefBackend, cpu_kernels, get_backend
 
-BACKENDS = [TorchRefBackend()]
+# torch_ref as it runs (on the CPU: the fused decode kernel where it builds) and its torch-only path
+BACKENDS = [TorchRefBackend(), TorchRefBackend(use_cpu_kernels=False)]
+
+
+def backend_id(backend):
+    return backend.name if getattr(backend, "use_cpu_kernels", False) else f"{backend.name}-no-cpu-kernels"
+
 TOLERANCE = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
@@ -91,7 +101,7 @@ DECODE_STEP = [(1, 16), (1, 0), (1, 45), (1, 31), (1, 7)]
 LONE_DECODES = {"lone-decode": [(1, 40)], "lone-long-decode": [(1, 700)]}
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
     "seqs", [MIXED_STEP, DECODE_STEP, *LONE_DECODES.values()], ids=["mixed", "decodes", *LONE_DECODES]
@@ -106,7 +116,7 @@ def test_paged_attention_matches_dense(backend, dtype, seqs):
     torch.testing.assert_close(out.float(), ref, **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 @settings(max_examples=30, deadline=None)
 @given(
     seqs=st.lists(st.tuples(st.integers(1, 12), st.integers(0, 40)), min_size=1, max_size=6),
@@ -129,8 +139,8 @@ def test_paged_attention_any_layout_matches_dense(backend, seqs, heads, block_si
     torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
 
 
-def test_torch_store_kv_writes_each_token_to_its_slot():
-    backend = TorchRefBackend()
+@pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
+def test_torch_store_kv_writes_each_token_to_its_slot(backend):
     k_cache = torch.zeros(backend.kv_cache_shape(6, 4, 2, 8))
     v_cache = torch.zeros_like(k_cache)
     key, value = torch.randn(5, 2, 8), torch.randn(5, 2, 8)
@@ -152,7 +162,7 @@ def hf_rms_norm(x, weight, eps):
     return weight * x.to(dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rms_norm_with_and_without_residual(backend, dtype):
     gen = torch.Generator().manual_seed(1)
@@ -165,7 +175,7 @@ def test_rms_norm_with_and_without_residual(backend, dtype):
     torch.testing.assert_close(normed, hf_rms_norm(x + residual, weight, 1e-5), **tol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+@pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 def test_silu_and_mul(backend):
     x = torch.randn(5, 2 * 48)
     torch.testing.assert_close(backend.silu_and_mul(x), F.silu(x[:, :48]) * x[:, 48:])
@@ -212,3 +222,151 @@ def test_get_backend_choices():
         get_backend("triton", "cpu")
     with pytest.raises(ValueError, match="unknown kernel backend"):
         get_backend("cudnn", "cpu")
+
+
+# The fused CPU decode kernel (atom_trio.ops.cpu_kernels) on its own.
+
+
+def paged_decode_reference(q, k_cache, v_cache, tables, context_lens, scale):
+    """Dense attention of one query token per sequence over the blocks its table lists."""
+    out = []
+    for i, ctx in enumerate(context_lens.tolist()):
+        blocks = tables[i].tolist()
+        k, v = (torch.cat([c[:, b] for b in blocks], dim=1)[:, :ctx].transpose(0, 1) for c in (k_cache, v_cache))
+        out.append(dense_causal_attention(q[i : i + 1], k, v, scale))
+    return torch.cat(out)
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    """The kernel; only a box without a C++ compiler may skip it, a failed build fails."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler: the CPU decode kernel falls back to the torch path")
+    kernel = cpu_kernels.load_cpu_kernels()
+    assert kernel is not None, "the CPU decode kernel did not build (see the log)"
+    return kernel
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    contexts=st.lists(st.integers(0, 200), min_size=1, max_size=5),
+    with_prefill=st.booleans(),
+    heads=st.sampled_from([(9, 3), (8, 2), (4, 4), (5, 1), (16, 2), (12, 2), (6, 3), (2, 1)]),
+    head_dim=st.sampled_from([64, 128, 48]),  # the AVX-512 sizes, and one for the portable loops
+    block_size=st.sampled_from([1, 5, 16, 32]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_kernels_matches_dense(cpu_kernel, contexts, with_prefill, heads, head_dim, block_size, dtype, seed):
+    # every group size the kernel tiles differently, block boundaries inside and across
+    # its 16-key tiles, and decodes alone or beside a prefill chunk (the mixed-batch path)
+    num_heads, num_kv_heads = heads
+    seqs = [(1, cached) for cached in contexts] + ([(5, 20)] if with_prefill else [])
+    out, ref = run_paged_attention(
+        TorchRefBackend(),
+        seqs,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=dtype,
+        seed=seed,
+    )
+    torch.testing.assert_close(out.float(), ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_kernels_reads_strided_rows_and_skips_padding(cpu_kernel, dtype):
+    # q/k/v as the layers pass them: views of one fused projection; a padding row (slot -1,
+    # context 0, as CUDA-graph padding has) stores nothing and attends to nothing
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, block_size, num_blocks = 9, 3, 64, 16, 8
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * dim, generator=gen).to(dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q, k, v = q.view(3, heads, dim), k.view(3, kv_heads, dim), v.view(3, kv_heads, dim)
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(kv_heads, num_blocks, block_size, dim, generator=gen).to(dtype)
+    before = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([5 * block_size + 2, 1 * block_size + 0, -1])
+    assert cpu_kernel.store_kv(k, v, k_cache, v_cache, slots)
+    for i, slot in enumerate(slots[:2].tolist()):
+        assert torch.equal(k_cache[:, slot // block_size, slot % block_size], k[i])
+        assert torch.equal(v_cache[:, slot // block_size, slot % block_size], v[i])
+    written = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+    written[slots[:2]] = True
+    assert torch.equal(k_cache.view(kv_heads, -1, dim)[:, ~written], before[0].view(kv_heads, -1, dim)[:, ~written])
+    assert torch.equal(v_cache.view(kv_heads, -1, dim)[:, ~written], before[1].view(kv_heads, -1, dim)[:, ~written])
+
+    tables = torch.tensor([[5, 0], [0, 1], [0, 0]], dtype=torch.int32)
+    context_lens = torch.tensor([19, 1, 0], dtype=torch.int32)
+    out = cpu_kernel.decode_attention(q, k_cache, v_cache, tables, context_lens, dim**-0.5)
+    assert not q.is_contiguous() and out.shape == (3, heads, dim)
+    ref = paged_decode_reference(q[:2], k_cache, v_cache, tables[:2], context_lens[:2], dim**-0.5)
+    torch.testing.assert_close(out[:2].float(), ref, **TOLERANCE[dtype])
+    assert not out[2].any()
+
+
+def test_cpu_kernels_build_is_cached_and_falls_back(cpu_kernel, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ATOM_TRIO_CACHE", str(tmp_path))
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    built = cpu_kernels._build(compiler)
+    assert built.parent == tmp_path / "cpu_kernels" and built.is_file()
+    stamp = built.stat().st_mtime_ns
+    assert cpu_kernels._build(compiler) == built and built.stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+    # no working compiler: the backend keeps the torch path, with the same results
+    monkeypatch.setenv("CXX", "false")
+    cpu_kernels.load_cpu_kernels.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="atom_trio.ops"):
+            assert cpu_kernels.load_cpu_kernels() is None
+        assert "unavailable" in caplog.text
+        out, ref = run_paged_attention(
+            TorchRefBackend(), DECODE_STEP, num_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
+            dtype=torch.float32, seed=1,
+        )
+        torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+    finally:
+        cpu_kernels.load_cpu_kernels.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_kernels_portable_loops(cpu_kernel, dtype):
+    # The loops a CPU without AVX-512 runs (this box compiles the intrinsics instead).
+    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    library = ctypes.CDLL(str(cpu_kernels._build(compiler, (*cpu_kernels._FLAGS, "-mno-avx512f"))))
+    portable = cpu_kernels.CpuKernels(library)
+    gen = torch.Generator().manual_seed(4)
+    heads, kv_heads, dim, block_size = 9, 3, 64, 16
+    k_cache = torch.randn(kv_heads, 12, block_size, dim, generator=gen).to(dtype)
+    v_cache = torch.randn(kv_heads, 12, block_size, dim, generator=gen).to(dtype)
+    q = torch.randn(2, heads, dim, generator=gen).to(dtype)
+    tables = torch.tensor([[3, 7, 1, 0], [11, 2, 5, 9]], dtype=torch.int32)
+    context_lens = torch.tensor([37, 64], dtype=torch.int32)
+    out = portable.decode_attention(q, k_cache, v_cache, tables, context_lens, dim**-0.5)
+    ref = paged_decode_reference(q, k_cache, v_cache, tables, context_lens, dim**-0.5)
+    torch.testing.assert_close(out.float(), ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_elementwise_kernels_round_as_torch_does(cpu_kernel, dtype):
+    # the fused kernels against torch_ref's torch ops on the layers' layouts (q/k views of a
+    # fused projection, rows of a merged gate/up output): equal but for the exp in SiLU
+    gen = torch.Generator().manual_seed(5)
+    fused, plain = TorchRefBackend(), TorchRefBackend(use_cpu_kernels=False)
+    x, residual = (torch.randn(33, 576, generator=gen).to(dtype) for _ in range(2))
+    weight = (1 + torch.randn(576, generator=gen)).to(dtype)
+    for a, b in zip(fused.rms_norm(x, weight, 1e-5, residual), plain.rms_norm(x, weight, 1e-5, residual)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0 if dtype == torch.bfloat16 else 1e-6)
+    torch.testing.assert_close(fused.rms_norm(x, weight, 1e-5), plain.rms_norm(x, weight, 1e-5), **TOLERANCE[dtype])
+
+    qkv = torch.randn(33, 15 * 64, generator=gen).to(dtype)
+    q, k = qkv[:, : 9 * 64].view(33, 9, 64), qkv[:, 9 * 64 : 12 * 64].view(33, 3, 64)
+    positions = torch.randint(0, 4096, (33,), generator=gen)
+    cos_sin = torch.randn(4096, 64, generator=gen)
+    for a, b in zip(fused.rotary_embedding(positions, q, k, cos_sin), plain.rotary_embedding(positions, q, k, cos_sin)):
+        assert torch.equal(a, b)
+
+    gate_up = (4 * torch.randn(33, 2 * 1536, generator=gen)).to(dtype)
+    torch.testing.assert_close(fused.silu_and_mul(gate_up), plain.silu_and_mul(gate_up), **TOLERANCE[dtype])
