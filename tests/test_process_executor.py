@@ -16,7 +16,7 @@ import trio
 
 from atom_trio.config import EngineConfig
 from atom_trio.engine.errors import ModelLoadError, WorkerDied
-from atom_trio.engine.plan import SeqChunk, StepPlan
+from atom_trio.engine.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
 from atom_trio.engine.sampling_params import SamplingParams
 from atom_trio.executor import protocol
 from atom_trio.executor.process import ProcessExecutor, _FrameStream, open_process_executor
@@ -177,6 +177,36 @@ async def test_a_step_cancelled_midway_does_not_desync_the_next(tiny_llama_dir):
             await executor.execute(StepPlan(step_id=99, chunks=first_plan().chunks))
         assert scope.cancelled_caught
         assert await generate(executor.execute, steps=3) == expected
+
+
+async def test_launched_steps_feed_back_their_tokens_and_a_cancelled_collect_does_not_desync(tiny_llama_dir):
+    async with open_process_executor(cpu_config(tiny_llama_dir)) as executor:
+        expected = await generate(executor.execute, steps=4)
+        params = [GREEDY, SEEDED]
+        prefill = [chunk(i, PROMPTS[i], 0, len(PROMPTS[i]), BLOCKS[i], params=params[i]) for i in (0, 1)]
+
+        def fed_back(step: int) -> StepPlan:  # decode step ``step`` with the token of the step launched before
+            return StepPlan(
+                step_id=step,
+                chunks=[
+                    chunk(i, [PREVIOUS_TOKEN], len(PROMPTS[i]) + step - 1, len(PROMPTS[i]), BLOCKS[i], params=params[i])
+                    for i in (0, 1)
+                ],
+            )
+
+        await executor.launch(StepPlan(step_id=0, chunks=prefill))
+        await executor.launch(fed_back(1))  # the worker starts it before answering step 0
+        results = [await executor.collect()]
+        await executor.launch(fed_back(2))
+        results += [await executor.collect(), await executor.collect()]  # the last one is asked for (Flush)
+        assert [r.step_id for r in results] == [0, 1, 2]
+        assert [[r.token_ids[i] for r in results] for i in (0, 1)] == [expected[0][:3], expected[1][:3]]
+
+        await executor.launch(StepPlan(step_id=3, chunks=prefill))
+        with trio.move_on_after(0) as scope:  # the Flush goes out whole; waiting for its answer is cancelled
+            await executor.collect()
+        assert scope.cancelled_caught
+        assert await generate(executor.execute, steps=4) == expected  # step 3's answer is skipped
 
 
 async def test_hung_worker_times_out(tiny_llama_dir):
