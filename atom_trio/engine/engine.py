@@ -335,20 +335,25 @@ class AsyncEngine:
         tokens are collected, so the device never waits for the host.
         """
         scheduler, executor = self._scheduler, self._executor
+        pipelined = scheduler.max_in_flight > 1
         in_flight: collections.deque[StepPlan] = collections.deque()
         async with send:
             while True:
+                plan = None
                 if len(in_flight) < scheduler.max_in_flight:
                     self._work = trio.Event()  # before schedule(): a request arriving from now on wakes us
                     plan = scheduler.schedule()
-                    if plan is not None:
-                        await executor.launch(plan)
-                        in_flight.append(plan)
-                        continue
-                    if not in_flight:
+                    if plan is None and not in_flight:
                         await self._work.wait()
                         continue
-                outputs = scheduler.update(in_flight.popleft(), await executor.collect())
+                if plan is None:
+                    outputs = scheduler.update(in_flight.popleft(), await executor.collect())
+                elif pipelined:
+                    await executor.launch(plan)
+                    in_flight.append(plan)
+                    continue
+                else:  # one step at a time: one hop to the model and back, not two
+                    outputs = scheduler.update(plan, await executor.execute(plan))
                 self._num_steps += 1
                 if outputs:
                     await send.send(outputs)
