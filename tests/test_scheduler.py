@@ -558,3 +558,17 @@ def test_prompt_logprobs_skip_the_prefix_cache_and_come_with_the_first_token() -
     assert sched.stats().prefix_cache_queries == queries + len(prompt)  # sibling 1's lookup only
     assert firsts[0].prompt_logprobs == fake_prompt_logprobs(prompt, 0, len(prompt))
     assert firsts[0].num_cached_tokens == 0 and firsts[1].prompt_logprobs is None
+
+
+def test_at_most_two_plans_in_flight() -> None:
+    with pytest.raises(ValueError, match="max_in_flight"):
+        make_scheduler(max_in_flight=3)
+    sched = make_scheduler(max_in_flight=2)
+    sched.add_request("a", [1, 2, 3], SamplingParams(max_tokens=8))
+    first, second = sched.schedule(), sched.schedule()
+    assert second.chunks[0].token_ids == [PREVIOUS_TOKEN]  # the token the first plan samples
+    with pytest.raises(RuntimeError, match="2 plans"):
+        sched.schedule()
+    with pytest.raises(RuntimeError, match="oldest"):
+        answer(sched, second)
+    assert [o.new_token_ids for o in answer(sched, first, 5) + answer(sched, second, 6)] == [[5], [6]]

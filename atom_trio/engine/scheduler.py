@@ -107,8 +107,12 @@ class Scheduler:
         eos_token_ids: frozenset[int] = frozenset(),
         max_in_flight: int = 1,
     ) -> None:
-        if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1 or max_in_flight < 1:
-            raise ValueError("max_num_seqs, max_num_batched_tokens, max_model_len and max_in_flight must be positive")
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
+        if max_in_flight not in (1, 2):
+            # With a third plan in flight, a sequence preempted while its token is still being sampled
+            # could be readmitted before that token is known.
+            raise ValueError("max_in_flight is 1 (one step at a time) or 2 (asynchronous scheduling)")
         self.block_manager = BlockManager(
             num_blocks=num_blocks, block_size=block_size, enable_prefix_caching=enable_prefix_caching
         )
