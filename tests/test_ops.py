@@ -97,6 +97,8 @@ def run_paged_attention(backend, seqs, *, num_heads, num_kv_heads, head_dim, blo
 
 MIXED_STEP = [(1, 16), (9, 0), (7, 23), (1, 0), (1, 45), (16, 16), (3, 1), (1, 31)]
 DECODE_STEP = [(1, 16), (1, 0), (1, 45), (1, 31), (1, 7)]
+# runs of new prompts of one length attend as one batch: 3 and 2 of them here, around singles
+PROMPT_RUNS = [(1, 16), (9, 0), (9, 0), (9, 0), (5, 0), (9, 0), (7, 23), (5, 0), (5, 0)]
 # a lone decode takes torch_ref's fused path up to a context length, the batched one beyond it
 LONE_DECODES = {"lone-decode": [(1, 40)], "lone-long-decode": [(1, 700)]}
 
@@ -104,7 +106,9 @@ LONE_DECODES = {"lone-decode": [(1, 40)], "lone-long-decode": [(1, 700)]}
 @pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
-    "seqs", [MIXED_STEP, DECODE_STEP, *LONE_DECODES.values()], ids=["mixed", "decodes", *LONE_DECODES]
+    "seqs",
+    [MIXED_STEP, DECODE_STEP, PROMPT_RUNS, *LONE_DECODES.values()],
+    ids=["mixed", "decodes", "prompt-runs", *LONE_DECODES],
 )
 def test_paged_attention_matches_dense(backend, dtype, seqs):
     # (query_len, cached_len): decodes at several context lengths, a fresh prefill, prefill chunks
@@ -114,6 +118,23 @@ def test_paged_attention_matches_dense(backend, dtype, seqs):
     )
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, **TOLERANCE[dtype])
+
+
+def test_runs_of_new_prompts_of_one_length_attend_as_one_chunk():
+    lens = [n for n, _ in PROMPT_RUNS]
+    metadata = AttentionMetadata(
+        cu_seqlens_q=torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32),
+        context_lens=torch.tensor([n + c for n, c in PROMPT_RUNS], dtype=torch.int32),
+        block_tables=torch.zeros(len(PROMPT_RUNS), 3, dtype=torch.int32),
+        slot_mapping=torch.zeros(sum(lens), dtype=torch.long),
+        query_lens_host=lens,
+        context_lens_host=[n + c for n, c in PROMPT_RUNS],
+        block_size=16,
+    )
+    plan = TorchRefBackend().plan_attention(metadata)
+    assert [(c.num_seqs, c.block_table is None) for c in plan.prefills] == [
+        (3, True), (1, True), (1, True), (1, False), (2, True)
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=backend_id)
@@ -296,6 +317,15 @@ def test_cpu_kernels_reads_strided_rows_and_skips_padding(cpu_kernel, dtype):
     written[slots[:2]] = True
     assert torch.equal(k_cache.view(kv_heads, -1, dim)[:, ~written], before[0].view(kv_heads, -1, dim)[:, ~written])
     assert torch.equal(v_cache.view(kv_heads, -1, dim)[:, ~written], before[1].view(kv_heads, -1, dim)[:, ~written])
+
+    # A prefill's keys come out of the rotary as a tensor of their own: other strides than the values'
+    rotated = k.clone()
+    assert rotated.stride() != v.stride()
+    slots = torch.tensor([3 * block_size + 7, 2 * block_size + 1, 4 * block_size])
+    assert cpu_kernel.store_kv(rotated, v, k_cache, v_cache, slots)
+    for i, slot in enumerate(slots.tolist()):
+        assert torch.equal(k_cache[:, slot // block_size, slot % block_size], rotated[i])
+        assert torch.equal(v_cache[:, slot // block_size, slot % block_size], v[i])
 
     tables = torch.tensor([[5, 0], [0, 1], [0, 0]], dtype=torch.int32)
     context_lens = torch.tensor([19, 1, 0], dtype=torch.int32)

@@ -442,16 +442,18 @@ void rotary(const int64_t* positions, const T* q, int64_t q_stride, const T* k, 
 // Key/value rows [tokens, kv_heads, dim] (token and head strides in elements)
 // to their slots of caches [kv_heads, slots, dim]: one copy per row, where
 // torch's index_copy_ costs two dispatches of more than the copies.
-extern "C" void atom_trio_store_kv(const char* key, const char* value, int64_t token_stride, int64_t head_stride,
+// Strides in elements; key and value may have different ones (a prefill's rotated keys are a tensor of their
+// own, its values a view of the fused QKV projection).
+extern "C" void atom_trio_store_kv(const char* key, int64_t k_token_stride, int64_t k_head_stride,
+                                   const char* value, int64_t v_token_stride, int64_t v_head_stride,
                                    char* k_cache, char* v_cache, const int64_t* slots, int64_t num_tokens,
                                    int64_t num_kv_heads, int64_t num_slots, int64_t dim, int64_t element_size) {
   const int64_t row = dim * element_size;
   for (int64_t t = 0; t < num_tokens; ++t)
     for (int64_t h = 0; h < num_kv_heads && slots[t] >= 0; ++h) {  // slot -1: a padding row, stored nowhere
-      const int64_t src = (t * token_stride + h * head_stride) * element_size;
       const int64_t dst = (h * num_slots + slots[t]) * row;
-      std::memcpy(k_cache + dst, key + src, row);
-      std::memcpy(v_cache + dst, value + src, row);
+      std::memcpy(k_cache + dst, key + (t * k_token_stride + h * k_head_stride) * element_size, row);
+      std::memcpy(v_cache + dst, value + (t * v_token_stride + h * v_head_stride) * element_size, row);
     }
 }
 

@@ -72,7 +72,7 @@ class CpuKernels:
         fn.restype = None
         self._decode_attention = fn
         store = library.atom_trio_store_kv
-        store.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr] + [i64] * 5
+        store.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr] + [i64] * 5
         store.restype = None
         self._store = store
         norm = library.atom_trio_add_rms_norm
@@ -180,13 +180,12 @@ class CpuKernels:
     ) -> bool:
         """Write ``key``/``value`` ``[tokens, kv_heads, dim]`` to their slots; False (nothing written) if it can't.
 
-        It can when both share one layout with unit-stride rows and the
-        slots are int64, as the runner makes them.
+        It can when both have unit-stride rows and the slots are int64, as
+        the runner makes them.
         """
         num_tokens, num_kv_heads, dim = key.shape
         if not (
-            key.stride() == value.stride()
-            and key.stride(2) == 1
+            key.stride(2) == value.stride(2) == 1
             and key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
             and slot_mapping.dtype == torch.int64
             and slot_mapping.is_contiguous()
@@ -195,9 +194,11 @@ class CpuKernels:
             return False
         self._store(
             key.data_ptr(),
-            value.data_ptr(),
             key.stride(0),
             key.stride(1),
+            value.data_ptr(),
+            value.stride(0),
+            value.stride(1),
             k_cache.data_ptr(),
             v_cache.data_ptr(),
             slot_mapping.data_ptr(),

@@ -34,12 +34,20 @@ from .interface import AttentionMetadata, KernelBackend
 
 @attrs.frozen(kw_only=True)
 class PrefillChunk:
-    """A sequence with several query tokens this step."""
+    """A sequence with several query tokens this step, or a run of uncached ones that attend as one batch.
+
+    Sequences next to each other in the flat batch, with the same number of
+    tokens and nothing cached before them (a batch of new prompts of one
+    length, as benchmarks send), make one ``num_seqs`` chunk: a single
+    attention call over views of the batch instead of one call and one
+    strided copy per sequence per layer.
+    """
 
     start: int  # first query token in the flat batch
     end: int
-    context_len: int
-    block_table: torch.Tensor  # the blocks covering [0, context_len)
+    context_len: int  # of each sequence
+    block_table: torch.Tensor | None  # the blocks covering [0, context_len); None when nothing is cached
+    num_seqs: int = 1
 
 
 @attrs.frozen(kw_only=True)
@@ -105,16 +113,18 @@ class TorchRefBackend(KernelBackend):
         for n in metadata.query_lens_host:
             starts.append(starts[-1] + n)
         decode_seqs = [i for i, n in enumerate(metadata.query_lens_host) if n == 1]
-        prefills = tuple(
-            PrefillChunk(
-                start=starts[i],
-                end=starts[i + 1],
-                context_len=ctx,
-                block_table=metadata.block_tables[i, : -(-ctx // block_size)],
-            )
-            for i, (n, ctx) in enumerate(zip(metadata.query_lens_host, metadata.context_lens_host))
-            if n > 1
-        )
+        prefills: list[PrefillChunk] = []
+        for i, (n, ctx) in enumerate(zip(metadata.query_lens_host, metadata.context_lens_host)):
+            if n == 1:
+                continue
+            last = prefills[-1] if prefills else None
+            if ctx > n:
+                table = metadata.block_tables[i, : -(-ctx // block_size)]
+                prefills.append(PrefillChunk(start=starts[i], end=starts[i + 1], context_len=ctx, block_table=table))
+            elif last is not None and last.block_table is None and last.end == starts[i] and last.context_len == n:
+                prefills[-1] = attrs.evolve(last, end=starts[i + 1], num_seqs=last.num_seqs + 1)
+            else:
+                prefills.append(PrefillChunk(start=starts[i], end=starts[i + 1], context_len=n, block_table=None))
         if not decode_seqs:
             return TorchAttentionPlan(
                 only_decodes=False,
@@ -122,7 +132,7 @@ class TorchRefBackend(KernelBackend):
                 decode_context_lens=None,
                 decode_block_tables=None,
                 decode_max_context=0,
-                prefills=prefills,
+                prefills=tuple(prefills),
             )
         device = metadata.block_tables.device
         max_ctx = max(metadata.context_lens_host[i] for i in decode_seqs)
@@ -136,7 +146,7 @@ class TorchRefBackend(KernelBackend):
             decode_context_lens=context_lens,
             decode_block_tables=tables,
             decode_max_context=max_ctx,
-            prefills=prefills,
+            prefills=tuple(prefills),
         )
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -155,22 +165,22 @@ class TorchRefBackend(KernelBackend):
             q = query.index_select(0, plan.decode_token_idx)
             out.index_copy_(0, plan.decode_token_idx, self._decode_attention(q, k_cache, v_cache, plan, scale))
         for chunk in plan.prefills:
-            if chunk.context_len == chunk.end - chunk.start:  # nothing cached: plain causal attention
-                k = key[chunk.start : chunk.end].transpose(0, 1)
-                v = value[chunk.start : chunk.end].transpose(0, 1)
+            # [sequences, heads, tokens, dim] views of the flat batch: the 4-D layout takes the CPU flash kernel
+            tokens = (chunk.end - chunk.start) // chunk.num_seqs
+            q = query[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
+            if chunk.block_table is None:  # nothing cached: plain causal attention over the chunk's own tokens
+                k = key[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
+                v = value[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
                 mask = None
             else:
                 rows = _head_rows(chunk.block_table, *k_cache.shape[:2])
-                k = _gather_rows(k_cache, rows)[:, : chunk.context_len]
-                v = _gather_rows(v_cache, rows)[:, : chunk.context_len]
-                mask = _causal_mask(chunk.end - chunk.start, chunk.context_len, query.device)
-            # [1, heads, tokens, dim]: the 4-D layout takes the CPU flash kernel
-            q = query[chunk.start : chunk.end].transpose(0, 1)
-            q, k, v = q[None], k[None], v[None]
+                k = _gather_rows(k_cache, rows)[None, :, : chunk.context_len]
+                v = _gather_rows(v_cache, rows)[None, :, : chunk.context_len]
+                mask = _causal_mask(tokens, chunk.context_len, query.device)
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
             )
-            out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+            out[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).copy_(o.transpose(1, 2))
         return out
 
     def _decode_attention(self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float) -> torch.Tensor:
