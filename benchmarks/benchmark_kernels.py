@@ -1,6 +1,6 @@
 """Microbenchmarks of the Triton kernels, against the device's measured copy bandwidth.
 
-    python -m benchmarks.benchmark_kernels [--dtype bfloat16] [--iters 100] [--json out.json] [--sampling-only]
+    python -m benchmarks.benchmark_kernels [--dtype bfloat16] [--iters 100] [--json out.json] [--sampling-only | --gemv-only]
 
 Shapes are Llama-3.1-8B's (hidden 4096, 32 query / 8 KV heads of 128, MLP
 14336). The run first times a 1 GiB device-to-device copy; every kernel's
@@ -11,6 +11,10 @@ TFLOP/s and is set beside PyTorch's fused SDPA on the same dense tensors.
 Times are the median over ``--iters`` runs, each bracketed by CUDA events,
 after a warm-up; the torch reference backend is timed alongside.
 
+The one-row GEMV (a batch-1 decode step's matmuls) is set beside cuBLAS
+(``F.linear``) on each of Llama-3.1-8B's weight shapes; every call of a timed
+graph reads another copy of the weight, so none is served from L2.
+
 The sampling section draws from float32 logits of Llama-3's vocabulary (128256)
 with top-k 50 + top-p 0.9, then top-p 0.9 alone, against the torch sampler's
 sort-based path; its bandwidth counts one read of the logits, so it also says
@@ -20,6 +24,7 @@ how far the tiled passes (statistics, search rounds, draw) are from a single pas
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -118,6 +123,14 @@ TUNE_PREFILL = [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4,
 TUNE_DECODE = [(64, 4, 3), (128, 4, 3), (32, 4, 3), (64, 4, 2), (64, 8, 3), (64, 2, 3), (128, 8, 2), (128, 4, 4)]
 
 
+def cache_layouts(triton_ops: TritonBackend, ref_ops: TorchRefBackend, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """The Triton-layout caches ``[blocks, block_size, kv_heads, dim]`` for each backend, torch_ref's head-major."""
+    return {
+        triton_ops: (k_cache, v_cache),
+        ref_ops: tuple(c.permute(2, 0, 1, 3).contiguous() for c in (k_cache, v_cache)),
+    }
+
+
 def tune(triton_ops: TritonBackend, dtype: torch.dtype, iters: int) -> None:
     """Paged attention's device time per tile config (block_m, block_n, warps, stages); the first is the default."""
     scale = HEAD_DIM**-0.5
@@ -190,6 +203,31 @@ def sampling(copy_bw: float, iters: int) -> list[dict[str, Any]]:
     return rows
 
 
+def gemv_rows(
+    report: Callable[..., None], rand: Callable[..., torch.Tensor], element: int, triton_ops: TritonBackend
+) -> None:
+    """The one-row GEMV (`TritonBackend.linear` at one row) against cuBLAS on each weight of a decode step."""
+    shapes = {
+        "qkv_proj": (HIDDEN, (HEADS + 2 * KV_HEADS) * HEAD_DIM),
+        "o_proj": (HIDDEN, HIDDEN),
+        "gate_up_proj": (HIDDEN, 2 * INTERMEDIATE),
+        "down_proj": (INTERMEDIATE, HIDDEN),
+        "lm_head": (HIDDEN, VOCAB),
+    }
+    for name, (k, n) in shapes.items():
+        # Enough copies that the GRAPH_REPS calls of one replay never find their weight in L2 (50 MB on an H100).
+        copies = max(1, min(GRAPH_REPS, 400_000_000 // (n * k * element)))
+        weights = itertools.cycle([rand(n, k) / k**0.5 for _ in range(copies)])
+        x = rand(1, k)
+        report("gemv", f"{name} [{n}, {k}]", lambda ops: ops.linear(x, next(weights)),
+               nbytes=(n * k + n + k) * element, baseline=lambda: F.linear(x, next(weights)), baseline_name="cublas")
+        if name == "gate_up_proj":
+            report("gemv_silu_and_mul", f"{name} [{n}, {k}], SiLU-and-mul fused",
+                   lambda ops: ops.linear(x, next(weights), silu_and_mul=True), nbytes=(n * k + n // 2 + k) * element,
+                   baseline=lambda: triton_ops.silu_and_mul(F.linear(x, next(weights))),
+                   baseline_name="cublas + silu_and_mul")
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
@@ -197,6 +235,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--tune", action="store_true", help="also time paged attention under several tile configs")
     parser.add_argument("--sampling-only", action="store_true", help="time only the sampling kernels")
+    parser.add_argument("--gemv-only", action="store_true", help="time only the one-row GEMV against cuBLAS")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     element = torch.empty(0, dtype=dtype).element_size()
@@ -213,6 +252,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     def report(kernel: str, shape: str, run: Callable[[Any], Any], *, nbytes: float = 0, flops: float = 0,
                baseline: Callable[[], Any] | None = None, baseline_name: str = "torch_ref") -> None:
+        """Times ``run(triton_ops)``, eagerly too, and ``baseline`` (default ``run(ref_ops)``); prints and keeps a row."""
         ms = cuda_time_ms(lambda: run(triton_ops), iters=args.iters)
         eager_ms = cuda_time_ms(lambda: run(triton_ops), iters=args.iters, graph=False)
         try:
@@ -234,6 +274,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda", dtype=dtype)
+
+    gemv_rows(report, rand, element, triton_ops)
+    if args.gemv_only:
+        write_json(args.json, args.dtype, copy_bw, rows)
+        return rows
 
     tokens = 16384
     x, residual, weight = rand(tokens, HIDDEN), rand(tokens, HIDDEN), rand(HIDDEN)
@@ -258,11 +303,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
     kv_tokens = 16384
     key, value = rand(kv_tokens, KV_HEADS, HEAD_DIM), rand(kv_tokens, KV_HEADS, HEAD_DIM)
-    caches = [rand(kv_tokens // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM) for _ in range(2)]
+    # each backend's own cache layout
+    caches = {ops: [rand(*ops.kv_cache_shape(kv_tokens // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM)) for _ in range(2)]
+              for ops in (triton_ops, ref_ops)}
     slots = torch.randperm(kv_tokens, device="cuda")
     report("store_kv", f"[{kv_tokens}, {KV_HEADS}, {HEAD_DIM}]",
-           lambda ops: ops.store_kv(key, value, *caches, slots),
+           lambda ops: ops.store_kv(key, value, *caches[ops], slots),
            nbytes=4 * kv_tokens * KV_HEADS * HEAD_DIM * element + 8 * kv_tokens)
+
+    v = qkv[:, (HEADS + KV_HEADS) * HEAD_DIM :].view(tokens, KV_HEADS, HEAD_DIM)
+    report("rotary_store_kv", f"[{tokens}, {HEADS}+{KV_HEADS}, {HEAD_DIM}] + store",
+           lambda ops: ops.rotary_store_kv(positions, q, k, v, cos_sin, *caches[ops], slots[:tokens]),
+           nbytes=tokens * (2 * HEADS + 5 * KV_HEADS) * HEAD_DIM * element + tokens * (HEAD_DIM * 4 + 16))
 
     scale = HEAD_DIM**-0.5
     for batch, context in [(1, 1024), (1, 8192), (1, 32768), (32, 1024), (128, 1024), (64, 4096)]:
@@ -272,16 +324,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                                group=HEADS // KV_HEADS, head_dim=HEAD_DIM, num_kv_heads=KV_HEADS,
                                num_sms=triton_ops.num_sms, num_splits=None).num_splits
         kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * element
+        layouts = cache_layouts(triton_ops, ref_ops, kc, vc)
         report("decode_attention", f"batch {batch} x ctx {context} ({splits} splits)",
-               lambda ops: ops.paged_attention(qd, kd, vd, kc, vc, plans[ops], scale),
+               lambda ops: ops.paged_attention(qd, kd, vd, *layouts[ops], plans[ops], scale),
                nbytes=kv_bytes + 2 * qd.numel() * element)
 
     # a chunk of a long prompt over its cached start, beside 63 decodes (a continuous-batching step)
     mixed = [(512, 1536)] + [(1, 1023)] * 63
     qm, km, vm, kc, vc, metadata = decode_step(64, mixed, dtype)
     plans = {ops: ops.plan_attention(metadata) for ops in (triton_ops, ref_ops)}
+    layouts = cache_layouts(triton_ops, ref_ops, kc, vc)
     report("mixed_attention", "512-token chunk @1536 + 63 decodes @1024",
-           lambda ops: ops.paged_attention(qm, km, vm, kc, vc, plans[ops], scale),
+           lambda ops: ops.paged_attention(qm, km, vm, *layouts[ops], plans[ops], scale),
            nbytes=2 * sum(n + c for n, c in mixed) * KV_HEADS * HEAD_DIM * element + 2 * qm.numel() * element)
 
     for prompt in (2048, 8192):

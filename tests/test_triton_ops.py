@@ -322,8 +322,85 @@ def test_rotary_embedding_on_fused_qkv_views(triton_backend, dtype, heads):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads", [(32, 8, 128), (6, 6, 96)])
+def test_rotary_store_kv_is_rotary_then_store_kv(triton_backend, dtype, heads):
+    """The fused kernel against the two it replaces (each tested against torch_ref above), padding slots included."""
+    num_heads, num_kv_heads, head_dim = heads
+    gen = torch.Generator(device=DEVICE).manual_seed(10)
+    num_tokens, block_size, num_blocks = 21, 16, 4
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen, device=DEVICE).to(dtype)
+    q, k, v = (
+        t.view(num_tokens, -1, head_dim)
+        for t in qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=1)
+    )
+    freqs = torch.outer(torch.arange(4096, device=DEVICE).float(), torch.rand(head_dim // 2, generator=gen, device=DEVICE))
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen, device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size, generator=gen, device=DEVICE)[:num_tokens]
+    slots[::5] = -1  # padding rows: rotated, never stored
+    caches = [torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen, device=DEVICE).to(dtype)
+              for _ in range(2)]
+    expected_caches = [c.clone() for c in caches]
+    expected_q, expected_k = triton_backend.rotary_embedding(positions, q, k, cos_sin)
+    triton_backend.store_kv(expected_k, v, *expected_caches, slots)
+    out_q, out_k = triton_backend.rotary_store_kv(positions, q, k, v, cos_sin, *caches, slots)
+    assert torch.equal(out_q, expected_q) and torch.equal(out_k, expected_k)
+    assert all(torch.equal(c, e) for c, e in zip(caches, expected_caches))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(1, 2 * 14336), (33, 2 * 1000), (2, 3, 2 * 64)])
 def test_silu_and_mul(triton_backend, dtype, shape):
     gen = torch.Generator(device=DEVICE).manual_seed(9)
     x = (3 * torch.randn(*shape, generator=gen, device=DEVICE)).to(dtype)
     torch.testing.assert_close(triton_backend.silu_and_mul(x), REF.silu_and_mul(x), **TOLERANCE[dtype])
+
+
+GEMV_SHAPES = [(37, 100), (64, 2048)] if INTERPRET else [(6144, 4096), (4096, 14336), (128256, 4096), (37, 100), (1000, 3000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", GEMV_SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_one_row_linear_is_the_gemv_and_matches_float32(triton_backend, dtype, shape, bias):
+    n, k = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(n + k)
+    weight = (torch.randn(n, k, generator=gen, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen, device=DEVICE).to(dtype) if bias else None
+    x = torch.randn(1, k, generator=gen, device=DEVICE).to(dtype)
+    assert triton_backend.uses_gemv(x, weight)
+    out = triton_backend.linear(x, weight, b)
+    exact = torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float())
+    assert out.shape == (1, n) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), exact, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_silu_and_mul_in_the_gemv_epilogue_is_exact(triton_backend, dtype, bias):
+    n, k = (2 * 40, 200) if INTERPRET else (2 * 14336, 4096)
+    gen = torch.Generator(device=DEVICE).manual_seed(11)
+    weight = (2 * torch.randn(n, k, generator=gen, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen, device=DEVICE).to(dtype) if bias else None
+    x = torch.randn(1, k, generator=gen, device=DEVICE).to(dtype)
+    fused = triton_backend.linear(x, weight, b, silu_and_mul=True)
+    assert fused.shape == (1, n // 2)
+    # Both halves are rounded as the projection stores them, so the epilogue computes the very same values.
+    assert torch.equal(fused, triton_backend.silu_and_mul(triton_backend.linear(x, weight, b)))
+    exact = REF.silu_and_mul(torch.nn.functional.linear(x.float(), weight.float(), None if b is None else b.float()))
+    torch.testing.assert_close(fused.float(), exact, **TOLERANCE[dtype])
+
+
+def test_linear_of_several_rows_and_bad_shapes(triton_backend):
+    gen = torch.Generator(device=DEVICE).manual_seed(12)
+    weight = torch.randn(40, 64, generator=gen, device=DEVICE).to(torch.float16)
+    rows = torch.randn(3, 64, generator=gen, device=DEVICE).to(torch.float16)
+    assert not triton_backend.uses_gemv(rows, weight)  # from two rows on, cuBLAS
+    out = triton_backend.linear(rows, weight, silu_and_mul=True)
+    assert torch.equal(out, triton_backend.silu_and_mul(torch.nn.functional.linear(rows, weight)))
+    from atom_trio.ops.triton.gemv import gemv
+
+    with pytest.raises(ValueError, match="one row of 64"):
+        gemv(rows[:2], weight, None, silu_and_mul=False, num_sms=1)
+    with pytest.raises(ValueError, match="even number of weight rows"):
+        gemv(rows[:1], weight[:39], None, silu_and_mul=True, num_sms=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from .activation import SiluAndMul
 from .attention import Attention, ForwardContext, forward_context, get_forward_context
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .layernorm import RMSNorm
@@ -19,7 +18,6 @@ __all__ = [
     "RMSNorm",
     "RotaryEmbedding",
     "RowParallelLinear",
-    "SiluAndMul",
     "VocabParallelEmbedding",
     "forward_context",
     "get_forward_context",

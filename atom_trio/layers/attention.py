@@ -22,6 +22,8 @@ from torch import nn
 from atom_trio._scoped import scoped
 from atom_trio.ops import AttentionMetadata, current_backend
 
+from .rotary import RotaryEmbedding
+
 
 @attrs.frozen
 class ForwardContext:
@@ -45,14 +47,19 @@ def get_forward_context() -> ForwardContext:
 
 
 class Attention(nn.Module):
-    """Stores this step's keys/values in the paged cache, then attends over each sequence's context.
+    """Rotates this step's queries and keys, stores keys and values in the paged cache, then attends.
+
+    The rotation happens here, not in the model, so that a backend can rotate
+    and store in one kernel (`KernelBackend.rotary_store_kv`).
 
     ``k_cache``/``v_cache`` (laid out as the backend's ``kv_cache_shape``
     says) are bound by the runner after it sizes the cache; they are plain
     attributes, not buffers, so they stay out of the state dict.
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding
+    ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
@@ -60,24 +67,38 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.rotary_emb = rotary_emb
         self.k_cache = self.v_cache = torch.empty(0)
         self.ops = current_backend()
         self.layer_id = next(_layer_ids)
         _layers[self.layer_id] = self
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
         query = query.reshape(-1, self.num_heads, self.head_dim)
         key = key.reshape(-1, self.num_kv_heads, self.head_dim)
         value = value.reshape(-1, self.num_kv_heads, self.head_dim)
         if torch.compiler.is_compiling():  # one opaque op: the metadata never becomes graph input or a guard
-            out = torch.ops.atom_trio.paged_attention(query, key, value, self.layer_id)
+            out = torch.ops.atom_trio.paged_attention(positions, query, key, value, self.layer_id)
         else:
-            out = self._attend(query, key, value)
+            out = self._attend(positions, query, key, value)
         return out.view(-1, self.num_heads * self.head_dim)
 
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
         context = get_forward_context()
-        self.ops.store_kv(key, value, self.k_cache, self.v_cache, context.metadata.slot_mapping)
+        query, key = self.ops.rotary_store_kv(
+            positions,
+            query,
+            key,
+            value,
+            self.rotary_emb.cos_sin_cache,
+            self.k_cache,
+            self.v_cache,
+            context.metadata.slot_mapping,
+        )
         return self.ops.paged_attention(
             query, key, value, self.k_cache, self.v_cache, context.attn_plan, self.scale
         )
@@ -89,17 +110,19 @@ _layers: weakref.WeakValueDictionary[int, Attention] = weakref.WeakValueDictiona
 
 
 @torch.library.custom_op("atom_trio::paged_attention", mutates_args=())
-def _paged_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_id: int) -> torch.Tensor:
-    """`Attention`'s store-and-attend step as torch.compile sees it: reads the forward context when it runs.
+def _paged_attention_op(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer_id: int
+) -> torch.Tensor:
+    """`Attention`'s rotate-store-attend step as torch.compile sees it: reads the forward context when it runs.
 
     The KV cache stays the layer's business, out of the graph: as inputs its
     per-layer views of one allocation would be functionalized into copies of
     the whole cache. Nothing in the graph reads the cache, so its writes
     need no ordering beyond this op's own data dependencies.
     """
-    return _layers[layer_id]._attend(query, key, value)
+    return _layers[layer_id]._attend(positions, query, key, value)
 
 
 @_paged_attention_op.register_fake
-def _(query, key, value, layer_id):
+def _(positions, query, key, value, layer_id):
     return torch.empty_like(query)

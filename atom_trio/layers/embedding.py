@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from atom_trio.distributed import current_tp_group
+from atom_trio.ops import current_backend
 
 from .linear import cpu_linear, pack_cpu_weight
 
@@ -54,6 +55,10 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     packed_weight: torch.Tensor | None = None
 
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(vocab_size, hidden_size)
+        self.ops = current_backend()
+
     def tie_to(self, embedding: VocabParallelEmbedding) -> None:
         self.weight = embedding.weight
 
@@ -66,7 +71,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         if self.packed_weight is not None:
             logits = cpu_linear(hidden, self.packed_weight, None)
         else:
-            logits = F.linear(hidden, self.weight)
+            logits = self.ops.linear(hidden, self.weight)
         if self.tp.size == 1:
             return logits
         return self.tp.all_gather(logits, dim=-1)[..., : self.vocab_size]

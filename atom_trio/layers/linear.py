@@ -16,10 +16,10 @@ rows of the packed weight. Shapes and the rank come from the
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from atom_trio.distributed import current_tp_group
+from atom_trio.ops import current_backend
 
 
 class LinearBase(nn.Module):
@@ -29,9 +29,12 @@ class LinearBase(nn.Module):
     which block of a checkpoint tensor this rank holds.
     """
 
+    silu_and_mul = False  # whether the output goes through `silu_and_mul` (see MergedColumnParallelLinear)
+
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False) -> None:
         super().__init__()
         self.tp = current_tp_group()
+        self.ops = current_backend()
         self.input_size = input_size
         self.output_size = output_size
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
@@ -58,9 +61,10 @@ class LinearBase(nn.Module):
         return self._linear(x, self.bias)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed_weight is not None:
-            return cpu_linear(x, self.packed_weight, bias)
-        return F.linear(x, self.weight, bias)
+        if self.packed_weight is None:
+            return self.ops.linear(x, self.weight, bias, silu_and_mul=self.silu_and_mul)
+        y = cpu_linear(x, self.packed_weight, bias)
+        return self.ops.silu_and_mul(y) if self.silu_and_mul else y
 
 
 class ColumnParallelLinear(LinearBase):
@@ -95,12 +99,19 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input stacked in one matrix (gate and up).
 
     Each rank's rows are ``[its slice of projection 0 | its slice of projection 1 | ...]``,
-    so an activation that splits the output in equal parts (`SiluAndMul`) works on every rank.
+    so an activation that splits the output in equal parts works on every rank. With
+    ``silu_and_mul`` (two equal projections, gate and up: Llama's MLP) the layer returns
+    ``silu(gate) * up``, which the backend may compute in the matmul's epilogue.
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], *, bias: bool = False) -> None:
+    def __init__(
+        self, input_size: int, output_sizes: list[int], *, bias: bool = False, silu_and_mul: bool = False
+    ) -> None:
+        if silu_and_mul and (len(output_sizes) != 2 or output_sizes[0] != output_sizes[1]):
+            raise ValueError(f"silu_and_mul needs two projections of one size (gate and up), got {output_sizes}")
         self.output_sizes = [current_tp_group().divide(size, "output features") for size in output_sizes]
         super().__init__(input_size, sum(output_sizes), bias=bias)
+        self.silu_and_mul = silu_and_mul
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         index = int(shard_id)

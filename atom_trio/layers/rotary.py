@@ -6,14 +6,12 @@ import torch
 from torch import nn
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from atom_trio.ops import current_backend
-
 
 class RotaryEmbedding(nn.Module):
-    """Rotates query and key heads by position, rotate-half style.
+    """The cosines and sines that rotate query and key heads by position, rotate-half style.
 
-    The cosines and sines of every position are computed once, in float32, so
-    a step only gathers its rows.
+    Computed once for every position, in float32, so a step only gathers its
+    rows; `Attention` applies them (with the backend's ``rotary_store_kv``).
     """
 
     def __init__(self, inv_freq: torch.Tensor, max_position: int, *, attention_scaling: float = 1.0) -> None:
@@ -24,12 +22,6 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq.float().to(positions.device))
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_scaling
         self.register_buffer("cos_sin_cache", cache, persistent=False)
-        self.ops = current_backend()
-
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ops.rotary_embedding(positions, query, key, self.cos_sin_cache)
 
 
 def get_rope(hf_config, head_dim: int, max_position: int) -> RotaryEmbedding:

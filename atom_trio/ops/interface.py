@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 import torch
+import torch.nn.functional as F
 
 
 @attrs.frozen(kw_only=True)
@@ -135,6 +136,36 @@ class KernelBackend(abc.ABC):
         ``head_dim/2`` cosines then ``head_dim/2`` sines (float32).
         """
 
+    def rotary_store_kv(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rotary_embedding` of ``query``/``key``, then `store_kv` of the rotated keys and ``value``.
+
+        Returns the rotated ``(query, key)``. One call, so that a backend can
+        do both in one pass over the step's keys.
+        """
+        query, key = self.rotary_embedding(positions, query, key, cos_sin_cache)
+        self.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        return query, key
+
     @abc.abstractmethod
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(x[..., :d]) * x[..., d:]`` for the merged gate/up projection."""
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, silu_and_mul: bool = False
+    ) -> torch.Tensor:
+        """``x @ weight.T + bias``; with ``silu_and_mul``, `silu_and_mul` of that (the merged gate/up projection).
+
+        A backend may fuse the activation into the matmul's epilogue.
+        """
+        y = F.linear(x, weight, bias)
+        return self.silu_and_mul(y) if silu_and_mul else y

@@ -16,8 +16,8 @@ Attention is a custom op that reads the forward context (see
 nor a guard, and with the token dimension dynamic one graph serves every
 batch shape (plus Dynamo's own specialization for a single token: batch-1
 decode). Layers built for a compiled forward get `TracedOps`: the device
-backend's attention and KV store; for the norms, rotary and SiLU the Triton
-backend's fused kernels as opaque custom ops (for long prompts they beat what
+backend's attention, rotary embedding and KV store; for the norms, SiLU and
+one-row matmuls the Triton backend's kernels as opaque custom ops (for long prompts they beat what
 Inductor generates, unlike vLLM's experience with its CUDA ones), else plain
 torch for Inductor to fuse.
 
@@ -87,8 +87,9 @@ def use_compile_cache() -> Path:
 class TracedOps(KernelBackend):
     """The kernels layers call in a model that torch.compile traces.
 
-    Attention and the KV store are the device backend's (they run behind the
-    opaque attention op, outside the graph). The elementwise ops are the
+    Attention, the rotary embedding and the KV store are the device backend's
+    (they run behind the opaque attention op, outside the graph). The one-row
+    matmuls and the elementwise ops are the
     Triton backend's hand-fused kernels as opaque custom ops
     (`atom_trio.ops.triton.opaque`: faster than Inductor's own for long
     prompts), and plain torch on other backends, which Inductor fuses with
@@ -125,16 +126,24 @@ class TracedOps(KernelBackend):
         return self._fused.add_rms_norm_op(x, residual, weight, eps)
 
     def rotary_embedding(self, positions, query, key, cos_sin_cache):
-        if self._fused is not None:
-            return self._fused.rotary_embedding_op(positions, query, key, cos_sin_cache)
-        # A fresh reference backend each call: the shared one memoizes a step's cos/sin rows on
-        # itself, which a traced graph would turn into a guard that fails at the next step.
-        return TorchRefBackend().rotary_embedding(positions, query, key, cos_sin_cache)
+        return self.device_backend.rotary_embedding(positions, query, key, cos_sin_cache)
+
+    def rotary_store_kv(self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping):
+        # Like store_kv, inside the opaque attention op.
+        return self.device_backend.rotary_store_kv(
+            positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping
+        )
 
     def silu_and_mul(self, x):
         if self._fused is None:
             return self._torch.silu_and_mul(x)
         return self._fused.silu_and_mul_op(x)
+
+    def linear(self, x, weight, bias=None, *, silu_and_mul=False):
+        # The token dimension is dynamic except at one token, which Dynamo specializes: the test is a trace-time constant.
+        if self._fused is not None and self.device_backend.uses_gemv(x, weight):
+            return self._fused.gemv_op(x, weight, bias, silu_and_mul, self.device_backend.num_sms)
+        return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
 
 
 class PiecewiseBackend:

@@ -15,6 +15,7 @@ from ..interface import AttentionMetadata, KernelBackend
 from .activation import silu_and_mul
 from .attention import TritonAttentionPlan, paged_attention
 from .cache import store_kv
+from .gemv import gemv
 from .norm import rms_norm
 from .rotary import rotary_embedding
 
@@ -67,5 +68,18 @@ class TritonBackend(KernelBackend):
     def rotary_embedding(self, positions, query, key, cos_sin_cache):
         return rotary_embedding(positions, query, key, cos_sin_cache)
 
+    def rotary_store_kv(self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping):
+        return rotary_embedding(positions, query, key, cos_sin_cache, store=(value, k_cache, v_cache, slot_mapping))
+
     def silu_and_mul(self, x):
         return silu_and_mul(x)
+
+    def linear(self, x, weight, bias=None, *, silu_and_mul=False):
+        if self.uses_gemv(x, weight):
+            return gemv(x, weight, bias, silu_and_mul=silu_and_mul, num_sms=self.num_sms)
+        return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
+
+    @staticmethod
+    def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether `gemv` computes this product: one row and a half-precision weight (cuBLAS does the rest)."""
+        return x.numel() == x.shape[-1] > 0 and weight.dtype in (torch.bfloat16, torch.float16) and weight.stride(-1) == 1

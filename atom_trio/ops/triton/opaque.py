@@ -1,4 +1,4 @@
-"""The hand-fused elementwise kernels as custom ops, for a forward that torch.compile traces.
+"""The hand-fused elementwise kernels and the one-row GEMV as custom ops, for a forward that torch.compile traces.
 
 Dynamo records one opaque call per op instead of tracing into Triton's
 launcher, and Inductor schedules the matmuls and glue around it. Plain torch
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from .activation import silu_and_mul
+from .gemv import gemv
 from .norm import rms_norm
-from .rotary import rotary_embedding
 
 
 @torch.library.custom_op("atom_trio::rms_norm", mutates_args=())
@@ -39,20 +39,6 @@ def _(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float)
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-@torch.library.custom_op("atom_trio::rotary_embedding", mutates_args=())
-def rotary_embedding_op(
-    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return rotary_embedding(positions, query, key, cos_sin_cache)
-
-
-@rotary_embedding_op.register_fake
-def _(
-    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return query.new_empty(query.shape), key.new_empty(key.shape)
-
-
 @torch.library.custom_op("atom_trio::silu_and_mul", mutates_args=())
 def silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul(x)
@@ -61,3 +47,15 @@ def silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
 @silu_and_mul_op.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+@torch.library.custom_op("atom_trio::gemv", mutates_args=())
+def gemv_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_and_mul: bool, num_sms: int
+) -> torch.Tensor:
+    return gemv(x, weight, bias, silu_and_mul=silu_and_mul, num_sms=num_sms)
+
+
+@gemv_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_and_mul: bool, num_sms: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if silu_and_mul else weight.shape[0])

@@ -1,4 +1,9 @@
-"""Rotary position embedding, rotate-half convention, query and key in one launch."""
+"""Rotary position embedding, rotate-half convention: query and key in one launch, optionally storing K/V too.
+
+With ``STORE_KV`` the same program also writes its token's rotated key and its
+value into the paged cache (what `store_kv` does), so a decode step pays one
+small kernel per layer for both instead of two.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +13,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(dst_ptr, src_ptr, stride_h, cos, sin, NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr):
+def _rotate_heads(
+    dst_ptr, src_ptr, stride_src_h, stride_dst_h, cos, sin,
+    NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr,
+):
     heads = tl.arange(0, HEADS_P2)[:, None]
     dims = tl.arange(0, HALF_P2)[None, :]
     mask = (heads < NUM_HEADS) & (dims < HALF)
-    src = src_ptr + heads * stride_h + dims
+    src = src_ptr + heads * stride_src_h + dims
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
-    dst = dst_ptr + heads * (2 * HALF) + dims
+    dst = dst_ptr + heads * stride_dst_h + dims
     tl.store(dst, (x1 * cos - x2 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, (x2 * cos + x1 * sin).to(dst_ptr.dtype.element_ty), mask=mask)
 
@@ -28,42 +36,90 @@ def _rotary_kernel(
     k_ptr,
     positions_ptr,
     cos_sin_ptr,
+    v_ptr,
+    slot_mapping_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_size,
     stride_qt,
     stride_qh,
     stride_kt,
     stride_kh,
+    stride_vt,
+    stride_vh,
     stride_cs,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
     NUM_Q_HEADS: tl.constexpr,
     NUM_K_HEADS: tl.constexpr,
     HALF: tl.constexpr,
     Q_HEADS_P2: tl.constexpr,
     K_HEADS_P2: tl.constexpr,
     HALF_P2: tl.constexpr,
+    STORE_KV: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + token).to(tl.int64)
     dims = tl.arange(0, HALF_P2)[None, :]
     cos = tl.load(cos_sin_ptr + pos * stride_cs + dims, mask=dims < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + dims, mask=dims < HALF, other=0.0)
+    q_src = q_ptr + token * stride_qt
+    k_src = k_ptr + token * stride_kt
     _rotate_heads(
-        q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF), q_ptr + token * stride_qt, stride_qh, cos, sin,
+        q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF), q_src, stride_qh, 2 * HALF, cos, sin,
         NUM_Q_HEADS, HALF, Q_HEADS_P2, HALF_P2,
     )
     _rotate_heads(
-        k_out_ptr + token * (NUM_K_HEADS * 2 * HALF), k_ptr + token * stride_kt, stride_kh, cos, sin,
+        k_out_ptr + token * (NUM_K_HEADS * 2 * HALF), k_src, stride_kh, 2 * HALF, cos, sin,
         NUM_K_HEADS, HALF, K_HEADS_P2, HALF_P2,
     )
+    if STORE_KV:
+        slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+        if slot >= 0:  # a padding token (a CUDA graph's spare batch rows) owns no slot
+            block = slot // block_size
+            in_block = slot % block_size
+            _rotate_heads(
+                k_cache_ptr + block * stride_kcb + in_block * stride_kcs, k_src, stride_kh, stride_kch, cos, sin,
+                NUM_K_HEADS, HALF, K_HEADS_P2, HALF_P2,
+            )
+            heads = tl.arange(0, K_HEADS_P2)[:, None]
+            head_dims = tl.arange(0, 2 * HALF_P2)[None, :]
+            mask = (heads < NUM_K_HEADS) & (head_dims < 2 * HALF)
+            v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + head_dims, mask=mask)
+            v_dst = v_cache_ptr + block * stride_vcb + in_block * stride_vcs + heads * stride_vch + head_dims
+            tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def rotary_embedding(
-    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """New, contiguous rotated copies of ``query``/``key`` (which may be strided views of a fused QKV)."""
+    """New, contiguous rotated copies of ``query``/``key`` (which may be strided views of a fused QKV).
+
+    ``store = (value, k_cache, v_cache, slot_mapping)`` also writes the rotated
+    keys and the values to their cache slots, as `store_kv` would.
+    """
     query, key = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key))
     num_tokens, num_q_heads, head_dim = query.shape
     num_k_heads = key.shape[1]
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
+    if store is None:
+        value, k_cache, v_cache, slot_mapping = key, key, key, positions  # not read
+        cache_strides = (0,) * 6
+        block_size = 1
+    else:
+        value, k_cache, v_cache, slot_mapping = store
+        value = value if value.stride(-1) == 1 else value.contiguous()
+        cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
+        block_size = k_cache.shape[1]
     if num_tokens:
         half = head_dim // 2
         _rotary_kernel[(num_tokens,)](
@@ -73,16 +129,25 @@ def rotary_embedding(
             key,
             positions,
             cos_sin_cache,
+            value,
+            slot_mapping,
+            k_cache,
+            v_cache,
+            block_size,
             query.stride(0),
             query.stride(1),
             key.stride(0),
             key.stride(1),
+            value.stride(0),
+            value.stride(1),
             cos_sin_cache.stride(0),
+            *cache_strides,
             NUM_Q_HEADS=num_q_heads,
             NUM_K_HEADS=num_k_heads,
             HALF=half,
             Q_HEADS_P2=triton.next_power_of_2(num_q_heads),
             K_HEADS_P2=triton.next_power_of_2(num_k_heads),
             HALF_P2=triton.next_power_of_2(half),
+            STORE_KV=store is not None,
         )
     return q_out, k_out
