@@ -17,7 +17,10 @@ Measured, all in one process on one card:
   the decode graphs' memory;
   prefill of one 2048-token prompt (time, TFLOP/s against the bf16 peak);
   time per decode step at batch 1, with CUDA graphs and, on the same runner,
-  eagerly; decode tokens/s at batch 32 and 128 with 1024 tokens of context.
+  eagerly; decode tokens/s at batch 32 and 128 with 1024 tokens of context;
+  the same decode steps pipelined as async scheduling runs them (``async``:
+  the next step launched before the host reads this one's tokens, which
+  then feed it on the device).
 
 Steps are timed from the host around ``execute`` (which returns sampled
 tokens, so the device has finished); figures are medians after warm-up.
@@ -26,6 +29,7 @@ tokens, so the device has finished); figures are medians after warm-up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -39,7 +43,7 @@ from pathlib import Path
 import torch
 
 from atom_trio.config import EngineConfig
-from atom_trio.engine.plan import SeqChunk, StepPlan
+from atom_trio.engine.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
 from atom_trio.engine.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
 from benchmarks.model_shapes import LLAMA_3_1_8B
@@ -203,6 +207,41 @@ def decode_ms(driver: Driver, batch: int, input_len: int, steps: int, rng: rando
     return statistics.median(times) * 1e3
 
 
+def decode_async_ms(
+    driver: Driver, batch: int, input_len: int, steps: int, rng: random.Random, *, breakdown: list | None = None
+) -> float:
+    """`decode_ms` as the engine steps with async scheduling: step N+1 is launched before step N is read.
+
+    Its decode chunks carry `PREVIOUS_TOKEN`, fed on the device, so what
+    shows here is the device's time per step, the runner's own work around
+    the graph included (input copies, feeding, sampling, the read-back).
+    With ``breakdown``, the steps run under the profiler (their times are then
+    the profiler's) and it receives their kernels and copies.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = driver.runner
+    prompts = [[rng.randrange(1000, runner.vocab_size) for _ in range(input_len)] for _ in range(batch)]
+    chunks = driver.start(prompts, input_len + steps + 8, runner.config.max_num_batched_tokens)
+    in_flight = runner.launch(StepPlan(step_id=driver.step, chunks=chunks))
+    times = []
+    with profile(activities=[ProfilerActivity.CUDA]) if breakdown is not None else contextlib.nullcontext() as prof:
+        for i in range(steps):
+            start = time.perf_counter()
+            chunks = [c.next_decode(PREVIOUS_TOKEN) for c in chunks]
+            launched = runner.launch(StepPlan(step_id=driver.step + 1 + i, chunks=chunks))
+            runner.collect(in_flight)
+            in_flight = launched
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+        runner.collect(in_flight)
+    if breakdown is not None:
+        breakdown += kernel_rows(prof, steps, f"async batch-{batch} decode steps")
+    driver.step += steps + 1
+    driver.finish(chunks)
+    return statistics.median(times) * 1e3
+
+
 def graph_replay_ms(runner: ModelRunner, size: int, iters: int = 50) -> float:
     """Device time of one replay of the decode graph of ``size`` (its inputs as the last step left them)."""
     graph = runner.decode_graphs._graphs[size]
@@ -216,17 +255,21 @@ def graph_replay_ms(runner: ModelRunner, size: int, iters: int = 50) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def kernel_breakdown(runner: ModelRunner, size: int, iters: int = 20, top: int = 25) -> list[dict]:
-    """Device time per replay of the decode graph of ``size``, by kernel (CUPTI sees inside graphs), largest first."""
+def kernel_breakdown(run: Callable[[], object], what: str, iters: int = 20) -> list[dict]:
+    """Device time per call of ``run``, by kernel and copy (CUPTI sees inside graphs), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    graph = runner.decode_graphs._graphs[size]
-    graph.replay()
+    run()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
-            graph.replay()
+            run()
         torch.cuda.synchronize()
+    return kernel_rows(prof, iters, what)
+
+
+def kernel_rows(prof, iters: int, what: str, top: int = 25) -> list[dict]:
+    """The profile's device time per iteration by kernel and copy, largest first (printed, and the ``top`` returned)."""
     rows = [
         {"kernel": e.key[:120], "us_per_step": e.device_time_total / iters, "calls_per_step": e.count / iters}
         for e in prof.key_averages()
@@ -234,7 +277,7 @@ def kernel_breakdown(runner: ModelRunner, size: int, iters: int = 20, top: int =
     ]
     rows.sort(key=lambda r: -r["us_per_step"])
     total = sum(r["us_per_step"] for r in rows)
-    print(f"decode graph of size {size}: {total:.0f} us of kernels per step", flush=True)
+    print(f"{what}: {total:.0f} us of kernels and copies per step", flush=True)
     for r in rows[:top]:
         print(f"{r['us_per_step']:9.1f} us {r['calls_per_step']:6.1f}x  {r['kernel']}", flush=True)
     return rows[:top]
@@ -279,18 +322,23 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
         ms = decode_ms(driver, batch, args.input_len, args.steps, rng)
         results[f"decode_b{batch}_ms_per_step"] = ms
         results[f"decode_b{batch}_tok_s"] = batch * 1e3 / ms
+        results[f"decode_b{batch}_async_ms_per_step"] = decode_async_ms(driver, batch, args.input_len, args.steps, rng)
         if runner.decode_graphs is not None:
             size = runner.decode_graphs.padded_size(batch)
             results[f"decode_b{batch}_graph_replay_ms"] = graph_replay_ms(runner, size)
         print(json.dumps({f"level_{level}": results}, indent=1), flush=True)
     if args.profile and runner.decode_graphs is not None:
-        results["decode_b1_kernels"] = kernel_breakdown(runner, runner.decode_graphs.padded_size(1))
+        graph = runner.decode_graphs._graphs[runner.decode_graphs.padded_size(1)]
+        results["decode_b1_kernels"] = kernel_breakdown(graph.replay, "decode graph of size 1")
+        results["decode_b1_async_step_kernels"] = []
+        decode_async_ms(driver, 1, args.input_len, 16, rng, breakdown=results["decode_b1_async_step_kernels"])
     if runner.decode_graphs is not None:  # the same runner and weights without its graphs
         graphs, runner.decode_graphs = runner.decode_graphs, None
         results["decode_b1_eager_ms_per_step"] = decode_ms(driver, 1, args.input_len, args.steps, rng)
         runner.decode_graphs = graphs
     if "decode_b1_ms_per_step" in results:
         results["decode_b1_vs_floor"] = results["decode_b1_ms_per_step"] / results["hbm_floor_ms"]
+        results["decode_b1_async_vs_floor"] = results["decode_b1_async_ms_per_step"] / results["hbm_floor_ms"]
     runner.close()
     del runner, driver
     gc.collect()

@@ -26,7 +26,7 @@ import torch
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from atom_trio.config import EngineConfig  # noqa: E402
-from atom_trio.engine.plan import SeqChunk, StepPlan  # noqa: E402
+from atom_trio.engine.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan  # noqa: E402
 from atom_trio.engine.sampling_params import SamplingParams  # noqa: E402
 from atom_trio.runner import ModelRunner  # noqa: E402
 
@@ -156,16 +156,9 @@ def tables(prompt_lens) -> list[list[int]]:
     return out
 
 
-def run_script(runner: ModelRunner, prompt_ids: list[list[int]], forced: list[list[int]] | None, *, seq_base: int):
-    """Prefill all prompts in one step, then decode them together for `STEPS` steps.
-
-    With ``forced`` the decode inputs are those tokens (teacher forcing);
-    without, each step feeds back the runner's greedy pick. Returns (the
-    tokens each step produced ``[STEPS][seqs]``, the logits of every step
-    ``[STEPS, seqs, vocab]`` on the host).
-    """
+def prefill_chunks(prompt_ids: list[list[int]], *, seq_base: int) -> list[SeqChunk]:
     block_tables = tables(len(p) for p in prompt_ids)
-    chunks = [
+    return [
         SeqChunk(
             seq_id=seq_base + i,
             token_ids=p,
@@ -177,6 +170,17 @@ def run_script(runner: ModelRunner, prompt_ids: list[list[int]], forced: list[li
         )
         for i, p in enumerate(prompt_ids)
     ]
+
+
+def run_script(runner: ModelRunner, prompt_ids: list[list[int]], forced: list[list[int]] | None, *, seq_base: int):
+    """Prefill all prompts in one step, then decode them together for `STEPS` steps.
+
+    With ``forced`` the decode inputs are those tokens (teacher forcing);
+    without, each step feeds back the runner's greedy pick. Returns (the
+    tokens each step produced ``[STEPS][seqs]``, the logits of every step
+    ``[STEPS, seqs, vocab]`` on the host).
+    """
+    chunks = prefill_chunks(prompt_ids, seq_base=seq_base)
     tokens, logits = [], []
     for step in range(STEPS):
         plan = StepPlan(step_id=step, chunks=chunks)
@@ -257,7 +261,9 @@ def test_outputs_equal_with_graphs_on_and_off(models, monkeypatch):
     assert graphed.decode_graphs.batch_sizes == [1, 2, 4, 8]
     replays = []
     run = graphed.decode_graphs.run
-    monkeypatch.setattr(graphed.decode_graphs, "run", lambda *a: replays.append(a[0].shape[0]) or run(*a))
+    monkeypatch.setattr(
+        graphed.decode_graphs, "run", lambda *a, **kw: replays.append(a[0].shape[0]) or run(*a, **kw)
+    )
     prompt_ids = prompts(graphed.vocab_size)
     tokens, with_graphs = run_script(graphed, prompt_ids, None, seq_base=300)
     assert replays == [len(prompt_ids)] * (STEPS - 1)  # every decode step replayed a graph
@@ -268,6 +274,30 @@ def test_outputs_equal_with_graphs_on_and_off(models, monkeypatch):
     assert relative_error(with_graphs, without) < 2e-2
     exact_share = check_picks(without, with_graphs, what="graphs vs eager")
     assert exact_share >= 0.95
+
+
+@pytest.mark.parametrize("count", [1, 3], ids=["batch1", "batch3-padded"])
+def test_tokens_fed_back_on_the_device_through_the_graphs(models, count):
+    """Async scheduling's pattern: step N+1 is launched, its tokens `PREVIOUS_TOKEN`, before step N is read.
+
+    The graph's own input buffer takes the fed tokens; the picks must be the
+    synchronous run's, where the host feeds each token itself (3 sequences
+    replay the graph of 4, so a padding row rides along).
+    """
+    runner = models.graphed
+    prompt_ids = prompts(runner.vocab_size)[:count]
+    expected, _ = run_script(runner, prompt_ids, None, seq_base=600)
+    chunks = prefill_chunks(prompt_ids, seq_base=700)
+    in_flight = runner.launch(StepPlan(step_id=0, chunks=chunks))
+    picks = []
+    for step in range(1, STEPS):
+        chunks = [c.next_decode(PREVIOUS_TOKEN) for c in chunks]
+        launched = runner.launch(StepPlan(step_id=step, chunks=chunks))
+        picks.append(runner.collect(in_flight).token_ids)
+        in_flight = launched
+    picks.append(runner.collect(in_flight).token_ids)
+    runner.execute(StepPlan(step_id=STEPS, chunks=[], finished_seq_ids=[c.seq_id for c in chunks]))
+    assert picks == expected
 
 
 @pytest.mark.parametrize("level", [1, 2])

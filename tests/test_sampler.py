@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atom_trio.engine.sampling_params import SamplingParams
-from atom_trio.layers.sampler import SampleRequest, Sampler
+from atom_trio.layers.sampler import SampleRequest, Sampler, first_argmax
 
 EOS = 3
 DEVICES = [
@@ -47,6 +47,17 @@ def test_greedy_is_argmax_alone_and_among_random_rows(device):
     mixed = [request(temperature=0.0 if i % 2 else 1.5, top_k=50) for i in range(6)]
     out = sampler(logits, mixed)
     assert out.token_ids[1::2] == logits[1::2].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("vocab", [49152, 16032, 1000], ids=["256-pieces", "32-pieces", "one-stage"])
+def test_first_argmax_is_torch_argmax_ties_included(device, vocab):
+    logits = random_logits(6, vocab, seed=3, device=device).round()  # every row's maximum is tied a few times
+    logits[0] = 0.0  # all tied: token 0
+    logits[1, [5, vocab // 2, vocab - 1]] = 50.0  # tied maxima in different pieces
+    logits[2, vocab - 1] = 50.0  # the maximum in the last column
+    assert first_argmax(logits).tolist() == logits.argmax(-1).tolist()
+    assert first_argmax(logits).tolist()[:3] == [0, 5, vocab - 1]
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])

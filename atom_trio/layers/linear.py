@@ -21,6 +21,8 @@ from torch import nn
 from atom_trio.distributed import current_tp_group
 from atom_trio.ops import current_backend
 
+from .layernorm import RMSNorm
+
 
 class LinearBase(nn.Module):
     """``y = x @ W.T + b`` on this rank's ``[output_size, input_size]`` block.
@@ -59,6 +61,24 @@ class LinearBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
+
+    def forward_normed(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer of ``norm(x + residual)``, and ``x + residual`` (the next residual; ``x`` without one).
+
+        A pre-norm block's entry in one call, so that the backend may fold the
+        add and the norm into the matmul (the one-row GEMV does). Only for a
+        layer whose input is whole on every rank (column-parallel).
+        """
+        if self.packed_weight is None:
+            return self.ops.rms_norm_linear(
+                x, residual, norm.weight, norm.eps, self.weight, self.bias, silu_and_mul=self.silu_and_mul
+            )
+        if residual is None:
+            return self._linear(norm(x), self.bias), x
+        normed, residual = norm(x, residual)
+        return self._linear(normed, self.bias), residual
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed_weight is None:

@@ -92,6 +92,23 @@ def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def first_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of ``[rows, vocab]`` logits, in two stages where the vocabulary splits evenly.
+
+    torch reduces each row in one thread block: 28 us for one row of a 128k
+    vocabulary on an H100, in a 5.8 ms decode step. Cut into up to 256 equal
+    pieces, a row's maximum is found by that many blocks, and the first maximum
+    of the first best piece is the row's first maximum: torch's pick, ties included.
+    """
+    rows, vocab = logits.shape
+    pieces = min(256, vocab & -vocab)  # the largest power of two dividing the vocabulary, capped
+    if pieces < 16:
+        return logits.argmax(dim=-1)
+    values, index = logits.reshape(rows, pieces, vocab // pieces).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return index.gather(1, best).squeeze(1).add_(best.squeeze(1), alpha=vocab // pieces)
+
+
 def _row_index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     """``rows`` as an index tensor on ``device``: indexing a CUDA tensor with a list would copy it with a host sync."""
     return host_to_device(torch.tensor(rows, dtype=torch.long), device)
@@ -236,7 +253,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if not random_rows:
-            return logits.argmax(dim=-1)
+            return first_argmax(logits)
         kernels = self._kernels(logits.device, len(random_rows))
         if kernels is not None:
             return self._sample_triton(kernels, logits, requests)
@@ -266,7 +283,7 @@ class Sampler:
         sampled = probs.div_(noise).argmax(dim=-1)
         if all_random:
             return sampled
-        tokens = logits.argmax(dim=-1)
+        tokens = first_argmax(logits)
         tokens[random_index] = sampled
         return tokens
 

@@ -51,13 +51,17 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.qk_norm = qk_norm
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, input_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``input_norm(hidden + residual)``; returns it with ``hidden + residual``."""
+        qkv, residual = self.qkv_proj.forward_normed(input_norm, hidden, residual)
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return self.o_proj(self.attn(positions, q, k, v))
+        return self.o_proj(self.attn(positions, q, k, v)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -72,8 +76,10 @@ class LlamaMLP(nn.Module):
         )
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP of ``norm(x + residual)``; returns it with ``x + residual``."""
+        activated, residual = self.gate_up_proj.forward_normed(norm, x, residual)
+        return self.down_proj(activated), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -87,15 +93,10 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream travels beside the hidden state so that each
-        # add fuses into the RMSNorm that follows it.
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        # The residual stream travels beside the hidden state so that each add fuses
+        # into the RMSNorm that follows it, and both into the projection after that.
+        hidden, residual = self.self_attn(positions, hidden, residual, self.input_layernorm)
+        return self.mlp(hidden, residual, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):

@@ -169,3 +169,25 @@ class KernelBackend(abc.ABC):
         """
         y = F.linear(x, weight, bias)
         return self.silu_and_mul(y) if silu_and_mul else y
+
+    def rms_norm_linear(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        silu_and_mul: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`linear` of `rms_norm` of ``x + residual``: a pre-norm block's entry. Returns it with ``x + residual``.
+
+        Without a residual the sum is ``x`` itself. One call, so that a
+        backend can fold the add and the norm into the matmul's prologue.
+        """
+        if residual is None:
+            normed, summed = self.rms_norm(x, norm_weight, eps), x
+        else:
+            normed, summed = self.rms_norm(x, norm_weight, eps, residual)
+        return self.linear(normed, weight, bias, silu_and_mul=silu_and_mul), summed

@@ -145,6 +145,14 @@ class TracedOps(KernelBackend):
             return self._fused.gemv_op(x, weight, bias, silu_and_mul, self.device_backend.num_sms)
         return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
 
+    def rms_norm_linear(self, x, residual, norm_weight, eps, weight, bias=None, *, silu_and_mul=False):
+        if self._fused is None or not self.device_backend.uses_gemv(x, weight):
+            return super().rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_and_mul=silu_and_mul)
+        out, summed = self._fused.rms_norm_gemv_op(
+            x, residual, norm_weight, eps, weight, bias, silu_and_mul, self.device_backend.num_sms
+        )
+        return out, summed if residual is not None else x
+
 
 class PiecewiseBackend:
     """A torch.compile backend that cuts the graph at every attention op and compiles the pieces with Inductor.

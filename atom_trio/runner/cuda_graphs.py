@@ -8,8 +8,13 @@ runs the graph of the next captured size ``B >= n``; the ``B - n`` padding
 rows write no KV (slot -1) and attend to nothing (context length 0), as the
 Triton backend's README specifies.
 
-Every captured size reads the prefix ``[:B]`` of one set of static input
-tensors and writes the prefix of one logits buffer, and all graphs share one
+A step's inputs reach a graph in one host-to-device copy plus one for the
+block tables: each captured size reads its token ids, positions, slots and
+context lengths from one buffer of its own (packed on the host, padding rows
+included, beside the rows that take the previous step's sampled tokens), and
+the prefix ``[:B]`` of one block table tensor. (Copying each input on its
+own, then padding it on the device, was 16 copies and 4 kernels a step.)
+Every graph writes the prefix of one logits buffer, and all graphs share one
 memory pool (captured largest first, each freeing its temporaries before the
 next), so the graphs together cost about one largest-size step: the runner
 captures that size once before it sizes the KV cache, to set the memory aside.
@@ -23,10 +28,9 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from atom_trio.layers import Attention, ForwardContext, forward_context
 from atom_trio.ops import AttentionMetadata
@@ -77,10 +81,7 @@ class DecodeGraphs:
         self.block_size = block_size
         largest = self.batch_sizes[-1]
         max_blocks = -(-max_model_len // block_size)
-        self.input_ids = torch.zeros(largest, dtype=torch.long, device=device)
-        self.positions = torch.zeros(largest, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((largest,), -1, dtype=torch.long, device=device)
-        self.context_lens = torch.zeros(largest, dtype=torch.int32, device=device)
+        self._inputs = {size: _PackedInputs(size, device) for size in self.batch_sizes}
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
         # One output buffer for every size: a graph's own output would stay allocated in the pool.
@@ -125,31 +126,38 @@ class DecodeGraphs:
         slot_mapping: torch.Tensor,
         context_lens: torch.Tensor,
         block_tables: torch.Tensor,
+        *,
+        feed_rows: Sequence[int] = (),
+        feed_sources: Sequence[int] = (),
+        previous_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Replay the step for ``n`` decode tokens (inputs on the host or the device); float32 logits ``[n, vocab]``.
+        """Replay the step for ``n`` decode tokens given on the host; float32 logits ``[n, vocab]``.
 
+        Rows ``feed_rows`` of ``input_ids`` take ``previous_tokens[feed_sources]``
+        on the device (the previous step's sampled tokens, not on the host yet).
         The result is a view of the graph's output: the next replay overwrites it.
         """
         n = input_ids.shape[0]
         size = self.padded_size(n)
-        pad = size - n
-        # Padding rows: token 0 at position 0, no slot, no context.
-        self.input_ids[:size].copy_(F.pad(input_ids, (0, pad)))
-        self.positions[:size].copy_(F.pad(positions, (0, pad)))
-        self.slot_mapping[:size].copy_(F.pad(slot_mapping, (0, pad), value=-1))
-        self.context_lens[:size].copy_(F.pad(context_lens, (0, pad)))
+        inputs = self._inputs[size]
+        host = inputs.pack(input_ids, positions, slot_mapping, context_lens, feed_rows, feed_sources)
+        inputs.buffer[: host.shape[0]].copy_(host.pin_memory(), non_blocking=True)
         # Columns past a row's context are never read, so only the used ones are copied.
         tables = block_tables[:, : self.block_tables.shape[1]]
-        self.block_tables[:n, : tables.shape[1]].copy_(tables)
+        self.block_tables[:n, : tables.shape[1]].copy_(tables.contiguous().pin_memory(), non_blocking=True)
+        if feed_rows:
+            rows, sources = inputs.feed_indices(len(feed_rows))
+            inputs.input_ids.index_copy_(0, rows, previous_tokens.index_select(0, sources))
         self._graphs[size].replay()
         return self.logits[:n]
 
     def _context(self, size: int) -> ForwardContext:
+        inputs = self._inputs[size]
         metadata = AttentionMetadata(
             cu_seqlens_q=self.cu_seqlens_q[: size + 1],
-            context_lens=self.context_lens[:size],
+            context_lens=inputs.context_lens,
             block_tables=self.block_tables[:size],
-            slot_mapping=self.slot_mapping[:size],
+            slot_mapping=inputs.slot_mapping,
             query_lens_host=[1] * size,
             context_lens_host=[self.max_model_len] * size,
             block_size=self.block_size,
@@ -179,8 +187,54 @@ class DecodeGraphs:
         ).num_splits
 
     def _step(self, size: int) -> None:
-        hidden = self.forward(self.input_ids[:size], self.positions[:size])
+        inputs = self._inputs[size]
+        hidden = self.forward(inputs.input_ids, inputs.positions)
         self.logits[:size].copy_(self.model.compute_logits(hidden))  # the float32 cast, into the shared buffer
+
+
+class _PackedInputs:
+    """One captured size's per-token inputs in one int64 device buffer, so that a step fills them with one copy.
+
+    ``[input ids | positions | slots | context lengths (int32, two to an element) | feed rows | feed sources]``,
+    ``size`` elements each; the graph reads the first four as views.
+    """
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size = size
+        self.buffer = torch.zeros(6 * size, dtype=torch.long, device=device)
+        self.buffer[2 * size : 3 * size] = -1  # no KV write before the first step fills the slots in
+        self.input_ids, self.positions, self.slot_mapping, self.context_lens = self._views(self.buffer)
+
+    def _views(self, buffer: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        size = self.size
+        ids, positions, slots, lens = buffer[: 4 * size].split(size)
+        return ids, positions, slots, lens.view(torch.int32)[:size]
+
+    def pack(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        context_lens: torch.Tensor,
+        feed_rows: Sequence[int],
+        feed_sources: Sequence[int],
+    ) -> torch.Tensor:
+        """The host image of the buffer's used prefix. Padding rows: token 0 at position 0, no slot, no context."""
+        n, size = input_ids.shape[0], self.size
+        host = torch.zeros(4 * size + 2 * len(feed_rows), dtype=torch.long)
+        ids, host_positions, slots, lens = self._views(host)
+        ids[:n] = input_ids
+        host_positions[:n] = positions
+        slots.fill_(-1)
+        slots[:n] = slot_mapping
+        lens[:n] = context_lens
+        host[4 * size :] = torch.tensor([*feed_rows, *feed_sources], dtype=torch.long)
+        return host
+
+    def feed_indices(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The feed rows and sources `pack` wrote for ``count`` fed rows, on the device."""
+        start = 4 * self.size
+        return self.buffer[start : start + count], self.buffer[start + count : start + 2 * count]
 
 
 def _ranges(sizes: list[int]) -> str:

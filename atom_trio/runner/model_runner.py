@@ -341,7 +341,9 @@ class ModelRunner:
         if not plan.chunks:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device), None
         self._record_tokens(plan.chunks)
-        batch = self._feed_previous_tokens(self._prepare_inputs(plan.chunks).to(self.device))
+        batch = self._prepare_inputs(plan.chunks)
+        if batch.feed_rows and self.tp_group.size > 1:  # every rank runs this plan, so every rank takes part
+            self.tp_group.broadcast(self._last_tokens, src=0)
         sampled = [i for i, chunk in enumerate(plan.chunks) if chunk.sample]
         wants_prompt = any(_wants_prompt_logprobs(chunk) for chunk in plan.chunks)
         graphs = self.decode_graphs
@@ -352,9 +354,17 @@ class ModelRunner:
             and len(plan.chunks) <= graphs.max_batch_size
         ):
             logits = graphs.run(
-                batch.input_ids, batch.positions, batch.slot_mapping, batch.context_lens, batch.block_tables
+                batch.input_ids,
+                batch.positions,
+                batch.slot_mapping,
+                batch.context_lens,
+                batch.block_tables,
+                feed_rows=batch.feed_rows,
+                feed_sources=batch.feed_sources,
+                previous_tokens=self._last_tokens,
             )
             return (logits if len(sampled) == len(plan.chunks) else logits[sampled]), None
+        batch = self._feed_previous_tokens(batch.to(self.device))
         ends = _cumsum(batch.query_lens)[1:]
         hidden = self._run_model(batch)
         logits = self._logits(hidden, [ends[i] - 1 for i in sampled])
@@ -517,8 +527,6 @@ class ModelRunner:
     def _feed_previous_tokens(self, batch: _Batch) -> _Batch:
         """Write into ``batch.input_ids`` (on the device) the tokens its `PREVIOUS_TOKEN` chunks stand for."""
         if batch.feed_rows:
-            if self.tp_group.size > 1:  # every rank runs this plan, so every rank takes part
-                self.tp_group.broadcast(self._last_tokens, src=0)
             rows = host_to_device(torch.tensor(batch.feed_rows), self.device)
             sources = host_to_device(torch.tensor(batch.feed_sources), self.device)
             batch.input_ids.index_copy_(0, rows, self._last_tokens.index_select(0, sources))

@@ -15,7 +15,7 @@ from ..interface import AttentionMetadata, KernelBackend
 from .activation import silu_and_mul
 from .attention import TritonAttentionPlan, paged_attention
 from .cache import store_kv
-from .gemv import gemv
+from .gemv import gemv, rms_norm_gemv
 from .norm import rms_norm
 from .rotary import rotary_embedding
 
@@ -78,6 +78,13 @@ class TritonBackend(KernelBackend):
         if self.uses_gemv(x, weight):
             return gemv(x, weight, bias, silu_and_mul=silu_and_mul, num_sms=self.num_sms)
         return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
+
+    def rms_norm_linear(self, x, residual, norm_weight, eps, weight, bias=None, *, silu_and_mul=False):
+        if self.uses_gemv(x, weight):
+            return rms_norm_gemv(
+                x, residual, norm_weight, eps, weight, bias, silu_and_mul=silu_and_mul, num_sms=self.num_sms
+            )
+        return super().rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_and_mul=silu_and_mul)
 
     @staticmethod
     def uses_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:

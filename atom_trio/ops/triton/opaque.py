@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .activation import silu_and_mul
-from .gemv import gemv
+from .gemv import gemv, rms_norm_gemv
 from .norm import rms_norm
 
 
@@ -58,4 +58,30 @@ def gemv_op(
 
 @gemv_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, silu_and_mul: bool, num_sms: int) -> torch.Tensor:
+    return _gemv_output(x, weight, silu_and_mul)
+
+
+@torch.library.custom_op("atom_trio::rms_norm_gemv", mutates_args=())
+def rms_norm_gemv_op(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    silu_and_mul: bool,
+    num_sms: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_gemv`; without a residual the sum is ``x`` itself, which an op may not return: it returns an empty tensor."""
+    out, summed = rms_norm_gemv(x, residual, norm_weight, eps, weight, bias, silu_and_mul=silu_and_mul, num_sms=num_sms)
+    return out, summed if residual is not None else x.new_empty(0)
+
+
+@rms_norm_gemv_op.register_fake
+def _(x, residual, norm_weight, eps, weight, bias, silu_and_mul, num_sms) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gemv_output(x, weight, silu_and_mul), x.new_empty(x.shape if residual is not None else 0)
+
+
+def _gemv_output(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool) -> torch.Tensor:
+    """An empty tensor shaped like a GEMV's output (half the rows of ``weight`` after SiLU-and-mul)."""
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if silu_and_mul else weight.shape[0])
