@@ -50,16 +50,22 @@ def test_full_depth_llama_8b_matches_transformers(full_depth_shape, tmp_path):
     runner = start_runner(tmp_path, reference)
     prompt_ids = prompts(runner.vocab_size)
     tokens, ours = run_script(runner, prompt_ids, None, seq_base=0)
+    # One sequence alone decodes through the one-row GEMVs, the others' graph through cuBLAS.
+    single_ids = prompt_ids[1:2]
+    single_tokens, single = run_script(runner, single_ids, None, seq_base=10)
     runner.close()
     del runner
     gc.collect()
     print(f"after the runner closed: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated (the bf16 model: ~15)")
     theirs = hf_logits(reference, prompt_ids, tokens)
+    single_theirs = hf_logits(reference, single_ids, single_tokens)
     exact_rotary(reference.float())  # the same weights in fp32 (tensor by tensor: the bf16 copies go as it goes)
     gc.collect()
     torch.cuda.empty_cache()
     truth = hf_logits(reference, prompt_ids, tokens)
     check_within_bf16_rounding(ours, theirs, truth)
+    print("one sequence:")
+    check_within_bf16_rounding(single, single_theirs, hf_logits(reference, single_ids, single_tokens))
     # Every pick is the fp32 argmax or a near-tie within the bf16 noise; through 32 layers of random
     # weights the near-ties flip more often than through 4, for transformers' own bf16 run as much as ours.
     exact_share = check_picks(truth, ours, what="runner vs transformers fp32")

@@ -234,6 +234,20 @@ def test_prefill_and_decode_logits_match_transformers(models):
     check_within_bf16_rounding(ours, theirs, hf_logits(exact, prompt_ids, tokens))
 
 
+def test_one_sequence_decode_matches_transformers(models):
+    """Batch 1, the shape whose layers run the one-row GEMVs with add + RMSNorm in their prologue.
+
+    The other tests decode three sequences (a graph of 4 rows: cuBLAS), so
+    this is the one that checks the batch-1 kernels against transformers.
+    """
+    reference, exact, runner = models.reference, models.exact, models.graphed
+    prompt_ids = prompts(runner.vocab_size)[1:2]
+    tokens, ours = run_script(runner, prompt_ids, None, seq_base=800)
+    truth = hf_logits(exact, prompt_ids, tokens)
+    check_within_bf16_rounding(ours, hf_logits(reference, prompt_ids, tokens), truth)
+    assert check_picks(truth, ours, what="batch 1 vs transformers fp32") >= 0.9
+
+
 def check_within_bf16_rounding(ours: torch.Tensor, theirs: torch.Tensor, truth: torch.Tensor) -> None:
     """Prefill and decode logits no further from the fp32 ``truth`` than transformers' bf16 run (with slack)."""
     for name, rows in (("prefill", slice(0, 1)), ("decode", slice(1, None))):
