@@ -12,19 +12,19 @@ From synchronous code: ``atom_trio.LLM(model="...").generate(prompts, params)``.
 from __future__ import annotations
 
 from atom_trio.config import EngineConfig as EngineConfig
-from atom_trio.engine.engine import AsyncEngine as AsyncEngine
-from atom_trio.engine.engine import open_engine as open_engine
-from atom_trio.engine.errors import AtomTrioError as AtomTrioError
-from atom_trio.engine.errors import ContextLengthExceeded as ContextLengthExceeded
-from atom_trio.engine.errors import EngineDeadError as EngineDeadError
-from atom_trio.engine.errors import EngineOverloaded as EngineOverloaded
-from atom_trio.engine.errors import InvalidRequest as InvalidRequest
-from atom_trio.engine.errors import ModelLoadError as ModelLoadError
-from atom_trio.engine.errors import WorkerDied as WorkerDied
-from atom_trio.engine.llm import LLM as LLM
-from atom_trio.engine.outputs import CompletionOutput as CompletionOutput
-from atom_trio.engine.outputs import EngineStats as EngineStats
-from atom_trio.engine.outputs import RequestOutput as RequestOutput
-from atom_trio.engine.sampling_params import SamplingParams as SamplingParams
+from atom_trio.engine import LLM as LLM
+from atom_trio.engine import AsyncEngine as AsyncEngine
+from atom_trio.engine import open_engine as open_engine
+from atom_trio.errors import AtomTrioError as AtomTrioError
+from atom_trio.errors import ContextLengthExceeded as ContextLengthExceeded
+from atom_trio.errors import EngineDeadError as EngineDeadError
+from atom_trio.errors import EngineOverloaded as EngineOverloaded
+from atom_trio.errors import InvalidRequest as InvalidRequest
+from atom_trio.errors import ModelLoadError as ModelLoadError
+from atom_trio.errors import WorkerDied as WorkerDied
+from atom_trio.outputs import CompletionOutput as CompletionOutput
+from atom_trio.outputs import EngineStats as EngineStats
+from atom_trio.outputs import RequestOutput as RequestOutput
+from atom_trio.sampling_params import SamplingParams as SamplingParams
 
 __version__ = "0.1.0"

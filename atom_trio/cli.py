@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 async def _generate(config: object, args: dict) -> None:
     from .engine.engine import open_engine
-    from .engine.sampling_params import SamplingParams
+    from .sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args["gen_max_tokens"], temperature=args["gen_temperature"])
     prompt = [{"role": "user", "content": args["prompt"]}] if args["chat"] else args["prompt"]

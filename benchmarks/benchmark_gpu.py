@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 from atom_trio.config import EngineConfig
-from atom_trio.engine.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
-from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
+from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
 from benchmarks.model_shapes import LLAMA_3_1_8B
 

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.sampling_params import SamplingParams
 from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.ops import AttentionMetadata, TorchRefBackend
 from atom_trio.ops.triton import TritonBackend, launch_config, sample

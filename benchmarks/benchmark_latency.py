@@ -22,8 +22,8 @@ import time
 import torch
 
 from atom_trio.config import EngineConfig
-from atom_trio.engine.plan import SeqChunk, StepPlan
-from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.core.plan import SeqChunk, StepPlan
+from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
@@ -149,7 +149,7 @@ def load_transformers_model(config: EngineConfig, dtype: torch.dtype):
     """transformers' own implementation of the model the runner loaded, with the same weights and dtype."""
     import transformers
 
-    from atom_trio.loader import resolve_model
+    from atom_trio.loader.resolve import resolve_model
 
     resolved = resolve_model(config)
     if resolved.load_format == "dummy":

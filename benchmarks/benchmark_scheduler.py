@@ -16,9 +16,9 @@ import random
 import statistics
 import time
 
-from atom_trio.engine.plan import StepResult
-from atom_trio.engine.sampling_params import SamplingParams
-from atom_trio.engine.scheduler import Scheduler
+from atom_trio.core.plan import StepResult
+from atom_trio.sampling_params import SamplingParams
+from atom_trio.core.scheduler import Scheduler
 
 
 def fake_result(plan, rng: random.Random, vocab_size: int) -> StepResult:

@@ -50,8 +50,8 @@ from pathlib import Path
 from types import ModuleType
 
 from atom_trio.config import EngineConfig
-from atom_trio.engine.plan import SeqChunk, StepPlan, StepResult
-from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.core.plan import SeqChunk, StepPlan, StepResult
+from atom_trio.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
 WARMUP = 20

@@ -1,1 +1,10 @@
-"""The torch-free half of the engine: requests, scheduling, KV block accounting, detokenization."""
+"""The trio engine: the nursery that admits requests, drives steps through an executor and streams outputs.
+
+No torch here: the model runs behind `atom_trio.executor`, and scheduling is `atom_trio.core`'s.
+"""
+
+from __future__ import annotations
+
+from atom_trio.engine.engine import AsyncEngine as AsyncEngine
+from atom_trio.engine.engine import open_engine as open_engine
+from atom_trio.engine.llm import LLM as LLM

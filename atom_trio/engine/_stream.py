@@ -24,7 +24,7 @@ import trio
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from .outputs import RequestOutput
+    from atom_trio.outputs import RequestOutput
 
 
 class OutputBuffer:

@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 from tokenizers.decoders import DecodeStream
 
-from .sampling_params import SamplingParams
+from atom_trio.sampling_params import SamplingParams
 
 # How many prompt tokens prime the decoder, so that the first generated
 # token decodes as it would continue the prompt (a sentencepiece "▁word"

@@ -50,9 +50,9 @@ from atom_trio.config import EngineConfig
 
 from ._stream import OutputBuffer, RequestStream
 from .detokenizer import Detokenizer
-from .errors import ContextLengthExceeded, EngineDeadError, EngineOverloaded, InvalidRequest
-from .outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
-from .sampling_params import SamplingParams
+from atom_trio.errors import ContextLengthExceeded, EngineDeadError, EngineOverloaded, InvalidRequest
+from atom_trio.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+from atom_trio.sampling_params import SamplingParams
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -60,9 +60,9 @@ if sys.version_info < (3, 11):
 if TYPE_CHECKING:
     from atom_trio.executor import Executor
 
-    from .plan import StepPlan
-    from .scheduler import Scheduler
-    from .sequence import SeqOutput
+    from atom_trio.core.plan import StepPlan
+    from atom_trio.core.scheduler import Scheduler
+    from atom_trio.core.sequence import SeqOutput
 
 # Prompts longer than this (in characters) are tokenized on a worker thread.
 _TOKENIZE_INLINE_MAX_CHARS = 4096
@@ -502,9 +502,9 @@ async def open_engine(config: EngineConfig | None = None, /, **fields: Any) -> A
         ModelLoadError: the model or tokenizer could not be loaded.
     """
     from atom_trio.executor import open_executor, wants_async_scheduling
-    from atom_trio.loader import load_tokenizer
+    from atom_trio.loader.tokenizer import load_tokenizer
 
-    from .scheduler import Scheduler
+    from atom_trio.core.scheduler import Scheduler
 
     config = _make_config(config, fields)
     tokenizer = await trio.to_thread.run_sync(load_tokenizer, config, thread_name="atom-trio tokenizer load")

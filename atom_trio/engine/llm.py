@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from atom_trio.config import EngineConfig
 
 from .engine import AsyncEngine, _lone_errors_unwrapped, open_engine
-from .outputs import RequestOutput
-from .sampling_params import SamplingParams
+from atom_trio.outputs import RequestOutput
+from atom_trio.sampling_params import SamplingParams
 
 PromptLike = str | Sequence[int]
 

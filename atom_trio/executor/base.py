@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from atom_trio.engine.plan import StepPlan, StepResult
+    from atom_trio.core.plan import StepPlan, StepResult
 
 
 class Executor(Protocol):

@@ -34,12 +34,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ..engine.errors import ModelLoadError, WorkerDied
+from atom_trio.errors import ModelLoadError, WorkerDied
 from . import protocol
 
 if TYPE_CHECKING:
-    from ..config import EngineConfig
-    from ..engine.plan import StepPlan, StepResult
+    from atom_trio.config import EngineConfig
+    from atom_trio.core.plan import StepPlan, StepResult
 
 SHUTDOWN_GRACE = 5.0
 """Seconds idle workers get to exit after Shutdown before they are terminated."""
@@ -260,7 +260,7 @@ class ProcessExecutor:
         # shows what each rank did (KV sizing, graph capture).
         log_level = logging.getLevelName(logging.getLogger("atom_trio").getEffectiveLevel())
         return [
-            sys.executable, "-m", "atom_trio.worker",
+            sys.executable, "-m", "atom_trio.executor.worker",
             "--fd", str(fd), "--parent-pid", str(os.getpid()), "--log-level", log_level,
         ]
 

@@ -53,9 +53,9 @@ import cattrs
 import cattrs.preconf.msgpack
 import msgpack
 
-from ..config import EngineConfig
-from ..engine.plan import SeqChunk, StepPlan, StepResult
-from ..engine.sampling_params import SamplingParams
+from atom_trio.config import EngineConfig
+from atom_trio.core.plan import SeqChunk, StepPlan, StepResult
+from atom_trio.sampling_params import SamplingParams
 
 HEADER = struct.Struct("!I")
 """Frame header: the body's length in bytes, network order."""

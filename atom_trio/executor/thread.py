@@ -19,7 +19,7 @@ import trio
 
 if TYPE_CHECKING:
     from atom_trio.config import EngineConfig
-    from atom_trio.engine.plan import StepPlan, StepResult
+    from atom_trio.core.plan import StepPlan, StepResult
 
 
 class ThreadExecutor:

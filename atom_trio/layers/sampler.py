@@ -39,7 +39,9 @@ import attrs
 import numpy as np
 import torch
 
-from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio._device import host_to_device
+
+from atom_trio.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
 
@@ -78,18 +80,6 @@ def step_seed(seed: int, step: int) -> int:
 def _signed64(value: int) -> int:
     """A 64-bit pattern as the int64 a tensor can hold."""
     return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy host data to `device` without a host sync.
-
-    A pageable host-to-CUDA copy waits for the stream to drain; a pinned,
-    non-blocking one is queued (the caching host allocator keeps the pinned
-    buffer alive until the copy has run).
-    """
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def first_argmax(logits: torch.Tensor) -> torch.Tensor:

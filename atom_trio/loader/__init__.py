@@ -1,25 +1,17 @@
 """Model loading: where a model comes from, its config, tokenizer and weights.
 
-``resolve_model`` turns ``EngineConfig.model`` (nothing, a local Hugging Face
-directory, a ``.gguf`` file or a hub id) into a ``ResolvedModel``; the runner
-then builds the architecture from ``hf_config`` and fills it from
-``iter_weights`` (random but seeded for ``--load-format dummy``), and the engine tokenizes with
-``load_tokenizer``.
+``locate`` finds a model's files (nothing means the built-in default model, else
+a local Hugging Face directory, a ``.gguf`` file or a hub id) and
+``load_tokenizer`` reads its tokenizer: both without torch, for the engine.
+The runner's side imports torch and lives in submodules:
+`atom_trio.loader.resolve.resolve_model` turns ``EngineConfig.model`` into a
+``ResolvedModel`` (config, dtype, format), and `atom_trio.loader.weights.iter_weights`
+yields its tensors (random but seeded for ``--load-format dummy``).
 """
 
 from __future__ import annotations
 
-from atom_trio.loader.default_model import default_gguf_path, default_model_path
-from atom_trio.loader.resolve import ResolvedModel, resolve_model
-from atom_trio.loader.tokenizer import load_tokenizer
-from atom_trio.loader.weights import iter_dummy_weights, iter_weights
-
-__all__ = [
-    "ResolvedModel",
-    "default_gguf_path",
-    "default_model_path",
-    "iter_dummy_weights",
-    "iter_weights",
-    "load_tokenizer",
-    "resolve_model",
-]
+from atom_trio.loader.default_model import default_gguf_path as default_gguf_path
+from atom_trio.loader.default_model import default_model_path as default_model_path
+from atom_trio.loader.locate import locate as locate
+from atom_trio.loader.tokenizer import load_tokenizer as load_tokenizer

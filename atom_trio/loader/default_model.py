@@ -24,7 +24,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from atom_trio.engine.errors import ModelLoadError
+from atom_trio._cache import cache_root
+from atom_trio.errors import ModelLoadError
 
 logger = logging.getLogger("atom_trio.loader")
 
@@ -36,11 +37,6 @@ MODEL_DIRNAME = "SmolLM2-135M-Instruct"
 # The dtype SmolLM2-135M-Instruct was published in; serving defaults to it.
 ORIGINAL_DTYPE = "bfloat16"
 _PIP_TIMEOUT_S = 600
-
-
-def cache_root() -> Path:
-    """``$ATOM_TRIO_CACHE``, or ``~/.cache/atom_trio``."""
-    return Path(os.environ.get("ATOM_TRIO_CACHE") or Path.home() / ".cache" / "atom_trio")
 
 
 def default_gguf_path() -> Path:

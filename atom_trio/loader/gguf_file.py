@@ -2,9 +2,9 @@
 
 Metadata (config, tokenizer, chat template) goes through transformers' own
 GGUF conversion, which already knows every key llama.cpp writes. Tensors go
-through our own path: ``gguf.GGUFReader`` memory-maps the file, each tensor is
-dequantized on its own (so peak memory is one tensor, not the model) and
-renamed to the Hugging Face name the models in ``atom_trio.models`` expect.
+through our own path (`atom_trio.loader.weights.iter_gguf_tensors`), which
+renames them with `hf_tensor_name`. This module needs no torch, so the engine
+can load a GGUF tokenizer without it.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
-import numpy as np
-import torch
 import transformers
 
 logger = logging.getLogger("atom_trio.loader")
@@ -44,7 +42,7 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # convert_hf_to_gguf.py reorders the rows of q and k for these architectures
 # only (llama.cpp's rope pairs adjacent dimensions, HF's pairs the two halves);
 # qwen2/qwen3 are written with rows as they are.
-_PERMUTED_ARCHITECTURES = frozenset({"llama"})
+PERMUTED_ARCHITECTURES = frozenset({"llama"})
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -60,21 +58,6 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart known to atom_trio")
 
 
-def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Invert llama.cpp's q/k row permutation.
-
-    llama.cpp stores each head's rows as ``reshape(heads, 2, d/2).swapaxes(1, 2)``
-    of the HF order (interleaving the rotary halves); reading them back as
-    ``(heads, d/2, 2)`` and swapping again restores the HF order.
-    """
-    rows = weight.shape[0]
-    return (
-        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-        .transpose(1, 2)
-        .reshape(weight.shape)
-    )
-
-
 def load_gguf_config(path: Path) -> transformers.PretrainedConfig:
     """The model's config from the GGUF metadata (transformers' conversion)."""
     return transformers.AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
@@ -83,21 +66,3 @@ def load_gguf_config(path: Path) -> transformers.PretrainedConfig:
 def load_gguf_tokenizer(path: Path) -> transformers.PreTrainedTokenizerBase:
     """Tokenizer, special tokens and chat template from the GGUF metadata."""
     return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-
-
-def iter_gguf_tensors(
-    path: Path, hf_config: transformers.PretrainedConfig, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantized tensors of a GGUF file, in Hugging Face names and ``dtype``."""
-    reader = gguf.GGUFReader(path)
-    permuted = reader.fields["general.architecture"].contents() in _PERMUTED_ARCHITECTURES
-    heads = {"attn_q": hf_config.num_attention_heads, "attn_k": hf_config.num_key_value_heads}
-    for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
-        # F32/F16 tensors come back as read-only views of the memory map.
-        array = np.require(gguf.quants.dequantize(tensor.data, tensor.tensor_type), requirements=["C", "W"])
-        weight = torch.from_numpy(array)
-        part = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
-        if permuted and part in heads:
-            weight = unpermute_rows(weight, heads[part])
-        yield name, weight.to(dtype).contiguous()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import transformers
 
 from atom_trio.config import EngineConfig
-from atom_trio.engine.errors import ModelLoadError
+from atom_trio.errors import ModelLoadError
 from atom_trio.loader.gguf_file import load_gguf_tokenizer
-from atom_trio.loader.resolve import locate
+from atom_trio.loader.locate import locate
 
 
 def load_tokenizer(config: EngineConfig) -> transformers.PreTrainedTokenizerBase:

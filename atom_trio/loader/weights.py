@@ -6,12 +6,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import gguf
+import numpy as np
 import safetensors
 import torch
 import transformers
 import xxhash
 
-from atom_trio.loader.gguf_file import iter_gguf_tensors
+from atom_trio.loader.gguf_file import PERMUTED_ARCHITECTURES, hf_tensor_name
 from atom_trio.loader.resolve import ResolvedModel
 
 # vLLM's dummy loader draws from the same range: small enough that residual
@@ -74,3 +76,36 @@ def iter_dummy_weights(
         generator = torch.Generator(device=device).manual_seed(xxhash.xxh64_intdigest(f"{seed}/{name}".encode()) >> 1)
         tensor = torch.empty(meta.shape, dtype=dtype, device=device)
         yield name, tensor.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator)
+
+
+def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Invert llama.cpp's q/k row permutation.
+
+    llama.cpp stores each head's rows as ``reshape(heads, 2, d/2).swapaxes(1, 2)``
+    of the HF order (interleaving the rotary halves); reading them back as
+    ``(heads, d/2, 2)`` and swapping again restores the HF order.
+    """
+    rows = weight.shape[0]
+    return (
+        weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def iter_gguf_tensors(
+    path: Path, hf_config: transformers.PretrainedConfig, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantized tensors of a GGUF file, in Hugging Face names and ``dtype``."""
+    reader = gguf.GGUFReader(path)
+    permuted = reader.fields["general.architecture"].contents() in PERMUTED_ARCHITECTURES
+    heads = {"attn_q": hf_config.num_attention_heads, "attn_k": hf_config.num_key_value_heads}
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        # F32/F16 tensors come back as read-only views of the memory map.
+        array = np.require(gguf.quants.dequantize(tensor.data, tensor.tensor_type), requirements=["C", "W"])
+        weight = torch.from_numpy(array)
+        part = tensor.name.split(".")[2] if tensor.name.startswith("blk.") else None
+        if permuted and part in heads:
+            weight = unpermute_rows(weight, heads[part])
+        yield name, weight.to(dtype).contiguous()

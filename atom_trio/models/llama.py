@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from atom_trio.engine.errors import ModelLoadError
+from atom_trio.errors import ModelLoadError
 from atom_trio.layers import (
     Attention,
     MergedColumnParallelLinear,

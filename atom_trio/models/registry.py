@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from atom_trio.engine.errors import ModelLoadError
+from atom_trio.errors import ModelLoadError
 
 from .llama import LlamaForCausalLM
 from .qwen3 import Qwen3ForCausalLM

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from atom_trio.loader.default_model import cache_root
+from atom_trio._cache import cache_root
 
 logger = logging.getLogger("atom_trio.ops")
 

@@ -40,7 +40,7 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from atom_trio.config import EngineConfig
-from atom_trio.loader.default_model import cache_root
+from atom_trio._cache import cache_root
 from atom_trio.ops import KernelBackend, TorchRefBackend
 
 logger = logging.getLogger("atom_trio.runner")

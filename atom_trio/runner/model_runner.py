@@ -48,12 +48,14 @@ import torch
 
 from atom_trio.config import EngineConfig
 from atom_trio.distributed import TensorParallelGroup, destroy_distributed, init_distributed, use_tp_group
-from atom_trio.engine.errors import ModelLoadError
-from atom_trio.engine.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult, TokenLogprobs
-from atom_trio.engine.sampling_params import SamplingParams
+from atom_trio.errors import ModelLoadError
+from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult, TokenLogprobs
+from atom_trio.sampling_params import SamplingParams
 from atom_trio.layers import Attention, ForwardContext, forward_context
-from atom_trio.layers.sampler import SampleRequest, Sampler, host_to_device
-from atom_trio.loader import iter_weights, resolve_model
+from atom_trio._device import host_to_device
+from atom_trio.layers.sampler import SampleRequest, Sampler
+from atom_trio.loader.resolve import resolve_model
+from atom_trio.loader.weights import iter_weights
 from atom_trio.models import get_model_class
 from atom_trio.ops import AttentionMetadata, get_backend, use_backend
 from atom_trio.runner.compile import (

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..engine.sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 from .errors import bad_request
 from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, TokenizeRequest
 

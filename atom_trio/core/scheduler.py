@@ -1,0 +1,485 @@
+"""Continuous batching: which tokens of which sequences run in the next step.
+
+Every step mixes, within ``max_num_batched_tokens`` tokens and
+``max_num_seqs`` running sequences:
+
+1. one decode token for each running sequence whose known tokens are all
+   computed but the last (oldest first);
+2. the next chunk of each running sequence still prefilling (a long prompt
+   is prefilled over several steps);
+3. the first chunk of waiting sequences, first come first served, starting
+   after the longest prefix found in the prefix cache.
+
+When blocks run out, the newest running sequence not yet scheduled in this
+step is preempted by recompute: its blocks are freed (its full blocks stay in
+the prefix cache, so it often finds them again) and it goes back to the front
+of the waiting queue; once re-admitted it prefills its known tokens (prompt
+and what it generated so far) again and goes on where it stopped. No new
+sequence is admitted in a step that preempted.
+
+A request with ``n > 1`` becomes ``n`` siblings. Sibling 0 prefills the
+prompt; the others wait for it and then share its full prompt blocks (through
+the prefix cache, or directly when caching is off). The partial last block of
+the prompt is never shared: each sibling recomputes those few tokens into a
+block of its own, which is copy-on-write done by recompute (the plan has no
+block-copy operation, and each sibling needs its own logits for the prompt's
+last token anyway). With a ``seed``, sibling ``i`` samples with ``seed + i``,
+so siblings differ and the request stays reproducible.
+
+`update` appends the sampled tokens, publishes newly computed full blocks to
+the prefix cache, and ends sequences on EOS (unless ``ignore_eos``), a stop
+token id, ``max_tokens`` or the context length; EOS and stop token ids do not
+end a sequence before ``min_tokens``.
+
+Asynchronous scheduling: `schedule` may plan the next step while
+``max_in_flight`` - 1 earlier plans still run (the engine uses two, so that the
+host plans step N+1 while the device computes step N). A chunk counts as
+computed as soon as it is planned, since the runner runs plans in order. A
+sequence whose token is still being sampled gets a decode chunk carrying
+`PREVIOUS_TOKEN`, which the runner replaces with that token on the device;
+one that will reach ``max_tokens`` with it gets none. When the token turns
+out to end the sequence (EOS, a stop string), the next plan has already run
+one wasted decode for it: `update` drops that chunk's result, and the blocks
+freed meanwhile are only reused by plans that run after it.
+
+A request asking for prompt logprobs gets them from sibling 0 alone (they are
+the same for every sibling). That sequence never takes prompt tokens from the
+prefix cache, as in vLLM: a cached position is not run through the model, so
+it would have no logprobs. Its chunks carry the sampling parameters even when
+not sampling, so that the runner knows to compute them; `update` collects them
+and hands the whole list over with the first generated token.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+
+import attrs
+
+from .block_manager import BlockManager
+from atom_trio.errors import ContextLengthExceeded, InvalidRequest
+from .plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult
+from atom_trio.sampling_params import SamplingParams
+from .sequence import FinishReason, Sequence, SeqOutput, SequenceStatus
+
+__all__ = ["Scheduler", "SchedulerStats", "SeqOutput"]
+
+_RUNNING = SequenceStatus.RUNNING
+_WAITING = SequenceStatus.WAITING
+_FINISHED = SequenceStatus.FINISHED
+_SEED_SPACE = 2**64
+
+
+@attrs.frozen(kw_only=True)
+class SchedulerStats:
+    """A snapshot for the server's metrics; the prefix-cache and preemption numbers are running totals."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    """Tokens looked up in the prefix cache at admission."""
+    prefix_cache_hits: int
+    """Of those, tokens found."""
+    num_preemptions: int
+
+
+class Scheduler:
+    """Turns requests into step plans and step results into per-sequence outputs.
+
+    ``max_model_len`` is capped at the KV cache's capacity
+    (``num_blocks * block_size``) so that a sequence running alone always
+    fits; read the effective value from ``scheduler.max_model_len``.
+    Up to ``max_in_flight`` plans from `schedule` await their `update`, which
+    takes them oldest first.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+        eos_token_ids: frozenset[int] = frozenset(),
+        max_in_flight: int = 1,
+    ) -> None:
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
+        if max_in_flight not in (1, 2):
+            # With a third plan in flight, a sequence preempted while its token is still being sampled
+            # could be readmitted before that token is known.
+            raise ValueError("max_in_flight is 1 (one step at a time) or 2 (asynchronous scheduling)")
+        self.block_manager = BlockManager(
+            num_blocks=num_blocks, block_size=block_size, enable_prefix_caching=enable_prefix_caching
+        )
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = min(max_model_len, num_blocks * block_size)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_in_flight = max_in_flight
+
+        self._waiting: deque[Sequence] = deque()
+        self._running: dict[int, Sequence] = {}
+        """Running sequences by id, oldest admission first (the last one is the first to preempt)."""
+        self._live: dict[int, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}
+        self._seq_ids = itertools.count()
+        self._step_ids = itertools.count()
+        self._dropped: list[int] = []
+        """Sequences whose runner state can go, sent with the next plan."""
+        self._in_flight: deque[StepPlan] = deque()
+
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+        self.num_preemptions = 0
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue ``params.n`` sibling sequences for one prompt.
+
+        Raises `InvalidRequest` for a reused request id or an empty prompt and
+        `ContextLengthExceeded` for a prompt that leaves no room to generate.
+        """
+        if request_id in self._requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
+        if not prompt_token_ids:
+            raise InvalidRequest("the prompt must contain at least one token", param="prompt")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ContextLengthExceeded(prompt_tokens=len(prompt_token_ids), max_model_len=self.max_model_len)
+        siblings: list[Sequence] = []
+        for index in range(params.n):
+            sibling_params = params
+            if params.n > 1 and params.seed is not None and index:
+                seed = params.seed + index
+                sibling_params = attrs.evolve(params, seed=seed - _SEED_SPACE if seed >= _SEED_SPACE else seed)
+            if index and params.prompt_logprobs is not None:
+                sibling_params = attrs.evolve(sibling_params, prompt_logprobs=None)  # sibling 0 computes them
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                index=index,
+                prompt_token_ids=prompt_token_ids,
+                params=sibling_params,
+                eos_token_ids=self.eos_token_ids,
+                max_model_len=self.max_model_len,
+                leader=siblings[0] if siblings else None,
+            )
+            siblings.append(seq)
+            self._live[seq.seq_id] = seq
+        self._requests[request_id] = siblings
+        self._waiting.extend(siblings)
+
+    def abort_request(self, request_id: str, index: int | None = None, reason: FinishReason = "abort") -> None:
+        """End one sibling (``index``) or all of a request now, freeing their blocks.
+
+        Safe while the sequence's step is in flight (`update` ignores its
+        result) and for requests that already finished (nothing happens).
+        """
+        siblings = self._requests.get(request_id)
+        if siblings is None:
+            return
+        for seq in [s for s in siblings if index is None or s.index == index]:
+            self._finish(seq, reason)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self._running),
+            num_waiting=len(self._waiting),
+            kv_cache_usage=self.block_manager.usage,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    @property
+    def running(self) -> list[Sequence]:
+        """Running sequences, oldest admission first (a copy, for inspection)."""
+        return list(self._running.values())
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        """Waiting sequences in admission order (a copy, for inspection)."""
+        return list(self._waiting)
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan | None:
+        """The next step's plan, or ``None`` when nothing can run."""
+        if len(self._in_flight) >= self.max_in_flight:
+            raise RuntimeError(f"schedule() called with {len(self._in_flight)} plans awaiting update()")
+        budget = self.max_num_batched_tokens
+        size = self.block_size
+        chunks: list[SeqChunk] = []
+        scheduled: set[int] = set()
+        preemptions_before = self.num_preemptions
+
+        prefilling: list[Sequence] = []
+        for seq in list(self._running.values()):
+            if not budget:
+                break
+            if seq.status is not _RUNNING:  # preempted for an older sequence in this loop
+                continue
+            tokens = seq.token_ids
+            pending = seq.num_pending_tokens
+            num_tokens = len(tokens) + pending
+            if seq.num_computed_tokens + 1 < num_tokens:
+                prefilling.append(seq)
+                continue
+            if num_tokens >= seq.max_len:  # its pending token is its last
+                continue
+            if len(seq.block_table) * size < num_tokens and not self._fit(seq, 1, scheduled):
+                continue
+            # the hot path (every running sequence, every step), so the decode chunk is built right here
+            scheduled.add(seq.seq_id)
+            chunks.append(
+                SeqChunk(
+                    seq_id=seq.seq_id,
+                    token_ids=[PREVIOUS_TOKEN] if pending else tokens[-1:],
+                    start_pos=num_tokens - 1,
+                    block_table=seq.block_table[:],
+                    prompt_len=seq.prompt_len,
+                    sample=True,
+                    sampling_params=seq.params,
+                    prefix_token_ids=None if seq.runner_knows else self._introduce(seq, num_tokens - 1),
+                )
+            )
+            seq.num_computed_tokens = num_tokens
+            seq.num_pending_tokens = pending + 1
+            budget -= 1
+
+        for seq in prefilling:
+            if not budget:
+                break
+            if seq.status is not _RUNNING:
+                continue
+            num_tokens = self._fit(seq, min(budget, len(seq.token_ids) - seq.num_computed_tokens), scheduled)
+            if num_tokens:
+                scheduled.add(seq.seq_id)
+                chunks.append(self._chunk(seq, num_tokens))
+                budget -= num_tokens
+
+        if self.num_preemptions == preemptions_before:
+            budget = self._admit(budget, chunks)
+
+        if not chunks:
+            return None
+        plan = StepPlan(step_id=next(self._step_ids), chunks=chunks, finished_seq_ids=self._dropped)
+        self._dropped = []
+        self._in_flight.append(plan)
+        return plan
+
+    def _fit(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> int:
+        """Give running ``seq`` blocks for up to ``num_tokens`` more tokens, preempting if none are left.
+
+        Returns how many tokens it got; 0 when ``seq`` itself was the newest
+        unscheduled sequence and got preempted.
+        """
+        manager = self.block_manager
+        size = self.block_size
+        while True:
+            room = (len(seq.block_table) + manager.num_free_blocks) * size - seq.num_computed_tokens
+            if room > 0:
+                num_tokens = min(num_tokens, room)
+                manager.grow(seq, seq.num_computed_tokens + num_tokens)
+                return num_tokens
+            victim = next(s for s in reversed(self._running.values()) if s.seq_id not in scheduled)
+            self._preempt(victim)
+            if victim is seq:
+                return 0
+
+    def _admit(self, budget: int, chunks: list[SeqChunk]) -> int:
+        """Admit waiting sequences in order while tokens, sequence slots and blocks last."""
+        manager = self.block_manager
+        size = self.block_size
+        while budget and self._waiting and len(self._running) < self.max_num_seqs:
+            seq = self._waiting[0]
+            leader = seq.leader
+            if leader is not None and leader.status is _RUNNING and not self._prompt_ready(leader, chunks):
+                break  # share the prompt's blocks once sibling 0 has computed them
+            lookup = self.enable_prefix_caching and seq.params.prompt_logprobs is None
+            shared = manager.match_prefix(seq) if lookup else self._leader_blocks(seq)
+            num_shared_tokens = len(shared) * size
+            free_blocks = manager.num_free_blocks - manager.num_evictable_among(shared)
+            room = (len(shared) + free_blocks) * size - num_shared_tokens
+            num_tokens = min(budget, len(seq.token_ids) - num_shared_tokens, room)
+            if num_tokens <= 0:
+                break
+            self._waiting.popleft()
+            if lookup:
+                self.prefix_cache_queries += len(seq.token_ids)
+                self.prefix_cache_hits += num_shared_tokens
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_shared_tokens if self.enable_prefix_caching else 0
+            manager.share(seq, shared)
+            seq.num_computed_tokens = num_shared_tokens
+            manager.grow(seq, num_shared_tokens + num_tokens)
+            seq.status = _RUNNING
+            self._running[seq.seq_id] = seq
+            chunks.append(self._chunk(seq, num_tokens))
+            budget -= num_tokens
+        return budget
+
+    @staticmethod
+    def _prompt_ready(leader: Sequence, chunks: list[SeqChunk]) -> bool:
+        """Whether running sibling 0's prompt blocks are computed (and published) for plans from this one on.
+
+        Not while its first token is still to come back (its last prompt
+        chunk may be in flight, unpublished) or it recomputes the prompt after
+        a preemption, in an earlier plan or in this one.
+        """
+        prompt_len = leader.prompt_len
+        if len(leader.token_ids) == prompt_len or leader.num_computed_tokens < prompt_len:
+            return False
+        return not any(c.seq_id == leader.seq_id and c.start_pos < prompt_len for c in chunks)
+
+    def _leader_blocks(self, seq: Sequence) -> list[int]:
+        """Without a prefix cache, a sibling shares the full prompt blocks sibling 0 has computed."""
+        leader = seq.leader
+        if leader is None or leader.status is not _RUNNING:
+            return []
+        size = self.block_size
+        num_blocks = min((len(seq.token_ids) - 1) // size, seq.prompt_len // size, leader.num_computed_tokens // size)
+        return leader.block_table[:num_blocks]
+
+    def _chunk(self, seq: Sequence, num_tokens: int) -> SeqChunk:
+        """The next chunk of a sequence whose tokens are all known, counted as computed from now on."""
+        start = seq.num_computed_tokens
+        end = start + num_tokens
+        tokens = seq.token_ids
+        sample = end == len(tokens)
+        seq.num_computed_tokens = end
+        seq.num_pending_tokens = int(sample)
+        return SeqChunk(
+            seq_id=seq.seq_id,
+            token_ids=tokens[start:end],
+            start_pos=start,
+            block_table=seq.block_table[: -(-end // self.block_size)],
+            prompt_len=seq.prompt_len,
+            sample=sample,
+            sampling_params=seq.params if sample or seq.prompt_logprobs is not None else None,
+            prefix_token_ids=None if seq.runner_knows else self._introduce(seq, start),
+        )
+
+    @staticmethod
+    def _introduce(seq: Sequence, start: int) -> list[int]:
+        """The ``prefix_token_ids`` of the first chunk the runner sees of ``seq`` (since admission or preemption)."""
+        seq.runner_knows = True
+        return seq.token_ids[:start]
+
+    def _preempt(self, seq: Sequence) -> None:
+        del self._running[seq.seq_id]
+        self.block_manager.free(seq)
+        seq.status = _WAITING
+        if seq.runner_knows:
+            self._dropped.append(seq.seq_id)
+            seq.runner_knows = False
+        self._waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[SeqOutput]:
+        """Take the oldest plan's sampled tokens: extend sequences, publish computed blocks, end finished ones."""
+        if not self._in_flight or plan is not self._in_flight[0]:
+            raise RuntimeError("update() must get the oldest plan that schedule() returned and update() has not taken")
+        chunks = plan.chunks
+        num_samples = sum(1 for c in chunks if c.sample)
+        prompt_logprobs = result.prompt_logprobs
+        if (
+            result.step_id != plan.step_id
+            or len(result.token_ids) != num_samples
+            or (prompt_logprobs is not None and len(prompt_logprobs) != len(chunks))
+        ):
+            raise ValueError(
+                f"result of step {result.step_id} with {len(result.token_ids)} tokens does not match "
+                f"plan {plan.step_id} with {num_samples} sampled chunks of {len(chunks)}"
+            )
+        self._in_flight.popleft()
+        manager = self.block_manager
+        size = self.block_size
+        caching = self.enable_prefix_caching
+        live = self._live
+        sampled, logprobs, top_logprobs = result.token_ids, result.logprobs, result.top_logprobs
+        outputs: list[SeqOutput] = []
+        k = -1
+        for j, chunk in enumerate(chunks):
+            if chunk.sample:
+                k += 1
+            seq = live.get(chunk.seq_id)
+            if seq is None:  # aborted or ended while its step was in flight
+                continue
+            if prompt_logprobs is not None and prompt_logprobs[j] is not None and seq.prompt_logprobs is not None:
+                # a recompute after preemption brings again the positions collected before it
+                collected = seq.prompt_logprobs
+                collected.extend(prompt_logprobs[j][max(0, len(collected) - chunk.start_pos) :])
+            tokens = seq.token_ids
+            if chunk.sample:
+                token = sampled[k]
+                tokens.append(token)
+                seq.num_pending_tokens -= 1
+            # Blocks planned by now hold valid KV for every later plan; only known tokens can be hashed.
+            # (A sequence preempted since this plan keeps its token but has no blocks left to publish.)
+            if (
+                caching
+                and min(seq.num_computed_tokens, len(tokens)) // size > seq.num_published_blocks
+                and seq.status is _RUNNING
+            ):
+                manager.publish(seq)
+            if not chunk.sample:
+                continue
+            if token in seq.finish_token_ids or len(tokens) >= seq.max_len:
+                finish_reason, stop_reason = self._stop(seq, token)
+            else:
+                finish_reason = stop_reason = None
+            logprob = logprobs[k]
+            top = top_logprobs[k]
+            output = SeqOutput(
+                request_id=seq.request_id,
+                index=seq.index,
+                new_token_ids=[token],
+                logprobs=None if logprob is None else [logprob],
+                top_logprobs=None if top is None else [top],
+                finish_reason=finish_reason,
+                stop_reason=stop_reason,
+                num_cached_tokens=seq.num_cached_tokens,
+            )
+            if seq.prompt_logprobs is not None and len(tokens) == seq.prompt_len + 1:
+                output.prompt_logprobs = seq.prompt_logprobs
+            outputs.append(output)
+            if finish_reason is not None:
+                self._finish(seq, finish_reason)
+        return outputs
+
+    def _stop(self, seq: Sequence, token: int) -> tuple[FinishReason | None, int | None]:
+        """Why ``seq`` ends after sampling ``token``, if it does: the full check behind `update`'s quick one."""
+        if token in seq.finish_token_ids and len(seq.token_ids) - seq.prompt_len >= seq.params.min_tokens:
+            if token in self.eos_token_ids and not seq.params.ignore_eos:
+                return "stop", None
+            return "stop", token
+        if len(seq.token_ids) >= seq.max_len:
+            return "length", None
+        return None, None
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.status is _RUNNING:
+            del self._running[seq.seq_id]
+            self.block_manager.free(seq)
+        elif seq.status is _WAITING:
+            self._waiting.remove(seq)
+        seq.status = _FINISHED
+        seq.finish_reason = reason
+        del self._live[seq.seq_id]
+        if seq.runner_knows:
+            self._dropped.append(seq.seq_id)
+        siblings = self._requests[seq.request_id]
+        siblings.remove(seq)
+        if not siblings:
+            del self._requests[seq.request_id]
