@@ -7,6 +7,7 @@ scheduler can be tested exhaustively.
 from __future__ import annotations
 
 from atom_trio.core.block_manager import BlockManager as BlockManager
+from atom_trio.core.facts import ModelFacts as ModelFacts
 from atom_trio.core.plan import PREVIOUS_TOKEN as PREVIOUS_TOKEN
 from atom_trio.core.plan import SeqChunk as SeqChunk
 from atom_trio.core.plan import StepPlan as StepPlan
