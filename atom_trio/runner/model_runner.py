@@ -49,6 +49,7 @@ import torch
 from atom_trio.config import EngineConfig
 from atom_trio.distributed import TensorParallelGroup, destroy_distributed, init_distributed, use_tp_group
 from atom_trio.errors import ModelLoadError
+from atom_trio.core.facts import ModelFacts
 from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult, TokenLogprobs
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.layers import Attention, ForwardContext, forward_context
@@ -224,6 +225,17 @@ class ModelRunner:
         logger.info("start-up took %s", clock)
 
     # -- public API ---------------------------------------------------------------------------------
+
+    @property
+    def facts(self) -> ModelFacts:
+        """What the engine sizes its scheduler from."""
+        return ModelFacts(
+            num_kv_blocks=self.num_kv_blocks,
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size,
+            eos_token_ids=frozenset(self.eos_token_ids),
+        )
 
     def execute(self, plan: StepPlan) -> StepResult:
         """Run one step; returns one sampled token per chunk with ``sample=True``, in plan order.
