@@ -1,4 +1,4 @@
-"""The torch_ref backend's share of a CPU decode step: its fused CPU kernels against its torch path, interleaved.
+"""The CPU backend's share of a CPU decode step: its fused kernels against the torch reference, interleaved.
 
     python -m benchmarks.benchmark_cpu_kernels                          # default model's shapes, batch 1 and 32
     python -m benchmarks.benchmark_cpu_kernels --batch-sizes 32 --contexts 64 128 192 --repeats 5
@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from atom_trio.ops import AttentionMetadata, TorchRefBackend
-from atom_trio.ops.cpu_kernels import load_cpu_kernels
+from atom_trio.ops import AttentionMetadata, CpuBackend, TorchRefBackend
+from atom_trio.ops.cpu import load_cpu_kernels
 
 HIDDEN, INTERMEDIATE = 576, 1536  # the default model's
 
@@ -91,7 +91,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if load_cpu_kernels() is None:
         raise SystemExit("the CPU kernels did not build here (see the log): nothing to compare")
-    paths = {"torch": TorchRefBackend(use_cpu_kernels=False), "kernels": TorchRefBackend()}
+    paths = {"torch": TorchRefBackend(), "kernels": CpuBackend()}
     dtype = getattr(torch, args.dtype)
     print(
         f"{args.layers} layers, {args.heads} heads / {args.kv_heads} KV heads x {args.head_dim}, "

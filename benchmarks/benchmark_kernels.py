@@ -176,7 +176,8 @@ def sampling(copy_bw: float, iters: int) -> list[dict[str, Any]]:
     for name, top_k, top_p in SAMPLING_CASES:
         print(f"\nsampling, vocab {VOCAB}, float32 logits * 4, {name} (bandwidth: one read of the logits)")
         params = SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p)
-        with_kernels, with_torch = Sampler(frozenset(), triton=True), Sampler(frozenset(), triton=False)
+        with_kernels = Sampler(frozenset(), backend=TritonBackend("cuda"), fused=True)
+        with_torch = Sampler(frozenset(), fused=False)
         for batch in (1, 32, 128, 256):
             logits = torch.randn(batch, VOCAB, device="cuda") * 4
             requests = [SampleRequest(params, [], [])] * batch

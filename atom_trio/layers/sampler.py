@@ -17,30 +17,28 @@ A seeded row draws its noise from a generator seeded by (seed, number of tokens
 generated so far), so its tokens do not depend on what shares its batch, where
 it sits in it, or whether it was preempted and recomputed.
 
-On a CUDA device with Triton importable, and for at least `TRITON_MIN_ROWS`
-drawing rows, steps 4-5 run as Triton kernels
-(`atom_trio.ops.triton.sampling`): the cut-offs are found by a few passes over
-each row instead of a full-vocabulary sort, greedy rows take the argmax in the
-same launch, and a seeded row's Philox key is the same ``step_seed``. The
-per-row knobs reach the device by pinned, non-blocking copies, so the step's
-only host sync is the final read of the tokens (plus the logprobs' when asked).
-The torch path stays for CPU and as the reference.
+Where the kernel backend has a sampling kernel (`KernelBackend.sample`), and
+for at least its `KernelBackend.sampling_min_rows` drawing rows, steps 4-5 run
+there: the cut-offs are found by a few passes over each row instead of a
+full-vocabulary sort, greedy rows take the argmax in the same launch, and a
+seeded row's key is the same ``step_seed``. The per-row knobs reach the
+device by pinned, non-blocking copies, so the step's only host sync is the
+final read of the tokens (plus the logprobs' when asked). The torch path
+stays for the other backends and as the reference.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Sequence
-from types import ModuleType
 
 import attrs
 import numpy as np
 import torch
 
 from atom_trio._device import host_to_device
-
+from atom_trio.ops import KernelBackend, TorchRefBackend
 from atom_trio.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -85,8 +83,8 @@ def _signed64(value: int) -> int:
 def first_argmax(logits: torch.Tensor) -> torch.Tensor:
     """``logits.argmax(-1)`` of ``[rows, vocab]`` logits, in two stages where the vocabulary splits evenly.
 
-    torch reduces each row in one thread block: 28 us for one row of a 128k
-    vocabulary on an H100, in a 5.8 ms decode step. Cut into up to 256 equal
+    torch reduces each row in one thread block, slow for one row of a 128k
+    vocabulary next to a batch-1 decode step (docs/kernels.md). Cut into up to 256 equal
     pieces, a row's maximum is found by that many blocks, and the first maximum
     of the first best piece is the row's first maximum: torch's pick, ties included.
     """
@@ -104,16 +102,6 @@ def _row_index(rows: Sequence[int], device: torch.device) -> torch.Tensor:
     return host_to_device(torch.tensor(rows, dtype=torch.long), device)
 
 
-@functools.cache
-def _triton_sampling() -> ModuleType | None:
-    """The Triton sampling kernels, or None where Triton does not import (imported on first use)."""
-    try:
-        from atom_trio.ops.triton import sampling
-    except ImportError:
-        return None
-    return sampling
-
-
 def _flat_index(rows: Sequence[int], token_lists: Sequence[Sequence[int]], vocab: int, device) -> torch.Tensor:
     """Flat indices ``row * vocab + token`` into a [rows, vocab] tensor.
 
@@ -127,27 +115,25 @@ def _flat_index(rows: Sequence[int], token_lists: Sequence[Sequence[int]], vocab
     return host_to_device(torch.from_numpy(tokens), torch.device(device))
 
 
-TRITON_MIN_ROWS = 32
-"""Fewest random rows for which the default sampler takes the Triton kernels.
-
-Their ~16 launches from Python cost more than the sort path's work on a few
-rows. Measured on an H100 (vocab 128256, top-k 50 + top-p 0.9, whole sampler
-call): 1 row 1033 us with the kernels against 551 us sorting; 32 rows 1022
-against 1247 us; 256 rows 1589 against 5380 us."""
-
-
 class Sampler:
     """Samples one token per row; see the module docstring for the semantics.
 
-    ``triton``: None (the default) uses the Triton kernels for logits on a CUDA
-    device when Triton imports and at least `TRITON_MIN_ROWS` rows draw; True forces them (on CPU tensors too, which
-    Triton's interpreter, ``TRITON_INTERPRET=1``, can run); False never.
+    ``backend``: the kernel backend whose sampling kernel draws, where it has
+    one (the runner passes its own; the default, the torch reference, has
+    none). ``fused``: None (the default) uses that kernel when at least its
+    `KernelBackend.sampling_min_rows` rows draw; True for any number of rows
+    (on CPU tensors too, where the backend runs there); False never.
     """
 
-    def __init__(self, eos_token_ids: frozenset[int], *, triton: bool | None = None):
+    def __init__(
+        self, eos_token_ids: frozenset[int], *, backend: KernelBackend | None = None, fused: bool | None = None
+    ):
         self.eos_token_ids = frozenset(eos_token_ids)
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._triton = triton
+        self._backend = backend if backend is not None else TorchRefBackend()
+        self._fused = fused
+        if fused and self._backend.sampling_min_rows is None:
+            raise ValueError(f"Sampler(fused=True) but kernel backend {self._backend.name!r} has no sampling kernel")
 
     def __call__(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SamplerOutput:
         token_ids, logprobs, top_logprobs = self.sample_on_device(logits, requests)
@@ -244,9 +230,8 @@ class Sampler:
         random_rows = [i for i, r in enumerate(requests) if not r.params.greedy]
         if not random_rows:
             return first_argmax(logits)
-        kernels = self._kernels(logits.device, len(random_rows))
-        if kernels is not None:
-            return self._sample_triton(kernels, logits, requests)
+        if self._uses_kernel(len(random_rows)):
+            return self._sample_fused(logits, requests)
         all_random = len(random_rows) == len(requests)
         random_index = None if all_random else _row_index(random_rows, logits.device)
         x = logits if all_random else logits[random_index]
@@ -277,22 +262,17 @@ class Sampler:
         tokens[random_index] = sampled
         return tokens
 
-    def _kernels(self, device: torch.device, num_random_rows: int) -> ModuleType | None:
-        if self._triton is False:
-            return None
-        if self._triton is None and (device.type != "cuda" or num_random_rows < TRITON_MIN_ROWS):
-            return None
-        kernels = _triton_sampling()
-        if kernels is None and self._triton:
-            raise RuntimeError("Sampler(triton=True) but Triton does not import")
-        return kernels
+    def _uses_kernel(self, num_random_rows: int) -> bool:
+        if self._fused is not None:
+            return self._fused
+        min_rows = self._backend.sampling_min_rows
+        return min_rows is not None and num_random_rows >= min_rows
 
-    @staticmethod
-    def _sample_triton(kernels: ModuleType, logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
+    def _sample_fused(self, logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
         """All rows in one launch: greedy rows (temperature 0 there) take the argmax, the others draw.
 
-        A seeded row's Philox key is ``step_seed(seed, tokens generated)``, as
-        the torch path seeds its generator; unseeded rows take a key from the
+        A seeded row's key is ``step_seed(seed, tokens generated)``, as the
+        torch path seeds its generator; unseeded rows take a key from the
         device's default generator, so ``torch.manual_seed`` still governs them.
         """
         params = [r.params for r in requests]
@@ -322,7 +302,7 @@ class Sampler:
         if not all(seeded):
             drawn = torch.empty_like(seeds).random_()
             seeds = drawn if not any(seeded) else torch.where(integers[2].bool(), seeds, drawn)
-        return kernels.sample(logits, knobs[0], integers[0], knobs[1], knobs[2], seeds)
+        return self._backend.sample(logits, knobs[0], integers[0], knobs[1], knobs[2], seeds)
 
     @staticmethod
     def _top_k(x: torch.Tensor, params: list[SamplingParams]) -> None:

@@ -15,10 +15,12 @@ import importlib.util
 import torch
 
 from .._scoped import scoped
+from .cpu import CpuBackend
 from .interface import AttentionMetadata, KernelBackend
 from .torch_ref import TorchRefBackend
+from .traced import TracedOps
 
-BACKEND_NAMES = ("auto", "torch", "triton", "aiter")
+BACKEND_NAMES = ("auto", "torch", "cpu", "triton", "aiter")
 
 _current: contextvars.ContextVar[KernelBackend | None] = contextvars.ContextVar("atom_trio_backend", default=None)
 
@@ -26,17 +28,25 @@ _current: contextvars.ContextVar[KernelBackend | None] = contextvars.ContextVar(
 def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> KernelBackend:
     """The kernel backend ``name`` for ``device``; ``auto`` picks the fastest one available there.
 
-    ``auto`` is Triton on a GPU (when Triton imports) and the torch reference
-    elsewhere. Triton is imported only when chosen, so CPU-only installs never
-    need it.
+    ``auto`` is Triton on a GPU (when Triton imports), the CPU backend on the
+    CPU, and the torch reference elsewhere. ``torch`` is the reference on any
+    device, with none of the CPU backend's C++ kernels. Triton is imported only
+    when chosen, so CPU-only installs never need it.
     """
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     device = torch.device(device)
     if name == "auto":
-        name = "triton" if device.type == "cuda" and _triton_importable() else "torch"
+        if device.type == "cuda" and _triton_importable():
+            name = "triton"
+        else:
+            name = "cpu" if device.type == "cpu" else "torch"
     if name == "torch":
         return TorchRefBackend()
+    if name == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"kernel backend 'cpu' is not available on {device.type!r}: it runs on the CPU")
+        return CpuBackend()
     if name == "triton":
         if device.type != "cuda":
             raise ValueError(f"kernel backend 'triton' is not available on {device.type!r}: it needs a CUDA or ROCm GPU")
@@ -45,7 +55,7 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Kerne
         from .triton import TritonBackend
 
         return TritonBackend(device)
-    raise ValueError(f"kernel backend {name!r} is not available in this build; use 'auto', 'torch' or 'triton'")
+    raise ValueError(f"kernel backend {name!r} is not available in this build; use 'auto', 'torch', 'cpu' or 'triton'")
 
 
 def _triton_importable() -> bool:
@@ -58,16 +68,22 @@ def use_backend(backend: KernelBackend) -> contextlib.AbstractContextManager[Ker
 
 
 def current_backend() -> KernelBackend:
-    """The backend layers built now should use (the torch reference outside `use_backend`)."""
+    """The backend layers built now should use; outside `use_backend`, the CPU backend.
+
+    That is the torch reference with the CPU's fused kernels, which keep to
+    the reference's torch code for tensors on any other device.
+    """
     backend = _current.get()
-    return backend if backend is not None else TorchRefBackend()
+    return backend if backend is not None else CpuBackend()
 
 
 __all__ = [
     "AttentionMetadata",
     "BACKEND_NAMES",
+    "CpuBackend",
     "KernelBackend",
     "TorchRefBackend",
+    "TracedOps",
     "current_backend",
     "get_backend",
     "use_backend",

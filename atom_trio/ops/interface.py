@@ -1,10 +1,13 @@
-"""The kernel interface: what every backend (torch_ref, triton, aiter) implements.
+"""The kernel interface: what every backend (torch_ref, cpu, triton, aiter) implements.
 
 Layers call kernels only through a `KernelBackend` they captured when they
 were built, so a model is written once and runs on whatever backend the runner
 chose at start-up. The batch layout is the same for every backend: all tokens
 of a step flattened into one dimension (prefill chunks and decode tokens
-mixed), described by `AttentionMetadata`.
+mixed), described by `AttentionMetadata`. What the runner and the sampler
+need to know of a backend (whether its steps can be captured in CUDA graphs,
+its kernels for a compiled model, its sampling kernel) it asks the backend
+too, so that no backend is named outside ``ops``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,19 @@ class KernelBackend(abc.ABC):
     """
 
     name: str
+
+    supports_cuda_graphs: bool = False
+    """Whether a step can be captured in a CUDA graph and replayed with new lengths, block tables and slots.
+
+    True where every launch follows from host integers (token and sequence
+    counts, the metadata's ``*_host`` lengths), never from device values, and
+    the step's tensors are read in place: a plan made at capture from
+    metadata whose host lengths are the longest the graph will replay then
+    serves every replay. (The torch reference sizes its work from device values.)
+    """
+
+    sampling_min_rows: int | None = None
+    """Fewest drawing rows for which the sampler calls `sample` rather than its torch ops; None: no `sample` here."""
 
     @abc.abstractmethod
     def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -169,6 +185,38 @@ class KernelBackend(abc.ABC):
         """
         y = F.linear(x, weight, bias)
         return self.silu_and_mul(y) if silu_and_mul else y
+
+    def traced(self) -> KernelBackend:
+        """The kernels for the layers of a model that torch.compile traces.
+
+        Attention, the rotary embedding and the KV store stay this backend's:
+        they run inside the opaque attention op, outside the graph. The rest is
+        plain torch by default, which Inductor fuses with its neighbours; a
+        backend whose own kernels beat what Inductor generates returns them
+        as custom ops that Dynamo records as opaque calls.
+        """
+        from .traced import TracedOps  # it builds on torch_ref, which imports this module
+
+        return TracedOps(self)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        min_p: torch.Tensor,
+        seeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row of float32 ``logits`` ``[rows, vocab]``, int64 on their device: the sampler's steps 4-5.
+
+        Per-row device tensors: ``temperature`` (float32; 0 means greedy, the
+        row's first argmax), ``top_k`` (int64; 0 is off), ``top_p`` (float32;
+        1 is off), ``min_p`` (float32; 0 is off) and ``seeds`` (int64: equal
+        seed and logits draw the same token). Only where `sampling_min_rows`
+        is set.
+        """
+        raise NotImplementedError(f"kernel backend {self.name!r} has no sampling kernel")
 
     def rms_norm_linear(
         self,

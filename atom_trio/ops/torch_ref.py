@@ -1,6 +1,7 @@
 """The reference backend: plain torch ops, on any device.
 
-It is the yardstick every fast backend is tested against, and the CPU path,
+It is the yardstick every fast backend is tested against, and the base of the
+CPU backend (`atom_trio.ops.cpu`, which swaps some ops for fused C++ kernels),
 so it is written for both clarity and sensible CPU speed: work is batched per
 step, not per token. Decode tokens (one query per sequence) of a step share one
 vectorised gather of their KV blocks and one batched attention; prefill chunks
@@ -12,14 +13,6 @@ The KV cache is head-major, ``[num_kv_heads, num_blocks, block_size,
 head_dim]``: gathering a batch's blocks then yields ``[kv_heads, seqs, len,
 dim]`` with each head's keys contiguous, which batched matmuls read without
 a copy (several times faster on CPU than the token-major layout).
-
-On the CPU, decode attention, the KV store and the elementwise ops take
-fused kernels instead when they build (`atom_trio.ops.cpu_kernels`): the
-attention reads each sequence's K/V rows straight from their blocks, with
-no gathered copy (about twice as fast at batch 32), and each elementwise op
-is one call rather than several torch dispatches. The torch code stays as
-their fallback (on other devices and dtypes, without a compiler, under
-torch.compile) and as the reference they are tested against.
 """
 
 from __future__ import annotations
@@ -28,7 +21,6 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
 from .interface import AttentionMetadata, KernelBackend
 
 
@@ -72,24 +64,18 @@ class TorchAttentionPlan:
 _FUSED_DECODE_MAX_CONTEXT = 512
 """Longest context a lone decode sequence runs through ``scaled_dot_product_attention``.
 
-Measured on CPU (bf16, head_dim 64): the fused kernel takes 25-37 us per layer
-at contexts up to a few hundred tokens against 40-45 us for matmul, softmax,
-matmul, but 4x as long at 1000 tokens.
+Measured on CPU (bf16, head_dim 64): the fused kernel beats matmul, softmax,
+matmul at contexts up to a few hundred tokens, and loses well before 1000
+(figures in docs/kernels.md).
 """
 
 
 class TorchRefBackend(KernelBackend):
-    """Plain torch kernels; on the CPU, the fused ones of `cpu_kernels` where they apply.
-
-    ``use_cpu_kernels=False`` keeps every op on torch (the reference for those kernels).
-    """
+    """Plain torch kernels."""
 
     name = "torch"
 
-    def __init__(self, *, use_cpu_kernels: bool = True) -> None:
-        # Built (or loaded from the cache) at the first CPU decode, not here:
-        # backends are constructed in places that never attend.
-        self.use_cpu_kernels = use_cpu_kernels
+    def __init__(self) -> None:
         # Every layer of a step rotates by the same positions: gather their
         # cos/sin rows once per step (keyed by the step's positions tensor).
         self._rope_rows: tuple[torch.Tensor, torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
@@ -150,9 +136,6 @@ class TorchRefBackend(KernelBackend):
         )
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        kernel = self._cpu_kernel(key, k_cache, v_cache)
-        if kernel is not None and kernel.store_kv(key, value, k_cache, v_cache, slot_mapping):
-            return
         num_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
         k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, key.transpose(0, 1))
         v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, value.transpose(0, 1))
@@ -189,10 +172,6 @@ class TorchRefBackend(KernelBackend):
         The ``group`` query heads that share a KV head become that head's query
         rows, so grouped-query attention needs no copy of K/V per query head.
         """
-        kernel = self._cpu_kernel(q, k_cache, v_cache)
-        if kernel is not None:
-            tables, context_lens = plan.decode_block_tables, plan.decode_context_lens
-            return kernel.decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads, num_blocks = k_cache.shape[:2]
         memo = self._decode_rows
@@ -218,38 +197,13 @@ class TorchRefBackend(KernelBackend):
         out = torch.matmul(probs, v)  # [kv_heads, seqs, group, dim]
         return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
-    def _cpu_kernel(self, q, k_cache, v_cache) -> cpu_kernels.CpuKernels | None:
-        """The fused CPU decode kernels when they apply to these tensors (and build here), else None."""
-        if not (
-            k_cache.dtype == q.dtype == v_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous()
-        ):
-            return None
-        return self._cpu_elementwise(q)
-
-    def _cpu_elementwise(self, x) -> cpu_kernels.CpuKernels | None:
-        """The CPU kernels if on, for ``x`` on the CPU in their dtypes, untraced (a graph can't hold a ctypes call)."""
-        if not (
-            self.use_cpu_kernels
-            and x.device.type == "cpu"
-            and x.dtype in cpu_kernels.SUPPORTED_DTYPES
-            and not torch.compiler.is_compiling()
-        ):
-            return None
-        return cpu_kernels.load_cpu_kernels()
-
     def rms_norm(self, x, weight, eps, residual=None):
-        kernels = self._cpu_elementwise(x)
-        if kernels is not None and (done := kernels.rms_norm(x, weight, eps, residual)) is not None:
-            return done
         if residual is not None:
             x = x + residual
             return F.rms_norm(x, weight.shape, weight, eps), x
         return F.rms_norm(x, weight.shape, weight, eps)
 
     def rotary_embedding(self, positions, query, key, cos_sin_cache):
-        kernels = self._cpu_elementwise(query)
-        if kernels is not None and (done := kernels.rotary_embedding(positions, query, key, cos_sin_cache)) is not None:
-            return done
         rows = self._rope_rows
         if rows is None or rows[0] is not positions or rows[1] is not cos_sin_cache or rows[2] != query.dtype:
             cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).to(query.dtype).chunk(2, dim=-1)
@@ -263,9 +217,6 @@ class TorchRefBackend(KernelBackend):
         return rotated.split((query.shape[1], key.shape[1]), dim=1)
 
     def silu_and_mul(self, x):
-        kernels = self._cpu_elementwise(x)
-        if kernels is not None and (done := kernels.silu_and_mul(x)) is not None:
-            return done
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
 

@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from atom_trio.sampling_params import SamplingParams
 from atom_trio.layers.sampler import SampleRequest, Sampler, first_argmax
+from atom_trio.ops import get_backend
+from atom_trio.sampling_params import SamplingParams
 
 EOS = 3
 DEVICES = [
@@ -165,7 +166,7 @@ row_params = st.builds(
 )
 
 
-@pytest.mark.parametrize("device", DEVICES)  # on CUDA, the Triton kernels where Triton imports
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA, the backend's sampling kernel (Triton's where it imports)
 @settings(max_examples=60, deadline=None)
 @given(
     rows=st.lists(row_params, min_size=1, max_size=5),
@@ -176,7 +177,8 @@ row_params = st.builds(
 def test_filters_never_emit_a_token_outside_the_allowed_set(device, rows, vocab, logits_seed, scale):
     logits = random_logits(len(rows), vocab, seed=logits_seed, scale=scale)
     requests = [request(**row) for row in rows] * 8  # many draws per example, all the batch paths
-    sampler = Sampler(frozenset(), triton=True if device == "cuda" else None)  # kernels even for few rows
+    # the kernel even for few rows
+    sampler = Sampler(frozenset(), backend=get_backend("auto", device), fused=True if device == "cuda" else None)
     out = sampler(logits.repeat(8, 1).to(device), requests)
     for i, (token, req) in enumerate(zip(out.token_ids, requests)):
         row = logits[i % len(rows)].numpy()
@@ -275,3 +277,8 @@ def test_logprobs_are_the_raw_distribution(device):
 def test_rejects_logits_that_do_not_match_the_requests():
     with pytest.raises(ValueError):
         Sampler(frozenset())(torch.zeros(2, 10), [request()])
+
+
+def test_fused_sampling_needs_a_backend_with_a_sampling_kernel():
+    with pytest.raises(ValueError, match="no sampling kernel"):
+        Sampler(frozenset(), fused=True)  # the default backend, the torch reference, has none

@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from atom_trio.sampling_params import SamplingParams  # noqa: E402
 from atom_trio.layers.sampler import SampleRequest, Sampler  # noqa: E402
-from atom_trio.ops.triton import sampling  # noqa: E402
+from atom_trio.ops.triton import TritonBackend, sampling  # noqa: E402
 from atom_trio.ops.triton.sampling import cutoffs, sample  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,7 +210,7 @@ def test_sampler_uses_the_kernels_with_penalties_bias_and_logprobs():
     vocab = 300
     gen = torch.Generator().manual_seed(9)
     logits = (torch.randn(4, vocab, generator=gen) * 3).to(DEVICE)
-    sampler = Sampler(frozenset({3}), triton=True)
+    sampler = Sampler(frozenset({3}), backend=TritonBackend(DEVICE), fused=True)
 
     def request(output=(), **params) -> SampleRequest:
         return SampleRequest(params=SamplingParams(**params), prompt_token_ids=[0, 1], output_token_ids=list(output))

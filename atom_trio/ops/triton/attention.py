@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cache import cache_strides
+
 # Finite, so that a row with no visible key yet never computes inf - inf.
 _NEG_BIG = tl.constexpr(-1.0e30)
 _LOG2E = 1.4426950408889634
@@ -338,12 +340,7 @@ def paged_attention(
         query.stride(1),
         out.stride(0),
         out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *cache_strides(k_cache, v_cache),
         plan.block_tables.stride(0),
         BLOCK_SIZE=plan.block_size,
         GROUP=group,

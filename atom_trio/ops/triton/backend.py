@@ -18,12 +18,19 @@ from .cache import store_kv
 from .gemv import gemv, rms_norm_gemv
 from .norm import rms_norm
 from .rotary import rotary_embedding
+from .sampling import sample
 
 
 class TritonBackend(KernelBackend):
     """Triton kernels for one device; ``num_sms`` sizes the split-KV decision."""
 
     name = "triton"
+    supports_cuda_graphs = True
+    sampling_min_rows = 32
+    """Below it, the sampling kernels' ~16 launches from Python cost more than the torch sampler's sort.
+
+    Measured on an H100 with a whole sampler call both ways (figures in
+    docs/kernels.md and docs/performance.md)."""
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         device = torch.device(device)
@@ -38,10 +45,12 @@ class TritonBackend(KernelBackend):
         return (num_blocks, block_size, num_kv_heads, head_dim)
 
     def plan_attention(self, metadata: AttentionMetadata, *, num_splits: int | None = None) -> TritonAttentionPlan:
-        """Host integers only; ``num_splits`` fixes the KV split count (a captured graph must).
+        """Host integers only; ``num_splits`` forces the KV split count.
 
         Unforced, the split count grows while the step's programs would leave
-        SMs idle and each split keeps at least `MIN_SPLIT_TOKENS` keys.
+        SMs idle and each split keeps at least `MIN_SPLIT_TOKENS` keys of the
+        longest context in ``metadata``: a graph captured with the longest
+        context it will replay keeps a split count that is right for all of them.
         """
         return TritonAttentionPlan(
             cu_seqlens_q=metadata.cu_seqlens_q,
@@ -73,6 +82,14 @@ class TritonBackend(KernelBackend):
 
     def silu_and_mul(self, x):
         return silu_and_mul(x)
+
+    def traced(self):
+        from .opaque import TracedTritonOps  # registers the custom ops: only for a model that is compiled
+
+        return TracedTritonOps(self)
+
+    def sample(self, logits, temperature, top_k, top_p, min_p, seeds):
+        return sample(logits, temperature, top_k, top_p, min_p, seeds)
 
     def linear(self, x, weight, bias=None, *, silu_and_mul=False):
         if self.uses_gemv(x, weight):

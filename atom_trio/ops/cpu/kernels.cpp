@@ -1,5 +1,5 @@
-// Fused CPU kernels for atom_trio's torch_ref backend: paged decode attention, KV store, add + RMSNorm,
-// rotary and SiLU-and-mul. Built and called by cpu_kernels.py (read its docstring); plain C++ with
+// Fused kernels of atom_trio's CPU backend: paged decode attention, KV store, add + RMSNorm,
+// rotary and SiLU-and-mul. Built and called by kernels.py (read its docstring); plain C++ with
 // extern "C" entry points; no torch headers.
 #include <algorithm>
 #include <cmath>
@@ -345,7 +345,10 @@ inline void store16(bf16* p, __m512 x) { _mm256_storeu_si256((__m256i*)p, to_bf1
 #endif
 
 // out = rms_norm(x + residual) * weight (one rounding, as F.rms_norm); the sum
-// (rounded, as torch's add) goes to `sum` when there is a residual.
+// (rounded, as torch's add) goes to `sum` when there is a residual. The sum of
+// squares runs in this loop's order; torch's follows the vector width it was
+// dispatched to (8 or 16 lanes, four accumulators, a cascade), so the scale may
+// differ from torch's in its last float32 bit and a bf16 output by one ulp.
 template <typename T>
 void add_rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride, const T* weight,
                   T* out, T* sum, int64_t rows, int64_t dim, float eps, int num_threads) {

@@ -1,0 +1,67 @@
+"""`CpuBackend`: the torch reference, with fused C++ kernels where they apply on the CPU.
+
+Decode attention, the KV store, add + RMSNorm, rotary and SiLU-and-mul each
+take one call into the compiled library (`kernels`) instead of the
+reference's torch ops. Every op keeps the reference's torch code as its
+fallback: for other devices and dtypes, for layouts a kernel does not take,
+where no compiler builds the library, and under torch.compile (a graph can't
+hold a ctypes call). The library is built, or loaded from the cache, at the
+first op that can use it, not here: backends are made in places that never
+run a kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..torch_ref import TorchAttentionPlan, TorchRefBackend
+from .kernels import SUPPORTED_DTYPES, CpuKernels, load_cpu_kernels
+
+
+class CpuBackend(TorchRefBackend):
+    """The torch reference with the CPU's fused kernels; `TorchRefBackend` is what they are tested against."""
+
+    name = "cpu"
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+        kernels = self._attention_kernels(key, k_cache, v_cache)
+        if kernels is None or not kernels.store_kv(key, value, k_cache, v_cache, slot_mapping):
+            super().store_kv(key, value, k_cache, v_cache, slot_mapping)
+
+    def _decode_attention(self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float) -> torch.Tensor:
+        kernels = self._attention_kernels(q, k_cache, v_cache)
+        if kernels is None:
+            return super()._decode_attention(q, k_cache, v_cache, plan, scale)
+        tables, context_lens = plan.decode_block_tables, plan.decode_context_lens
+        return kernels.decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
+
+    def rms_norm(self, x, weight, eps, residual=None):
+        kernels = self._kernels(x)
+        if kernels is not None and (done := kernels.rms_norm(x, weight, eps, residual)) is not None:
+            return done
+        return super().rms_norm(x, weight, eps, residual)
+
+    def rotary_embedding(self, positions, query, key, cos_sin_cache):
+        kernels = self._kernels(query)
+        if kernels is not None and (done := kernels.rotary_embedding(positions, query, key, cos_sin_cache)) is not None:
+            return done
+        return super().rotary_embedding(positions, query, key, cos_sin_cache)
+
+    def silu_and_mul(self, x):
+        kernels = self._kernels(x)
+        if kernels is not None and (done := kernels.silu_and_mul(x)) is not None:
+            return done
+        return super().silu_and_mul(x)
+
+    def _attention_kernels(self, q, k_cache, v_cache) -> CpuKernels | None:
+        """The kernels when they apply to a query (or key) and caches of one dtype, contiguous, else None."""
+        if not (k_cache.dtype == q.dtype == v_cache.dtype and k_cache.is_contiguous() and v_cache.is_contiguous()):
+            return None
+        return self._kernels(q)
+
+    @staticmethod
+    def _kernels(x) -> CpuKernels | None:
+        """The kernels for ``x`` on the CPU in their dtypes, untraced (and where they build), else None."""
+        if not (x.device.type == "cpu" and x.dtype in SUPPORTED_DTYPES and not torch.compiler.is_compiling()):
+            return None
+        return load_cpu_kernels()
