@@ -15,11 +15,11 @@ Attention is a custom op that reads the forward context (see
 `atom_trio.layers.attention`), so the step's metadata is neither a graph input
 nor a guard, and with the token dimension dynamic one graph serves every
 batch shape (plus Dynamo's own specialization for a single token: batch-1
-decode). Layers built for a compiled forward get `TracedOps`: the device
-backend's attention, rotary embedding and KV store; for the norms, SiLU and
-one-row matmuls the Triton backend's kernels as opaque custom ops (for long prompts they beat what
-Inductor generates, unlike vLLM's experience with its CUDA ones), else plain
-torch for Inductor to fuse.
+decode). Layers built for a compiled forward get the kernel backend's
+`KernelBackend.traced` kernels: its attention, rotary embedding and KV store;
+for the norms, SiLU and one-row matmuls either its own kernels as opaque
+custom ops (where they beat what Inductor generates for long prompts, unlike
+vLLM's experience with its CUDA ones) or plain torch for Inductor to fuse.
 
 Inductor's and Triton's caches live under the atom_trio cache directory
 (`compile_cache_dir`), so a second start reuses the generated code.
@@ -41,7 +41,6 @@ from torch.fx.passes.split_module import split_module
 
 from atom_trio.config import EngineConfig
 from atom_trio._cache import cache_root
-from atom_trio.ops import KernelBackend, TorchRefBackend
 
 logger = logging.getLogger("atom_trio.runner")
 
@@ -49,7 +48,7 @@ MAX_LEVEL = 3
 
 
 def effective_level(config: EngineConfig, device: torch.device) -> int:
-    """``config.level``; None is 3 on CUDA and 0 on the CPU (compiling takes ~35 s there); ``enforce_eager`` is 0."""
+    """``config.level``; None is 3 on CUDA and 0 on the CPU (compiling is slow there); ``enforce_eager`` is 0."""
     if config.enforce_eager:
         return 0
     if config.level is None:
@@ -82,76 +81,6 @@ def use_compile_cache() -> Path:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory / "inductor")
     os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
     return directory
-
-
-class TracedOps(KernelBackend):
-    """The kernels layers call in a model that torch.compile traces.
-
-    Attention, the rotary embedding and the KV store are the device backend's
-    (they run behind the opaque attention op, outside the graph). The one-row
-    matmuls and the elementwise ops are the
-    Triton backend's hand-fused kernels as opaque custom ops
-    (`atom_trio.ops.triton.opaque`: faster than Inductor's own for long
-    prompts), and plain torch on other backends, which Inductor fuses with
-    their neighbours.
-    """
-
-    def __init__(self, device_backend: KernelBackend) -> None:
-        self.device_backend = device_backend
-        self.name = device_backend.name
-        self._torch = TorchRefBackend()
-        self._fused = None
-        if device_backend.name == "triton":
-            from atom_trio.ops.triton import opaque
-
-            self._fused = opaque
-
-    def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
-        return self.device_backend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_dim)
-
-    def plan_attention(self, metadata, **kwargs):
-        return self.device_backend.plan_attention(metadata, **kwargs)
-
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        self.device_backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
-
-    def paged_attention(self, query, key, value, k_cache, v_cache, plan, scale):
-        return self.device_backend.paged_attention(query, key, value, k_cache, v_cache, plan, scale)
-
-    def rms_norm(self, x, weight, eps, residual=None):
-        if self._fused is None:
-            return self._torch.rms_norm(x, weight, eps, residual)
-        if residual is None:
-            return self._fused.rms_norm_op(x, weight, eps)
-        return self._fused.add_rms_norm_op(x, residual, weight, eps)
-
-    def rotary_embedding(self, positions, query, key, cos_sin_cache):
-        return self.device_backend.rotary_embedding(positions, query, key, cos_sin_cache)
-
-    def rotary_store_kv(self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping):
-        # Like store_kv, inside the opaque attention op.
-        return self.device_backend.rotary_store_kv(
-            positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping
-        )
-
-    def silu_and_mul(self, x):
-        if self._fused is None:
-            return self._torch.silu_and_mul(x)
-        return self._fused.silu_and_mul_op(x)
-
-    def linear(self, x, weight, bias=None, *, silu_and_mul=False):
-        # The token dimension is dynamic except at one token, which Dynamo specializes: the test is a trace-time constant.
-        if self._fused is not None and self.device_backend.uses_gemv(x, weight):
-            return self._fused.gemv_op(x, weight, bias, silu_and_mul, self.device_backend.num_sms)
-        return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
-
-    def rms_norm_linear(self, x, residual, norm_weight, eps, weight, bias=None, *, silu_and_mul=False):
-        if self._fused is None or not self.device_backend.uses_gemv(x, weight):
-            return super().rms_norm_linear(x, residual, norm_weight, eps, weight, bias, silu_and_mul=silu_and_mul)
-        out, summed = self._fused.rms_norm_gemv_op(
-            x, residual, norm_weight, eps, weight, bias, silu_and_mul, self.device_backend.num_sms
-        )
-        return out, summed if residual is not None else x
 
 
 class PiecewiseBackend:
@@ -289,8 +218,8 @@ def warmup_steps(
 ) -> list[list[tuple[int, int]]]:
     """Steps, each a list of ``(query_len, context_len)`` sequences, that reach every kernel variant a scheduler makes.
 
-    Triton compiles a kernel once per variant at its first launch (1-2 s on
-    an H100), and a variant is a tile shape (the attention kernel picks one
+    Triton compiles a kernel once per variant at its first launch (seconds,
+    which a request would wait for), and a variant is a tile shape (the attention kernel picks one
     of three from the longest query of the step, ``64 // query_group`` tokens
     being the middle one's limit), whether keys are split (short queries over
     long contexts) and how many ways, and for every integer argument whether

@@ -5,8 +5,10 @@ the host: hundreds of kernel launches, each costing microseconds of Python and
 driver time, for a few milliseconds of GPU work. Capturing the step once per
 batch size and replaying it removes all of that. A batch of ``n`` sequences
 runs the graph of the next captured size ``B >= n``; the ``B - n`` padding
-rows write no KV (slot -1) and attend to nothing (context length 0), as the
-Triton backend's README specifies.
+rows write no KV (slot -1) and attend to nothing (context length 0), as
+backends that support graphs (`KernelBackend.supports_cuda_graphs`) promise.
+Each size's attention plan is made at capture for every row at
+``max_model_len``, the longest context it will replay.
 
 A step's inputs reach a graph in one host-to-device copy plus one for the
 block tables: each captured size reads its token ids, positions, slots and
@@ -32,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from atom_trio.layers import Attention, ForwardContext, forward_context
+from atom_trio.layers import ForwardContext, forward_context
 from atom_trio.ops import AttentionMetadata
 
 logger = logging.getLogger("atom_trio.runner")
@@ -98,7 +100,7 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Warm up (Triton compiles each kernel variant) and capture every size, largest first."""
+        """Warm up (JIT kernels compile at their first launch) and capture every size, largest first."""
         start = time.perf_counter()
         pool = None
         for size in reversed(self.batch_sizes):
@@ -162,29 +164,7 @@ class DecodeGraphs:
             context_lens_host=[self.max_model_len] * size,
             block_size=self.block_size,
         )
-        plan = self.backend.plan_attention(metadata, num_splits=self._num_splits(size))
-        return ForwardContext(metadata=metadata, attn_plan=plan)
-
-    def _num_splits(self, size: int) -> int:
-        """The KV split count for ``size`` sequences at the longest context: a graph cannot follow each step's lengths.
-
-        Any split count is correct for any context; this one fills the GPU at
-        long contexts, and splits past a short context's end exit at once.
-        """
-        from atom_trio.ops.triton import launch_config
-
-        attn = next(m for m in self.model.modules() if isinstance(m, Attention))
-        return launch_config(
-            num_tokens=size,
-            num_seqs=size,
-            max_query_len=1,
-            max_context_len=self.max_model_len,
-            group=attn.num_heads // attn.num_kv_heads,
-            head_dim=attn.head_dim,
-            num_kv_heads=attn.num_kv_heads,
-            num_sms=self.backend.num_sms,
-            num_splits=None,
-        ).num_splits
+        return ForwardContext(metadata=metadata, attn_plan=self.backend.plan_attention(metadata))
 
     def _step(self, size: int) -> None:
         inputs = self._inputs[size]

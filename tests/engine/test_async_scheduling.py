@@ -150,7 +150,7 @@ def test_runner_feeds_back_the_previous_tokens_on_the_device(tiny_llama_dir):
     assert runner.collect(second).token_ids == expected[1]
     assert runner.collect(third).token_ids == expected[2]
     # The runner's histories hold the true tokens (what penalties read), not the placeholders.
-    assert runner._histories[1].output == [t[1] for t in expected[:2]]
+    assert runner.inputs.histories[1].output == [t[1] for t in expected[:2]]
 
 
 def test_previous_token_without_a_previous_sample_is_refused(tiny_llama_dir):
@@ -168,7 +168,7 @@ def test_previous_token_without_a_previous_sample_is_refused(tiny_llama_dir):
         runner.execute(StepPlan(step_id=3, chunks=[attrs_evolve(other, token_ids=[PREVIOUS_TOKEN, 3])]))
     # refused plans left the runner as it was: sequence 0 still decodes from the host's token
     assert runner.execute(StepPlan(step_id=4, chunks=[prompt.next_decode(9)])).token_ids
-    assert torch.is_tensor(runner._last_tokens)
+    assert torch.is_tensor(runner.inputs.last_tokens)
 
 
 def attrs_evolve(chunk: SeqChunk, **changes) -> SeqChunk:

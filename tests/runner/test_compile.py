@@ -21,8 +21,9 @@ from atom_trio.config import EngineConfig
 from atom_trio.core.plan import SeqChunk, StepPlan
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.loader import load_tokenizer
+from atom_trio.ops import TracedOps
 from atom_trio.runner import ModelRunner
-from atom_trio.runner.compile import PiecewiseBackend, TracedOps, compile_cache_dir, warmup_steps
+from atom_trio.runner.compile import PiecewiseBackend, compile_cache_dir, warmup_steps
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at a temperature of"]

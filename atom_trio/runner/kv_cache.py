@@ -1,0 +1,97 @@
+"""The paged KV cache: what a block costs, how many blocks a memory budget holds, and the cache's allocation.
+
+One tensor ``[2, layers, *backend layout]`` holds every attention layer's K
+and V; each layer gets views of its own. A GPU's budget is
+``gpu_memory_utilization`` of the card less everything else: the weights,
+the peak activations of the largest step and the decode CUDA graphs (both
+measured at start-up, see `atom_trio.runner.startup`), and memory other
+processes and libraries hold. The CPU's is ``cpu_kv_cache_space_gb``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import torch
+
+from atom_trio.config import EngineConfig
+from atom_trio.layers import Attention
+from atom_trio.ops import KernelBackend
+
+logger = logging.getLogger("atom_trio.runner")
+
+
+def kv_cache_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache's element type: the model's (``kv_cache_dtype`` "auto" or its name); nothing else is supported."""
+    if config.kv_cache_dtype not in ("auto", str(model_dtype).removeprefix("torch.")):
+        raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported; use 'auto'")
+    return model_dtype
+
+
+@attrs.define(kw_only=True)
+class KVCacheLayout:
+    """Allocates the KV cache of a model's attention ``layers`` in ``backend``'s layout and binds each layer's views."""
+
+    layers: list[Attention]
+    backend: KernelBackend
+    block_size: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block: K and V of ``block_size`` tokens in every layer."""
+        layer = self.layers[0]
+        element = torch.empty(0, dtype=self.dtype).element_size()
+        return 2 * len(self.layers) * self.block_size * layer.num_kv_heads * layer.head_dim * element
+
+    def allocate(self, num_blocks: int) -> torch.Tensor:
+        """One tensor ``[2, layers, *backend layout]``; each layer gets views of its K and V.
+
+        Zeroed, because the decode path reads whole blocks, and a never-written
+        slot must be finite for its (masked, zero-weight) value row to vanish.
+        """
+        layer = self.layers[0]
+        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        kv = torch.zeros(2, len(self.layers), *shape, dtype=self.dtype, device=self.device)
+        for i, attn in enumerate(self.layers):
+            attn.k_cache, attn.v_cache = kv[0, i], kv[1, i]
+        return kv
+
+    def unbind(self) -> None:
+        """Take the layers' views away, so that a temporary cache is freed with its last reference."""
+        for attn in self.layers:
+            attn.k_cache = attn.v_cache = torch.empty(0)
+
+    def blocks_within(self, budget: float, where: str) -> int:
+        """How many blocks ``budget`` bytes hold (``where`` says where the budget came from, for the log and errors)."""
+        blocks = int(budget // self.block_bytes)
+        if blocks < 1:
+            raise ValueError(f"no memory left for the KV cache with {where}; raise it or set num_kv_blocks")
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB) with %s",
+            blocks,
+            self.block_size,
+            blocks * self.block_size,
+            blocks * self.block_bytes / 2**30,
+            where,
+        )
+        return blocks
+
+
+def gpu_budget(config: EngineConfig, device: torch.device, *, peak: int, graph_bytes: int) -> tuple[float, str]:
+    """Bytes for the KV cache on a GPU, and where they came from.
+
+    ``peak``: bytes allocated at the largest step's peak (weights included);
+    ``graph_bytes``: what the decode graphs will hold.
+    """
+    free, total = torch.cuda.mem_get_info(device)
+    not_torch = total - free - torch.cuda.memory_reserved(device)
+    budget = total * config.gpu_memory_utilization - peak - not_torch - graph_bytes
+    return budget, f"gpu_memory_utilization={config.gpu_memory_utilization} of {total / 2**30:.1f} GiB"
+
+
+def cpu_budget(config: EngineConfig) -> tuple[float, str]:
+    """Bytes for the KV cache on the CPU, and where they came from."""
+    return config.cpu_kv_cache_space_gb * 2**30, f"cpu_kv_cache_space_gb={config.cpu_kv_cache_space_gb}"
