@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 from atom_trio.config import EngineConfig
 from atom_trio.core.plan import SeqChunk, StepPlan, StepResult
@@ -62,43 +63,147 @@ ROOT = Path(__file__).resolve().parents[1]
 # -- the codec under test: this tree's, or another revision's ---------------------------------
 
 
+class Wire(NamedTuple):
+    """One revision's wire modules; before the protocol was split, one ``protocol`` module plays the first three."""
+
+    messages: ModuleType
+    codec: ModuleType
+    framing: ModuleType
+    process: ModuleType
+
+
+class Layout(NamedTuple):
+    """Where one revision keeps its wire modules."""
+
+    modules: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]
+    """Each module to load, in import order, with the import rewrites that make it import the revision's
+    modules loaded before it (not this tree's), and the shared vocabulary from where this tree keeps it."""
+    parts: tuple[str, str, str, str]
+    """The module that plays each part of a `Wire`."""
+
+
+_PROTOCOL = "atom_trio/executor/protocol.py"
+_PROCESS = "atom_trio/executor/process.py"
+
+LAYOUTS = (
+    # messages, codec and framing apart; the plan in core/
+    Layout(
+        (
+            ("atom_trio/core/plan.py", ()),
+            (
+                "atom_trio/executor/messages.py",
+                (("atom_trio.core.plan import", "atom_trio.core._baseline_plan import"),),
+            ),
+            (
+                "atom_trio/executor/framing.py",
+                (("atom_trio.executor.messages import", "atom_trio.executor._baseline_messages import"),),
+            ),
+            (
+                "atom_trio/executor/codec.py",
+                (
+                    ("atom_trio.core.plan import", "atom_trio.core._baseline_plan import"),
+                    ("atom_trio.executor.framing import", "atom_trio.executor._baseline_framing import"),
+                    ("atom_trio.executor.messages import", "atom_trio.executor._baseline_messages import"),
+                ),
+            ),
+            (
+                _PROCESS,
+                (
+                    (
+                        "from atom_trio.executor import messages\n",
+                        "from atom_trio.executor import _baseline_messages as messages\n",
+                    ),
+                    ("atom_trio.executor.codec import", "atom_trio.executor._baseline_codec import"),
+                    ("atom_trio.executor.framing import", "atom_trio.executor._baseline_framing import"),
+                ),
+            ),
+        ),
+        ("atom_trio/executor/messages.py", "atom_trio/executor/codec.py", "atom_trio/executor/framing.py", _PROCESS),
+    ),
+    # one protocol module; the plan in core/
+    Layout(
+        (
+            ("atom_trio/core/plan.py", ()),
+            (_PROTOCOL, (("atom_trio.core.plan import", "atom_trio.core._baseline_plan import"),)),
+            (_PROCESS, (("from . import protocol", "from . import _baseline_protocol as protocol"),)),
+        ),
+        (_PROTOCOL, _PROTOCOL, _PROTOCOL, _PROCESS),
+    ),
+    # one protocol module; the plan and the shared vocabulary in engine/, imported relatively
+    Layout(
+        (
+            ("atom_trio/engine/plan.py", (("from .sampling_params import", "from atom_trio.sampling_params import"),)),
+            (
+                _PROTOCOL,
+                (
+                    ("from ..engine.plan import", "from ..engine._baseline_plan import"),
+                    ("from ..engine.sampling_params import", "from atom_trio.sampling_params import"),
+                ),
+            ),
+            (
+                _PROCESS,
+                (
+                    ("from . import protocol", "from . import _baseline_protocol as protocol"),
+                    ("from ..engine.errors import", "from atom_trio.errors import"),
+                ),
+            ),
+        ),
+        (_PROTOCOL, _PROTOCOL, _PROTOCOL, _PROCESS),
+    ),
+)
+"""The layouts the wire's modules have had, newest first."""
+
+
+def _baseline_name(path: str) -> str:
+    """Where another revision's ``path`` is loaded: ``atom_trio/x/y.py`` as ``atom_trio.x._baseline_y``."""
+    package, _, module = path.removesuffix(".py").replace("/", ".").rpartition(".")
+    return f"{package}._baseline_{module}"
+
+
 @functools.cache
-def load_revision(rev: str) -> tuple[ModuleType, ModuleType]:
-    """``rev``'s protocol and process modules, loaded beside this tree's (with its own plan classes)."""
-    modules = {}
-    # (path, module name, import rewrites so that the old modules import each other, not ours)
-    for path, name, rewrites in (
-        ("atom_trio/engine/plan.py", "atom_trio.engine._baseline_plan", ()),
-        (
-            "atom_trio/executor/protocol.py",
-            "atom_trio.executor._baseline_protocol",
-            (("from ..engine.plan import", "from ..engine._baseline_plan import"),),
-        ),
-        (
-            "atom_trio/executor/process.py",
-            "atom_trio.executor._baseline_process",
-            (("from . import protocol", "from . import _baseline_protocol as protocol"),),
-        ),
-    ):
-        source = subprocess.run(
-            ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True
-        ).stdout
+def load_revision(rev: str) -> Wire:
+    """``rev``'s wire modules, loaded beside this tree's (with its own plan classes), whichever layout it has.
+
+    Raises:
+        subprocess.CalledProcessError: ``rev`` is unknown to git, or has none of the `LAYOUTS`.
+    """
+    layout, sources = _layout(rev)
+    loaded = {}
+    for (path, rewrites), source in zip(layout.modules, sources):
         for old, new in rewrites:
+            if old not in source:  # the layout changed in a way LAYOUTS does not know: never time our own modules
+                raise RuntimeError(f"{rev}:{path} has no {old!r} to rewrite")
             source = source.replace(old, new)
+        name = _baseline_name(path)
         spec = importlib.util.spec_from_loader(name, loader=None, origin=str(ROOT / path))
         module = importlib.util.module_from_spec(spec)
         module.__file__ = str(ROOT / path)  # process.py finds the source root from it
         sys.modules[name] = module
         exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
-        modules[name] = module
-    return modules["atom_trio.executor._baseline_protocol"], modules["atom_trio.executor._baseline_process"]
+        loaded[path] = module
+    return Wire(*(loaded[path] for path in layout.parts))
 
 
-def codec(rev: str | None) -> tuple[ModuleType, ModuleType]:
+def _layout(rev: str) -> tuple[Layout, list[str]]:
+    """The first of `LAYOUTS` whose modules ``rev`` has, and their sources."""
+    for layout in LAYOUTS:
+        try:
+            return layout, [_git_show(rev, path) for path, _ in layout.modules]
+        except subprocess.CalledProcessError as exc:
+            missing = exc
+    raise missing
+
+
+def _git_show(rev: str, path: str) -> str:
+    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def wire(rev: str | None) -> Wire:
+    """This tree's wire modules (``rev`` None), or ``rev``'s."""
     if rev is None:
-        from atom_trio.executor import process, protocol
+        from atom_trio.executor import codec, framing, messages, process
 
-        return protocol, process
+        return Wire(messages, codec, framing, process)
     return load_revision(rev)
 
 
@@ -111,29 +216,41 @@ def echo_worker(fd: int, rev: str | None, times_path: str) -> int:
     Writes ``{step_id: [perf_counter() once the frame was read, once it was decoded]}``
     as JSON to ``times_path`` at the end.
     """
-    protocol, _ = codec(rev)
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    modules = wire(rev)
     times: dict[int, tuple[float, float]] = {}
     try:
-        return _echo(protocol, encoder, decoder, fd, times)
+        return _echo(modules, fd, times)
     finally:
         Path(times_path).write_text(json.dumps(times))
 
 
-def _echo(protocol: ModuleType, encoder, decoder, fd: int, times: dict[int, tuple[float, float]]) -> int:
+def _init_done(messages: ModuleType):
+    """The echo worker's InitDone, in the form of ``messages``'s revision (the facts as its own fields before
+    `ModelFacts`)."""
+    facts = dict(
+        num_kv_blocks=1 << 16, block_size=BLOCK_SIZE, max_model_len=8192, vocab_size=49152, eos_token_ids=frozenset({2})
+    )
+    if hasattr(messages, "ModelFacts"):
+        return messages.InitDone(facts=messages.ModelFacts(**facts))
+    return messages.InitDone(**facts)
+
+
+def _echo(modules: Wire, fd: int, times: dict[int, tuple[float, float]]) -> int:
+    messages = modules.messages
+    encoder, decoder = modules.codec.Encoder(), modules.codec.Decoder()
     with socket.socket(fileno=fd) as sock:
         while True:
             try:
-                frame = protocol.receive_frame(sock)
+                frame = modules.framing.receive_frame(sock)
             except EOFError:
                 return 0
             received_at = time.perf_counter()
             message = decoder.decode(frame)
-            if isinstance(message, protocol.Execute):
+            if isinstance(message, messages.Execute):
                 times[message.plan.step_id] = (received_at, time.perf_counter())
                 plan = message.plan
                 n = [c.sample for c in plan.chunks].count(True)  # sum() over bools is slow: 20 µs at 256
-                reply = protocol.Result(
+                reply = messages.Result(
                     result=StepResult(
                         step_id=plan.step_id,
                         token_ids=[plan.step_id % 49152] * n,
@@ -141,10 +258,8 @@ def _echo(protocol: ModuleType, encoder, decoder, fd: int, times: dict[int, tupl
                         top_logprobs=[None] * n,
                     )
                 )
-            elif isinstance(message, protocol.Init):
-                reply = protocol.InitDone(
-                    num_kv_blocks=1 << 16, block_size=BLOCK_SIZE, max_model_len=8192, vocab_size=49152, eos_token_ids={2}
-                )
+            elif isinstance(message, messages.Init):
+                reply = _init_done(messages)
             else:
                 return 0
             sock.sendall(encoder.encode(reply))
@@ -242,26 +357,26 @@ def rewinder(end) -> Callable[[], None]:
     return lambda: setattr(end, "_sent", sent)
 
 
-def codec_costs(protocol: ModuleType, batch: int, context: int, mixed: bool) -> str:
+def codec_costs(modules: Wire, batch: int, context: int, mixed: bool) -> str:
     """Encode and decode of one steady plan and its result, in process: µs of each half, and bytes."""
     source = Workload(batch, context, mixed)
     previous, plan = source.next_plan(), source.next_plan()
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
-    decoder.decode(encoder.encode(protocol.Execute(plan=previous))[4:])
+    execute, encoder, decoder = modules.messages.Execute, modules.codec.Encoder(), modules.codec.Decoder()
+    decoder.decode(encoder.encode(execute(plan=previous))[4:])
     # Each timed call starts from the state after ``previous``, as the real step does.
     rewind_encoder, rewind_decoder = rewinder(encoder), rewinder(decoder)
-    frame = encoder.encode(protocol.Execute(plan=plan))
+    frame = encoder.encode(execute(plan=plan))
 
     def encode():
         rewind_encoder()
-        encoder.encode(protocol.Execute(plan=plan))
+        encoder.encode(execute(plan=plan))
 
     def decode():
         rewind_decoder()
         decoder.decode(frame[4:])
 
     n = len(plan.chunks)
-    result = protocol.Result(
+    result = modules.messages.Result(
         result=StepResult(step_id=1, token_ids=[7] * n, logprobs=[None] * n, top_logprobs=[None] * n)
     )
     result_frame = encoder.encode(result)
@@ -308,7 +423,7 @@ async def round_trips(
     times_paths = {rev: times_dir / f"worker-{i}.json" for i, rev in enumerate(revs)}
 
     def echo_executor(rev: str | None) -> type:
-        class EchoExecutor(codec(rev)[1].ProcessExecutor):
+        class EchoExecutor(wire(rev).process.ProcessExecutor):
             def _command(self, fd: int) -> list[str]:
                 baseline = [] if rev is None else ["--echo-rev", rev]
                 times = ["--echo-times", str(times_paths[rev])]
@@ -385,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     print("codec in process, one steady plan (µs per call, best of 5 runs):")
     for batch, mixed in cases:
         for rev in revs:
-            line = codec_costs(codec(rev)[0], batch, args.context, mixed)
+            line = codec_costs(wire(rev), batch, args.context, mixed)
             print(f"  {'mixed' if mixed else 'decode':6s} {batch:4d} {names[rev]:>10s}: {line}")
 
     print(

@@ -5,24 +5,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from atom_trio.core.facts import ModelFacts
     from atom_trio.core.plan import StepPlan, StepResult
 
 
 class Executor(Protocol):
     """Runs step plans on the model runner(s) without blocking the event loop.
 
-    The attributes describe the model and its KV cache as the runner sized
-    them; the engine builds its scheduler from them. One task at a time runs
+    ``facts`` describe the model and its KV cache as the runner sized them;
+    the engine builds its scheduler from them. One task at a time runs
     steps: ``execute`` (one step, start to end), or `launch` and `collect`,
     which let the next plan be launched before the previous step's tokens
     are read, so that the host's work overlaps the device's.
     """
 
-    num_kv_blocks: int
-    block_size: int
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
+    facts: ModelFacts
 
     @property
     def failure(self) -> BaseException | None:

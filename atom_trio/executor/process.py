@@ -3,7 +3,7 @@
 On a GPU the model runs in its own process, so the server's event loop and
 the device's Python never share a GIL, and each rank of a tensor-parallel
 group owns one device. Every rank receives the same plan over its own
-socketpair (``protocol.py``); rank 0 answers with the sampled tokens, the
+socketpair (``messages.py``); rank 0 answers with the sampled tokens, the
 others with an `Ack`, so that a rank that died or hung is noticed at once.
 
 Supervision: each worker is a ``trio.run_process`` task in the nursery the
@@ -34,11 +34,15 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from atom_trio._net import free_port
 from atom_trio.errors import ModelLoadError, WorkerDied
-from . import protocol
+from atom_trio.executor import messages
+from atom_trio.executor.codec import Decoder, Encoder
+from atom_trio.executor.framing import FrameStream
 
 if TYPE_CHECKING:
     from atom_trio.config import EngineConfig
+    from atom_trio.core.facts import ModelFacts
     from atom_trio.core.plan import StepPlan, StepResult
 
 SHUTDOWN_GRACE = 5.0
@@ -64,90 +68,6 @@ async def _terminate_then_kill(process: trio.Process) -> None:
     process.kill()
 
 
-class _FrameStream:
-    """Length-prefixed frames over the engine's end of a socketpair.
-
-    Talks to the non-blocking socket itself and waits through trio only when
-    the socket would block: a step then costs one trip through trio's
-    scheduler (waiting for the answer) instead of the handful that
-    ``trio.SocketStream`` takes per send and receive, about 20 µs a step.
-    Errors come out as `trio.BrokenResourceError` and
-    `trio.ClosedResourceError`, as from a trio stream.
-    """
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self._sock = sock
-        self._buffer = bytearray()
-
-    async def send(self, frame: bytes, deadline: float) -> bool:
-        """All of ``frame``, or False once ``deadline`` passed (the stream is then unusable).
-
-        Nothing else interrupts it: cancelled between two writes, it would
-        leave half a frame in the stream, which desyncs it for good. It waits
-        (in a shielded scope, which costs µs, so only then) just when the
-        socket's buffer is full; a frame the socket takes at once goes out
-        without a checkpoint, since waiting for the answer is one.
-        """
-        view = memoryview(frame)
-        view = view[self._send_some(view) :]
-        if not view:
-            return True
-        with trio.CancelScope(shield=True, deadline=deadline) as scope:
-            while view:
-                await trio.lowlevel.wait_writable(self._sock)
-                view = view[self._send_some(view) :]
-        return not scope.cancelled_caught
-
-    def _send_some(self, view: memoryview) -> int:
-        try:
-            return self._sock.send(view)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            raise self._translate(exc) from exc
-
-    async def receive(self) -> bytearray:
-        """The next frame's body; `EOFError` when the worker closed its end."""
-        header = protocol.HEADER.size
-        waited = await self._fill(header)
-        (length,) = protocol.HEADER.unpack_from(self._buffer)
-        waited |= await self._fill(header + protocol.check_length(length))
-        if not waited:  # the answer was already there: still a checkpoint, as every trio operation is
-            await trio.lowlevel.checkpoint()
-        body = self._buffer[header : header + length]
-        del self._buffer[: header + length]
-        return body
-
-    async def _fill(self, size: int) -> bool:
-        """Read until the buffer holds ``size`` bytes; whether that meant waiting."""
-        waited = False
-        while len(self._buffer) < size:
-            try:
-                data = self._sock.recv(max(size - len(self._buffer), 1 << 16))
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._sock)
-                waited = True
-                continue
-            except OSError as exc:
-                raise self._translate(exc) from exc
-            if not data:
-                raise EOFError("worker closed its socket")
-            self._buffer += data
-        return waited
-
-    def _translate(self, exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
-        if self._sock.fileno() < 0:
-            return trio.ClosedResourceError("the connection to the worker is closed")
-        return trio.BrokenResourceError(f"the connection to the worker broke: {exc}")
-
-    async def aclose(self) -> None:
-        if self._sock.fileno() >= 0:
-            trio.lowlevel.notify_closing(self._sock)  # a task waiting on it wakes with ClosedResourceError
-            self._sock.close()
-        await trio.lowlevel.checkpoint()
-
-
 class _TapStarted:
     """Keeps the `trio.Process` that ``run_process`` reports through ``task_status``."""
 
@@ -163,13 +83,13 @@ class _TapStarted:
 @attrs.define(eq=False)
 class _Worker:
     rank: int
-    stream: _FrameStream
-    decoder: protocol.Decoder = attrs.Factory(protocol.Decoder)
+    stream: FrameStream
+    decoder: Decoder = attrs.Factory(Decoder)
     process: trio.Process | None = None
     cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
     exited: trio.Event = attrs.Factory(trio.Event)
     ready: bool = False  # answered Init, so it reads its socket and will see Shutdown
-    error: protocol.Error | None = None  # what the worker said before exiting, if anything
+    error: messages.Error | None = None  # what the worker said before exiting, if anything
     owed: int = 0  # answers due (a step executed, or launched and then followed or flushed) and not read yet
 
     @property
@@ -185,11 +105,14 @@ class ProcessExecutor:
     `Executor` interface.
     """
 
+    facts: ModelFacts
+    """Rank 0's, with the fewest KV blocks of any rank; set once every worker has loaded the model."""
+
     def __init__(self, config: EngineConfig, nursery: trio.Nursery) -> None:
         self._config = config
         self._nursery = nursery
         self._timeout = config.worker_timeout
-        self._encoder = protocol.Encoder()
+        self._encoder = Encoder()
         self._workers: list[_Worker] = []
         self._failure: WorkerDied | None = None
         self._step_scope: trio.CancelScope | None = None
@@ -198,8 +121,6 @@ class ProcessExecutor:
         """Steps launched and not collected, oldest first."""
         self._held = False
         """Whether the workers hold the newest launched step's answer until the next Launch or a Flush."""
-        self.num_kv_blocks = self.block_size = self.max_model_len = self.vocab_size = 0
-        self.eos_token_ids: frozenset[int] = frozenset()
 
     @classmethod
     async def create(cls, config: EngineConfig, nursery: trio.Nursery) -> ProcessExecutor:
@@ -228,31 +149,27 @@ class ProcessExecutor:
 
     async def _start(self) -> None:
         world_size = self._config.tensor_parallel_size
-        master_port = _free_port() if world_size > 1 else 0
+        master_port = free_port() if world_size > 1 else 0
         for rank in range(world_size):
             if self._failure is not None:
                 raise self._failure
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            worker = _Worker(rank, _FrameStream(ours))
+            worker = _Worker(rank, FrameStream(ours))
             self._workers.append(worker)
             with theirs:  # closed here once the child has its copy, so the child's exit reads as EOF
                 await self._nursery.start(self._supervise, worker, theirs.fileno())
         for worker in self._workers:
-            init = protocol.Init(config=self._config, rank=worker.rank, world_size=world_size, master_port=master_port)
+            init = messages.Init(config=self._config, rank=worker.rank, world_size=world_size, master_port=master_port)
             await self._send(worker, self._encoder.encode(init), trio.current_time() + self._timeout)
-        info: list[protocol.InitDone] = []
+        info: list[messages.InitDone] = []
         with trio.move_on_after(max(self._timeout, MIN_INIT_TIMEOUT)) as deadline:
             for worker in self._workers:
-                info.append(await self._receive(worker, protocol.InitDone))
+                info.append(await self._receive(worker, messages.InitDone))
                 worker.ready = True
         if deadline.cancelled_caught:
             raise self._fail(WorkerDied(rank=len(info), returncode=None, detail="did not finish loading the model"))
-        facts = info[0]
-        self.num_kv_blocks = min(i.num_kv_blocks for i in info)  # every rank must fit the same blocks
-        self.block_size = facts.block_size
-        self.max_model_len = facts.max_model_len
-        self.vocab_size = facts.vocab_size
-        self.eos_token_ids = facts.eos_token_ids
+        # Every rank must fit the same blocks.
+        self.facts = attrs.evolve(info[0].facts, num_kv_blocks=min(i.facts.num_kv_blocks for i in info))
 
     def _command(self, fd: int) -> list[str]:
         """How to start a worker on socket ``fd`` (the wire benchmark substitutes an echo worker)."""
@@ -312,9 +229,9 @@ class ProcessExecutor:
             message = worker.decoder.decode(await worker.stream.receive())
         except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
             raise await self._lost(worker) from None
-        except protocol.ProtocolError as exc:
+        except messages.ProtocolError as exc:
             raise await self._lost(worker, detail=str(exc)) from exc
-        if isinstance(message, protocol.Error):
+        if isinstance(message, messages.Error):
             worker.error = message  # before waiting: the supervisor may report the exit first
             failure = await self._lost(worker)
             if message.type_name == ModelLoadError.__name__ and not worker.ready:
@@ -333,7 +250,7 @@ class ProcessExecutor:
         self._check_ready()
         if self._launched:
             raise trio.BusyResourceError("launched steps await collect()")
-        return await self._round(plan.step_id, self._encoder.encode(protocol.Execute(plan=plan)))
+        return await self._round(plan.step_id, self._encoder.encode(messages.Execute(plan=plan)))
 
     async def launch(self, plan: StepPlan) -> None:
         """Send ``plan`` to every rank, which start it and answer the step launched before it, if any.
@@ -344,7 +261,7 @@ class ProcessExecutor:
         self._check_ready()
         if len(self._launched) >= 2:
             raise trio.BusyResourceError("two launched steps await collect()")
-        await self._round(None, self._encoder.encode(protocol.Launch(plan=plan)), due=self._held)
+        await self._round(None, self._encoder.encode(messages.Launch(plan=plan)), due=self._held)
         self._launched.append(plan.step_id)
         self._held = True
 
@@ -358,7 +275,7 @@ class ProcessExecutor:
         step_id = self._launched.popleft()  # a collect cancelled midway leaves its answer to be skipped
         if self._held and not self._launched:
             self._held = False
-            return await self._round(step_id, self._encoder.encode(protocol.Flush()))
+            return await self._round(step_id, self._encoder.encode(messages.Flush()))
         return await self._round(step_id, None)
 
     def _check_ready(self) -> None:
@@ -408,7 +325,7 @@ class ProcessExecutor:
         return WorkerDied(rank=worker.rank, returncode=None, detail=f"no answer within worker_timeout={self._timeout} s")
 
     async def _answer(self, worker: _Worker) -> Any:
-        answer = await self._receive(worker, protocol.Result if worker.rank == 0 else protocol.Ack)
+        answer = await self._receive(worker, messages.Result if worker.rank == 0 else messages.Ack)
         worker.owed -= 1
         return answer
 
@@ -419,7 +336,7 @@ class ProcessExecutor:
         self._closed = True
         with trio.CancelScope(shield=True):
             with trio.move_on_after(SHUTDOWN_GRACE):
-                shutdown = self._encoder.encode(protocol.Shutdown())
+                shutdown = self._encoder.encode(messages.Shutdown())
                 for worker in self._workers:
                     if worker.ready and not worker.exited.is_set():
                         try:
@@ -467,9 +384,3 @@ def _died(worker: _Worker, detail: str = "") -> WorkerDied:
         failure.add_note(f"worker traceback:\n{error.traceback}")
     return failure
 
-
-def _free_port() -> int:
-    """A free TCP port on localhost for torch.distributed's rendezvous (rank 0 binds it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

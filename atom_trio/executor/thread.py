@@ -19,6 +19,7 @@ import trio
 
 if TYPE_CHECKING:
     from atom_trio.config import EngineConfig
+    from atom_trio.core.facts import ModelFacts
     from atom_trio.core.plan import StepPlan, StepResult
 
 
@@ -27,17 +28,13 @@ class ThreadExecutor:
 
     Build it with `ThreadExecutor.create` (the model loads off the event
     loop) and always `aclose` it. ``runner`` is exposed for tests (for
-    example ``runner.inject_fault``); the engine only uses `execute`.
+    example the ``inject_step_fault`` fixture); the engine only uses `execute`.
     """
 
     def __init__(self, runner: Any, limiter: trio.CapacityLimiter) -> None:
         self.runner = runner
         self._limiter = limiter
-        self.num_kv_blocks: int = runner.num_kv_blocks
-        self.block_size: int = runner.block_size
-        self.max_model_len: int = runner.max_model_len
-        self.vocab_size: int = runner.vocab_size
-        self.eos_token_ids: frozenset[int] = frozenset(runner.eos_token_ids)
+        self.facts: ModelFacts = runner.facts
         self._launched: deque[Any] = deque()
 
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import socket
@@ -18,8 +17,7 @@ from atom_trio.config import EngineConfig
 from atom_trio.errors import ModelLoadError, WorkerDied
 from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
 from atom_trio.sampling_params import SamplingParams
-from atom_trio.executor import protocol
-from atom_trio.executor.process import ProcessExecutor, _FrameStream, open_process_executor
+from atom_trio.executor.process import ProcessExecutor, open_process_executor
 
 ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -132,9 +130,8 @@ async def test_same_tokens_as_the_runner_in_process(default_model_dir):
     finally:
         runner.close()
     async with open_process_executor(config) as executor:
-        assert (executor.num_kv_blocks, executor.block_size, executor.vocab_size) == (32, 16, runner.vocab_size)
-        assert executor.max_model_len == runner.max_model_len
-        assert executor.eos_token_ids == frozenset(runner.eos_token_ids)
+        assert executor.facts == runner.facts
+        assert (executor.facts.num_kv_blocks, executor.facts.block_size) == (32, 16)
         got = await generate(executor.execute)
         pids = executor.worker_pids
     assert got == expected
@@ -310,64 +307,3 @@ def test_worker_exits_with_its_parent_even_without_eof():
             parent.kill()
             parent.wait()
         assert wait_gone(pid)
-
-
-# -- the engine's framing, without a model ---------------------------------------------------------
-
-
-async def test_frames_larger_than_the_socket_buffer_cross_both_ways():
-    """The engine's non-blocking end must wait for room to send and for the rest of a frame to arrive."""
-    ours, theirs = socket.socketpair()
-    stream = _FrameStream(ours)
-    messages = [protocol.Error(type_name="X", message="y" * (4 << 20), traceback=""), protocol.Ack(step_id=3)]
-
-    def echo() -> None:  # the worker's side, blocking: each frame straight back, then EOF
-        with theirs:
-            for _ in messages:
-                body = protocol.receive_frame(theirs)
-                theirs.sendall(protocol.HEADER.pack(len(body)) + body)
-
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, echo)
-        for message in messages:
-            assert await stream.send(encoder.encode(message), math.inf)
-            assert decoder.decode(await stream.receive()) == message
-        with pytest.raises(EOFError):
-            await stream.receive()
-    await stream.aclose()
-
-
-async def test_a_send_to_a_peer_that_does_not_read_gives_up_at_its_deadline():
-    ours, theirs = socket.socketpair()
-    stream = _FrameStream(ours)
-    sent = None
-    with theirs, trio.CancelScope() as outside:
-        outside.cancel()  # only the deadline may stop it: outside cancellation would split the frame
-        sent = await stream.send(b"x" * (16 << 20), trio.current_time() + 0.2)
-    assert sent is False
-    await stream.aclose()
-
-
-async def test_a_broken_or_closed_connection_raises_trio_errors():
-    ours, theirs = socket.socketpair()
-    stream = _FrameStream(ours)
-    theirs.close()
-    with pytest.raises(trio.BrokenResourceError):
-        await stream.send(protocol.Encoder().encode(protocol.Ack(step_id=1)), math.inf)
-    await stream.aclose()
-
-    ours, theirs = socket.socketpair()
-    stream = _FrameStream(ours)
-    with theirs:
-        async with trio.open_nursery() as nursery:
-
-            async def close_soon() -> None:
-                await trio.sleep(0.05)
-                await stream.aclose()
-
-            nursery.start_soon(close_soon)
-            with pytest.raises(trio.ClosedResourceError):
-                await stream.receive()  # waiting for an answer that never comes
-        with pytest.raises(trio.ClosedResourceError):
-            await stream.send(b"late", math.inf)

@@ -9,7 +9,6 @@ through the `ProcessExecutor`'s worker subprocesses, as a user's
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from atom_trio import EngineConfig, SamplingParams, open_engine
+from atom_trio._net import free_port
 from atom_trio.distributed import TensorParallelGroup, destroy_distributed, init_distributed, use_tp_group
 from atom_trio.errors import ModelLoadError
 from atom_trio.core.plan import SeqChunk, StepPlan
@@ -37,15 +37,9 @@ PROMPTS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(fn, world_size: int, *args) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined over gloo; re-raise a failure."""
-    mp.spawn(_rank_main, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_rank_main, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
 
 
 def _rank_main(rank: int, world_size: int, port: int, fn, args) -> None:

@@ -1,146 +1,42 @@
-"""The wire protocol between the engine and its worker subprocesses.
+"""Messages to frame bodies and back: the per-step ones by hand, as columns; the rest through cattrs.
 
-A connection is one ``socketpair`` per rank, so there is no listening socket
-to secure and nothing to clean up. Each message is one frame: a 4-byte
-big-endian length, then a msgpack body ``[tag, payload]``. Messages are attrs
-classes turned into plain lists and dicts by one cattrs converter; no pickle,
-so a frame can never run code on the other side.
+Messages are attrs classes (``messages.py``) turned into plain lists and
+dicts and packed with msgpack; no pickle, so a frame can never run code on
+the other side. Kept apart from the messages and the framing: this is the
+part of the wire that costs time every step, and the only one with state.
 
-The conversation, per rank::
-
-    engine                         worker
-    Init(config, rank, ...)  --->
-                             <---  InitDone(model facts)  | Error
-    Execute(plan)            --->
-                             <---  Result(result) (rank 0) | Ack (others) | Error
-    Launch(plan)             --->
-                             <---  the answer to the step launched before, if any
-    Flush                    --->
-                             <---  the answer to the last step launched
-    ...
-    Shutdown                 --->  (exits 0)
-
-`Execute` (or `Launch`) and `Result` cross the socket every step, so they skip the generic
-converter and travel as columns: one msgpack array per field of a plan's
-chunks (seq ids, token lists, positions...), which msgpack's C code packs
-and unpacks whole; a step then costs a few Python operations per column
-rather than a few per sequence. What a running sequence keeps from step to
-step (its prompt length, sampling parameters, and block table but for the
-blocks it gains) goes only when it changes (`_SentState`), which makes
-`Encoder` and `Decoder` stateful, and the decoder reuses the chunks of a
-steady decode batch (`_structure_plan`). Encoding and decoding a
-256-sequence decode plan went from ~0.7 ms to ~0.12 ms, then ~0.07 ms, on
-a 2-core CPU box. Token ids go as they are, negative ones included (-1 is
-async output's stand-in for a token still on the GPU). The per-step code
-trusts the peer (both ends are this package) beyond checking that the
-columns line up and that the sequences it names are known.
-
-This module is plain blocking Python (no trio) so that the worker can import
-it without an event loop; the engine's async framing is in ``process.py``.
+`Execute` (or `Launch`) and `Result` cross the socket every step, so they
+skip the generic converter and travel as columns: one msgpack array per
+field of a plan's chunks (seq ids, token lists, positions...), which
+msgpack's C code packs and unpacks whole; a step then costs a few Python
+operations per column rather than a few per sequence. What a running
+sequence keeps from step to step (its prompt length, sampling parameters,
+and block table but for the blocks it gains) goes only when it changes
+(`_SentState`), which makes `Encoder` and `Decoder` stateful, and the
+decoder reuses the chunks of a steady decode batch (`_structure_plan`).
+Token ids go as they are, negative ones included (-1 is async output's
+stand-in for a token still on the GPU). The per-step code trusts the peer
+(both ends are this package) beyond checking that the columns line up and
+that the sequences it names are known.
 """
 
 from __future__ import annotations
 
-import socket
-import struct
 import sys
 from itertools import compress, repeat
 from operator import is_, is_not, itemgetter, ne
-from typing import Union
 
 import attrs
 import cattrs
 import cattrs.preconf.msgpack
 import msgpack
 
-from atom_trio.config import EngineConfig
 from atom_trio.core.plan import SeqChunk, StepPlan, StepResult
+from atom_trio.executor.framing import HEADER
+from atom_trio.executor.messages import MESSAGE_TYPES, Execute, Launch, Message, ProtocolError, Result
 from atom_trio.sampling_params import SamplingParams
 
-HEADER = struct.Struct("!I")
-"""Frame header: the body's length in bytes, network order."""
-
-MAX_FRAME_BYTES = 256 << 20
-"""Largest body accepted; a larger length means a corrupt stream, not a big plan."""
-
-
-class ProtocolError(Exception):
-    """A frame could not be read or decoded (bad length, unknown tag, garbage)."""
-
-
-@attrs.frozen(kw_only=True)
-class Init:
-    """Build a model runner. ``master_addr``/``master_port`` are torch.distributed's rendezvous."""
-
-    config: EngineConfig
-    rank: int
-    world_size: int
-    master_addr: str = "127.0.0.1"
-    master_port: int = 0
-
-
-@attrs.frozen(kw_only=True)
-class InitDone:
-    """The facts about the loaded model that the engine needs before scheduling."""
-
-    num_kv_blocks: int
-    block_size: int
-    max_model_len: int
-    vocab_size: int
-    eos_token_ids: frozenset[int]
-
-
-@attrs.frozen(kw_only=True)
-class Execute:
-    plan: StepPlan
-
-
-@attrs.frozen(kw_only=True)
-class Result:
-    result: StepResult
-
-
-@attrs.frozen(kw_only=True)
-class Ack:
-    """A rank other than 0 finished the step; an answer is required so that a dead rank is noticed."""
-
-    step_id: int
-
-
-@attrs.frozen
-class Shutdown:
-    """Release the runner and exit 0."""
-
-
-@attrs.frozen
-class Flush:
-    """Send the result of the last step launched: no further plan comes before the engine needs it."""
-
-
-@attrs.frozen(kw_only=True)
-class Launch:
-    """Start ``plan``'s step and answer the one launched before it, if any; this one's answer waits for
-    the next `Launch`, `Execute` or `Flush`. Its plan is one of the stream of plans that `Execute` carries."""
-
-    plan: StepPlan
-
-
-@attrs.frozen(kw_only=True)
-class Error:
-    """The worker failed; it exits non-zero right after sending this."""
-
-    type_name: str
-    message: str
-    traceback: str
-
-
-Message = Union[Init, InitDone, Execute, Result, Ack, Shutdown, Error, Flush, Launch]
-
-# A message's tag is its place here: a new message goes at the end, so that the others keep theirs.
-_TYPES: tuple[type, ...] = (Init, InitDone, Execute, Result, Ack, Shutdown, Error, Flush, Launch)
-_TAG = {cls: tag for tag, cls in enumerate(_TYPES)}
-
-# -- the per-step messages, by hand ---------------------------------------------------
+_TAG = {cls: tag for tag, cls in enumerate(MESSAGE_TYPES)}
 
 _PARAM_FIELDS = tuple(f.name for f in attrs.fields(SamplingParams))
 
@@ -207,8 +103,8 @@ def _unstructure_plan(plan: StepPlan, sent: _SentState) -> tuple[list, _SentStat
     its block table only grows at the end. Preemption frees the whole table,
     and the sequence's next chunk introduces it again. A known sequence's
     table is then what the peer holds plus what lies past its length;
-    comparing whole tables instead cost
-    ~20-40 µs a step at 256 sequences. Where the invariant visibly fails (a
+    comparing whole tables instead cost a
+    noticeable share of a 256-sequence step (docs/distributed.md). Where the invariant visibly fails (a
     shorter table) the sequence is introduced again, whole table and all.
     The prompt length is a sequence's for life, so it too goes only with an
     introduction.
@@ -236,12 +132,12 @@ def _unstructure_plan(plan: StepPlan, sent: _SentState) -> tuple[list, _SentStat
         else:
             appends.append([i, held_len, chunks[i].block_table[held_len:]])
     param_changes = []
-    if new_params != params:  # the same objects, as a steady batch has, compare in ~1 µs
+    if new_params != params:  # the same objects, as a steady batch has, compare by identity: cheap
         for i in compress(rows, map(is_not, new_params, params)):
             param_changes.append([i, _unstructure_params(new_params[i])])
     token_ids = [c.token_ids for c in chunks]
     # A plain decode plan (every chunk samples one token, none is introduced) goes with one flat
-    # column of tokens instead of 256 lists (~5 µs less), and without the columns of what it implies.
+    # column of tokens instead of 256 lists, and without the columns of what it implies.
     plain = not introducing and samples.count(True) == n
     if plain:
         try:
@@ -274,9 +170,9 @@ def _unshared(chunks: list[SeqChunk]) -> bool:
 def _structure_plan(payload: list, sent: _SentState) -> tuple[StepPlan, _SentState]:
     """The plan in a wire form from `_unstructure_plan`, and the state that it leaves.
 
-    Building a chunk costs ~0.11 µs, mostly the call (~30 µs for 256, over
-    half of decoding a steady plan); setting its fields that may change
-    costs a third of that. So a plain decode plan (see `_unstructure_plan`)
+    Building the chunks, mostly the calls, is over half of decoding a steady
+    256-sequence plan (docs/distributed.md); setting their fields that may
+    change costs a third of that. So a plain decode plan (see `_unstructure_plan`)
     whose sequences, in the same order, are those of one of the last two
     plain plans reuses that plan's chunks. Only if nothing but our own list
     still refers to any of them, though: then no one can see them change.
@@ -407,7 +303,7 @@ class Decoder:
         """
         try:
             tag, payload = msgpack.unpackb(body, strict_map_key=False, unicode_errors="surrogatepass")
-            cls = _TYPES[tag]
+            cls = MESSAGE_TYPES[tag]
             if cls is Execute or cls is Launch:
                 plan, self._sent = _structure_plan(payload, self._sent)
                 return cls(plan=plan)
@@ -418,30 +314,3 @@ class Decoder:
             raise
         except Exception as exc:
             raise ProtocolError(f"undecodable frame of {len(body)} bytes: {exc!r}") from exc
-
-
-def check_length(length: int) -> int:
-    if length > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
-    return length
-
-
-# -- blocking framing, for the worker ------------------------------------------------
-
-
-def _receive_exactly(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise EOFError("peer closed the connection")
-        got += k
-    return buf
-
-
-def receive_frame(sock: socket.socket) -> bytearray:
-    """The next frame's body; `EOFError` when the peer has closed its end."""
-    (length,) = HEADER.unpack(_receive_exactly(sock, HEADER.size))
-    return _receive_exactly(sock, check_length(length))

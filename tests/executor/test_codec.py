@@ -1,10 +1,8 @@
-"""The engine <-> worker wire protocol: exact round trips, the stateful plan codec, framing."""
+"""The engine <-> worker codec: exact round trips of every message, the stateful plan codec, corrupt bodies."""
 
 from __future__ import annotations
 
 import random
-import socket
-import threading
 import weakref
 
 import msgpack
@@ -13,10 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atom_trio.config import EngineConfig
+from atom_trio.core.facts import ModelFacts
 from atom_trio.core.plan import SeqChunk, StepPlan, StepResult
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.core.scheduler import Scheduler
-from atom_trio.executor import protocol
+from atom_trio.executor import messages
+from atom_trio.executor.codec import Decoder, Encoder
+from atom_trio.executor.framing import HEADER
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 FLOATS = st.floats(allow_nan=False)
@@ -125,10 +126,10 @@ def plan_streams(draw) -> list[StepPlan]:
 
 
 def round_trip(message, encoder=None, decoder=None):
-    frame = (encoder or protocol.Encoder()).encode(message)
-    (length,) = protocol.HEADER.unpack_from(frame)
-    assert length == len(frame) - protocol.HEADER.size
-    return (decoder or protocol.Decoder()).decode(frame[protocol.HEADER.size :])
+    frame = (encoder or Encoder()).encode(message)
+    (length,) = HEADER.unpack_from(frame)
+    assert length == len(frame) - HEADER.size
+    return (decoder or Decoder()).decode(frame[HEADER.size :])
 
 
 @settings(max_examples=300)
@@ -142,7 +143,7 @@ def test_sampling_params_round_trip_exactly(params):
             )
         ],
     )
-    decoded = round_trip(protocol.Execute(plan=plan)).plan.chunks[0].sampling_params
+    decoded = round_trip(messages.Execute(plan=plan)).plan.chunks[0].sampling_params
     assert decoded == params
     assert type(decoded.stop) is tuple and type(decoded.stop_token_ids) is tuple
 
@@ -151,25 +152,25 @@ def test_sampling_params_round_trip_exactly(params):
 @given(plan_streams())
 def test_plan_streams_round_trip_exactly_on_every_rank(plans):
     # One encoder feeds every rank (the executor sends the same frames to all), Execute and Launch alike.
-    messages = [(protocol.Launch if plan.step_id % 2 else protocol.Execute)(plan=plan) for plan in plans]
-    encoder, ranks = protocol.Encoder(), [protocol.Decoder(), protocol.Decoder(), protocol.Decoder()]
+    sent = [(messages.Launch if plan.step_id % 2 else messages.Execute)(plan=plan) for plan in plans]
+    encoder, ranks = Encoder(), [Decoder(), Decoder(), Decoder()]
     launched, kept = None, []
-    for message in messages:
-        body = encoder.encode(message)[protocol.HEADER.size :]
+    for message in sent:
+        body = encoder.encode(message)[HEADER.size :]
         # Each rank keeps its plans another while, so that the decoder may reuse the chunks of some:
         # none (as the worker does), until the next plan is decoded (as a runner holds the step it
         # launched), or for good.
         assert ranks[0].decode(body) == message
         previous, launched = launched, ranks[1].decode(body)
         assert launched == message
-        assert previous is None or previous == messages[len(kept) - 1]
+        assert previous is None or previous == sent[len(kept) - 1]
         kept.append(ranks[2].decode(body))
-    assert kept == messages  # a plan someone holds never changes
+    assert kept == sent  # a plan someone holds never changes
 
 
 @given(step_results)
 def test_step_results_round_trip_exactly(result):
-    assert round_trip(protocol.Result(result=result)) == protocol.Result(result=result)
+    assert round_trip(messages.Result(result=result)) == messages.Result(result=result)
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_step_results_round_trip_exactly(result):
     ids=["no-logprobs", "logprobs", "zero-alternatives", "prompt-logprobs", "unsampled-prefill"],
 )
 def test_results_with_and_without_logprobs_round_trip_with_their_types(result):
-    decoded = round_trip(protocol.Result(result=result)).result
+    decoded = round_trip(messages.Result(result=result)).result
     assert decoded == result
     pairs = [pair for top in decoded.top_logprobs if top for pair in top]
     pairs += [pair for chunk in decoded.prompt_logprobs or [] if chunk for entry in chunk if entry for pair in entry]
@@ -200,26 +201,32 @@ def test_results_with_and_without_logprobs_round_trip_with_their_types(result):
 def test_a_step_without_logprobs_sends_little_more_than_its_tokens():
     n = 256
     plain = StepResult(step_id=4, token_ids=[40_000] * n, logprobs=[None] * n, top_logprobs=[None] * n)
-    assert len(protocol.Encoder().encode(protocol.Result(result=plain))) < 3 * n + 32
+    assert len(Encoder().encode(messages.Result(result=plain))) < 3 * n + 32
 
 
 @pytest.mark.parametrize(
     "message",
     [
-        protocol.Init(config=EngineConfig(model="/m", dtype="float32", num_kv_blocks=7), rank=1, world_size=2),
-        protocol.InitDone(num_kv_blocks=9, block_size=16, max_model_len=2048, vocab_size=100, eos_token_ids={2, 5}),
-        protocol.Ack(step_id=12),
-        protocol.Shutdown(),
-        protocol.Flush(),
-        protocol.Error(type_name="ValueError", message="bad \ud800", traceback="Traceback ...\n"),
+        messages.Init(config=EngineConfig(model="/m", dtype="float32", num_kv_blocks=7), rank=1, world_size=2),
+        messages.InitDone(
+            facts=ModelFacts(
+                num_kv_blocks=9, block_size=16, max_model_len=2048, vocab_size=100, eos_token_ids=frozenset({2, 5})
+            )
+        ),
+        messages.Ack(step_id=12),
+        messages.Shutdown(),
+        messages.Flush(),
+        messages.Error(type_name="ValueError", message="bad \ud800", traceback="Traceback ...\n"),
     ],
     ids=lambda m: type(m).__name__,
 )
 def test_control_messages_round_trip(message):
     decoded = round_trip(message)
     assert decoded == message
-    if isinstance(message, protocol.Init):
+    if isinstance(message, messages.Init):
         assert isinstance(decoded.config, EngineConfig)
+    if isinstance(message, messages.InitDone):
+        assert type(decoded.facts.eos_token_ids) is frozenset
 
 
 def decode_step(tables: list[list[int]], params: list[SamplingParams], step_id: int) -> StepPlan:
@@ -243,14 +250,14 @@ def decode_step(tables: list[list[int]], params: list[SamplingParams], step_id: 
 def test_steady_decode_sends_only_what_changed():
     tables = [list(range(100 * i, 100 * i + 64)) for i in range(32)]
     params = [SamplingParams(temperature=0.5, stop=["x"]) for _ in tables]
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
-    first = encoder.encode(protocol.Execute(plan=decode_step(tables, params, 0)))
+    encoder, decoder = Encoder(), Decoder()
+    first = encoder.encode(messages.Execute(plan=decode_step(tables, params, 0)))
     tables[5].append(9999)  # one sequence crossed into a new block
     plan = decode_step(tables, params, 1)
-    steady = encoder.encode(protocol.Execute(plan=plan))
+    steady = encoder.encode(messages.Execute(plan=plan))
     assert len(steady) * 8 < len(first)
-    decoder.decode(first[protocol.HEADER.size :])
-    decoded = decoder.decode(steady[protocol.HEADER.size :]).plan
+    decoder.decode(first[HEADER.size :])
+    decoded = decoder.decode(steady[HEADER.size :]).plan
     assert decoded == plan
     assert decoded.chunks[5].block_table[-1] == 9999
 
@@ -259,13 +266,13 @@ def test_a_table_grown_in_place_after_the_step_is_still_sent():
     """The encoder keeps no reference to the plan's lists, so a scheduler that grows its own list in place is safe."""
     table = [1, 2, 3]
     params = SamplingParams()
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    encoder, decoder = Encoder(), Decoder()
     for step in range(3):
         chunk = SeqChunk(
             seq_id=0, token_ids=[1], start_pos=0, block_table=table, prompt_len=1, sample=True, sampling_params=params
         )
         plan = StepPlan(step_id=step, chunks=[chunk])
-        assert decoder.decode(encoder.encode(protocol.Execute(plan=plan))[4:]).plan.chunks[0].block_table == table
+        assert decoder.decode(encoder.encode(messages.Execute(plan=plan))[4:]).plan.chunks[0].block_table == table
         table.append(10 + step)
 
 
@@ -278,7 +285,7 @@ def _decode_chunk(seq_id: int, table: list[int], prefix: list[int] | None = None
 
 def test_a_reintroduced_sequence_may_bring_a_whole_new_table():
     """After preemption (or whenever its chunk carries ``prefix_token_ids``) a sequence's table is not a delta."""
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    encoder, decoder = Encoder(), Decoder()
     plans = [
         StepPlan(step_id=0, chunks=[_decode_chunk(0, [1, 2, 3, 4]), _decode_chunk(1, [5, 6])]),
         # sequence 0 preempted: it sits out a plan, then comes back with other blocks, fewer of them
@@ -289,15 +296,15 @@ def test_a_reintroduced_sequence_may_bring_a_whole_new_table():
         StepPlan(step_id=4, chunks=[_decode_chunk(1, [5, 6, 7]), _decode_chunk(0, [3, 4])]),
     ]
     for plan in plans:
-        assert decoder.decode(encoder.encode(protocol.Execute(plan=plan))[4:]).plan == plan
+        assert decoder.decode(encoder.encode(messages.Execute(plan=plan))[4:]).plan == plan
 
 
 def test_steady_decode_reuses_only_chunks_that_no_one_holds():
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    encoder, decoder = Encoder(), Decoder()
     plans = [StepPlan(step_id=s, chunks=[_decode_chunk(i, [i] * (1 + s // 2)) for i in range(3)]) for s in range(6)]
 
     def step(step_id: int) -> StepPlan:
-        decoded = decoder.decode(encoder.encode(protocol.Execute(plan=plans[step_id]))[4:]).plan
+        decoded = decoder.decode(encoder.encode(messages.Execute(plan=plans[step_id]))[4:]).plan
         assert decoded == plans[step_id]
         return decoded
 
@@ -326,9 +333,9 @@ def test_the_real_schedulers_plans_round_trip_through_preemption(seed, num_block
     for i in range(8):
         prompt = shared_prompt[: rng.randint(1, 9)] + [rng.randrange(100) for _ in range(rng.randint(0, 6))]
         scheduler.add_request(f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(1, 20), n=rng.randint(1, 2)))
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    encoder, decoder = Encoder(), Decoder()
     while (plan := scheduler.schedule()) is not None:
-        assert decoder.decode(encoder.encode(protocol.Execute(plan=plan))[4:]).plan == plan
+        assert decoder.decode(encoder.encode(messages.Execute(plan=plan))[4:]).plan == plan
         n = sum(c.sample for c in plan.chunks)
         tokens = [rng.randrange(100) for _ in range(n)]
         result = StepResult(step_id=plan.step_id, token_ids=tokens, logprobs=[None] * n, top_logprobs=[None] * n)
@@ -337,23 +344,23 @@ def test_the_real_schedulers_plans_round_trip_through_preemption(seed, num_block
 
 
 def test_unencodable_plan_leaves_the_codec_in_step():
-    encoder, decoder = protocol.Encoder(), protocol.Decoder()
+    encoder, decoder = Encoder(), Decoder()
 
     def plan(step_id, table, params):
         chunk = SeqChunk(seq_id=0, token_ids=[1], start_pos=0, block_table=table, prompt_len=1, sample=True, sampling_params=params)
         return StepPlan(step_id=step_id, chunks=[chunk])
 
-    decoder.decode(encoder.encode(protocol.Execute(plan=plan(0, [1], SamplingParams())))[4:])
+    decoder.decode(encoder.encode(messages.Execute(plan=plan(0, [1], SamplingParams())))[4:])
     with pytest.raises(OverflowError):
-        encoder.encode(protocol.Execute(plan=plan(1, [1, 2], SamplingParams(min_tokens=2**70))))
+        encoder.encode(messages.Execute(plan=plan(1, [1, 2], SamplingParams(min_tokens=2**70))))
     good = plan(2, [1, 2], SamplingParams())
-    assert decoder.decode(encoder.encode(protocol.Execute(plan=good))[4:]).plan == good
+    assert decoder.decode(encoder.encode(messages.Execute(plan=good))[4:]).plan == good
 
 
 @pytest.mark.parametrize("body", [b"", b"\xc1", b"\x92\x63\x90", b"\x92\x02\x01"], ids=["empty", "invalid", "tag", "shape"])
 def test_garbage_is_a_protocol_error(body):
-    with pytest.raises(protocol.ProtocolError):
-        protocol.Decoder().decode(body)
+    with pytest.raises(messages.ProtocolError):
+        Decoder().decode(body)
 
 
 def _plan_body(**changes) -> bytes:
@@ -369,7 +376,7 @@ def _plan_body(**changes) -> bytes:
             for s in (0, 1)
         ],
     )
-    tag, payload = msgpack.unpackb(protocol.Encoder().encode(protocol.Execute(plan=plan))[protocol.HEADER.size :])
+    tag, payload = msgpack.unpackb(Encoder().encode(messages.Execute(plan=plan))[HEADER.size :])
     fields = [
         "step_id", "seq_ids", "token_ids", "start_pos", "unplain", "introductions", "appends", "params", "finished"
     ]
@@ -379,7 +386,7 @@ def _plan_body(**changes) -> bytes:
 
 
 def test_a_valid_plan_body_decodes():
-    assert len(protocol.Decoder().decode(_plan_body()).plan.chunks) == 2
+    assert len(Decoder().decode(_plan_body()).plan.chunks) == 2
 
 
 @pytest.mark.parametrize(
@@ -397,42 +404,12 @@ def test_a_valid_plan_body_decodes():
     ids=["truncated", "trailing", "ragged", "append", "index", "stranger", "params", "type"],
 )
 def test_a_corrupt_plan_is_a_protocol_error(body):
-    with pytest.raises(protocol.ProtocolError):
-        protocol.Decoder().decode(body)
+    with pytest.raises(messages.ProtocolError):
+        Decoder().decode(body)
 
 
 def test_appending_to_another_table_than_the_decoder_holds_is_a_protocol_error():
-    decoder = protocol.Decoder()
+    decoder = Decoder()
     decoder.decode(_plan_body())  # both sequences now hold 3 blocks
-    with pytest.raises(protocol.ProtocolError, match=r"appends to 9 blocks of sequence 0, which holds \[1, 2, 3\]"):
+    with pytest.raises(messages.ProtocolError, match=r"appends to 9 blocks of sequence 0, which holds \[1, 2, 3\]"):
         decoder.decode(_plan_body(introductions=[], appends=[[0, 9, [7]]]))
-
-
-def test_blocking_framing_over_a_socketpair():
-    ours, theirs = socket.socketpair()
-    messages = [protocol.Ack(step_id=i) for i in range(3)] + [
-        protocol.Error(type_name="X", message="y" * 300_000, traceback="")
-    ]
-    frames = b"".join(protocol.Encoder().encode(m) for m in messages)
-
-    def trickle():  # arbitrary chunk boundaries, as a real stream delivers them
-        for i in range(0, len(frames), 7919):
-            ours.sendall(frames[i : i + 7919])
-        ours.close()
-
-    sender = threading.Thread(target=trickle)
-    sender.start()
-    decoder = protocol.Decoder()
-    assert [decoder.decode(protocol.receive_frame(theirs)) for _ in messages] == messages
-    with pytest.raises(EOFError):
-        protocol.receive_frame(theirs)
-    sender.join()
-    theirs.close()
-
-
-def test_oversized_length_is_refused_before_reading():
-    ours, theirs = socket.socketpair()
-    with ours, theirs:
-        ours.sendall(protocol.HEADER.pack(protocol.MAX_FRAME_BYTES + 1))
-        with pytest.raises(protocol.ProtocolError, match="exceeds"):
-            protocol.receive_frame(theirs)
