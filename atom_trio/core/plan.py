@@ -31,8 +31,8 @@ class SeqChunk:
 
     Read-only by convention, but not ``frozen``: a plan holds one chunk per
     running sequence, and a frozen attrs class sets each field through
-    ``object.__setattr__``, which makes a chunk cost ~1 µs to build against
-    ~0.15 µs for this one built positionally. At 256 sequences that was most
+    ``object.__setattr__``, which makes a chunk several times as costly to build
+    as this one built positionally. At 256 sequences that was most
     of the process executor's per-step budget, since the worker rebuilds
     every chunk from the wire (with ``map(SeqChunk, *columns)``, hence
     positional fields too; the scheduler passes them by name).

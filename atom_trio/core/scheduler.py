@@ -58,7 +58,6 @@ from collections import deque
 import attrs
 
 from .block_manager import BlockManager
-from atom_trio.errors import ContextLengthExceeded, InvalidRequest
 from .plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult
 from atom_trio.sampling_params import SamplingParams
 from .sequence import FinishReason, Sequence, SeqOutput, SequenceStatus
@@ -144,15 +143,13 @@ class Scheduler:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queue ``params.n`` sibling sequences for one prompt.
 
-        Raises `InvalidRequest` for a reused request id or an empty prompt and
-        `ContextLengthExceeded` for a prompt that leaves no room to generate.
+        The request has passed the engine's admission checks (its input
+        processor): the asserts state what those guarantee, a fresh id and a
+        prompt that leaves room to generate; they are invariants, not checks
+        a caller may rely on.
         """
-        if request_id in self._requests:
-            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
-        if not prompt_token_ids:
-            raise InvalidRequest("the prompt must contain at least one token", param="prompt")
-        if len(prompt_token_ids) >= self.max_model_len:
-            raise ContextLengthExceeded(prompt_tokens=len(prompt_token_ids), max_model_len=self.max_model_len)
+        assert request_id not in self._requests, f"request id {request_id!r} is already in use"
+        assert 0 < len(prompt_token_ids) < self.max_model_len, "the prompt must leave room to generate"
         siblings: list[Sequence] = []
         for index in range(params.n):
             sibling_params = params

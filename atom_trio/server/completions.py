@@ -18,8 +18,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -27,6 +27,13 @@ from . import sampling
 from .errors import from_exception, internal_error, model_not_found
 from .generation import Generation, start_generation
 from .schemas import ChatCompletionRequest, CompletionRequest, StreamOptions, structure
+
+if TYPE_CHECKING:
+    import trio
+
+    from ..engine import Prompt
+    from ..outputs import CompletionOutput, RequestOutput
+    from .state import ServerState
 
 log = logging.getLogger("atom_trio.server")
 
@@ -56,7 +63,7 @@ class Usage:
     cached_tokens: dict[int, int] = attrs.Factory(dict)
     completion_tokens: int = 0
 
-    def add(self, prompt_index: int, output: Any, *, generated: bool = True) -> None:
+    def add(self, prompt_index: int, output: RequestOutput, *, generated: bool = True) -> None:
         self.prompt_tokens[prompt_index] = len(output.prompt_token_ids or ())
         self.cached_tokens[prompt_index] = output.num_cached_tokens or 0
         if generated:
@@ -72,7 +79,7 @@ class Usage:
         }
 
 
-def token_logprobs(output: Any) -> list[LogprobEntry]:
+def token_logprobs(output: CompletionOutput) -> list[LogprobEntry]:
     """(token id, logprob, top alternatives) for each new token of a `CompletionOutput` delta."""
     if output.logprobs is None:
         return []
@@ -82,14 +89,14 @@ def token_logprobs(output: Any) -> list[LogprobEntry]:
 
 @attrs.define(eq=False)
 class CompletionFormat:
-    tokenizer: Any
+    decode: Callable[[Sequence[int]], str]  # the engine's: token ids to text
     want_logprobs: bool
     object_name = "text_completion"
     chunk_object_name = "text_completion"
     id_prefix = "cmpl-"
 
     def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return self.decode([token_id])
 
     def logprobs(self, entries: list[LogprobEntry], offset: int) -> tuple[Any, int]:
         """Render a run of tokens' logprobs whose text starts at ``offset``; return it and the next offset."""
@@ -198,7 +205,7 @@ class Response:
             "choices": choices,
         }
 
-    def fold(self, prompt_index: int, output: Any, *, stream: bool) -> list[dict[str, Any]]:
+    def fold(self, prompt_index: int, output: RequestOutput, *, stream: bool) -> list[dict[str, Any]]:
         """Apply one `RequestOutput` delta; when streaming, return its rendered choice deltas."""
         self.usage.add(prompt_index, output, generated=not self.echo_only)
         if output.prompt_logprobs is not None:  # the request's first output (sibling 0's first token)
@@ -298,7 +305,9 @@ async def _stream(
     yield _sse("[DONE]")
 
 
-async def handle(state: Any, nursery: Any, body: Any, *, chat: bool) -> dict[str, Any] | AsyncIterator[bytes]:
+async def handle(
+    state: ServerState, nursery: trio.Nursery, body: Any, *, chat: bool
+) -> dict[str, Any] | AsyncIterator[bytes]:
     """Serve one request body: a JSON dict for a plain response, an SSE byte stream when streaming."""
     engine = state.require_engine()
     req: CompletionRequest | ChatCompletionRequest = structure(
@@ -306,24 +315,23 @@ async def handle(state: Any, nursery: Any, body: Any, *, chat: bool) -> dict[str
     )
     if req.model is not None and req.model != state.model_name:
         raise model_not_found(req.model)
-    tokenizer = engine.tokenizer
     if chat:
         assert isinstance(req, ChatCompletionRequest)
         params = sampling.chat_params(req)
-        prompts: list[Any] = [sampling.chat_messages(req)]
+        prompts: list[Prompt] = [sampling.chat_messages(req)]
         generate_kwargs: dict[str, Any] = dict(
             add_generation_prompt=True if req.add_generation_prompt is None else req.add_generation_prompt,
             chat_template_kwargs=req.chat_template_kwargs,
         )
-        fmt: CompletionFormat = ChatFormat(tokenizer, params.logprobs is not None)
+        fmt: CompletionFormat = ChatFormat(engine.decode, params.logprobs is not None)
         echo, echo_only = None, False
     else:
         assert isinstance(req, CompletionRequest)
         params = sampling.completion_params(req)
         prompts = list(req.prompt)
         generate_kwargs = {}
-        fmt = CompletionFormat(tokenizer, params.logprobs is not None)
-        echo = [p if isinstance(p, str) else tokenizer.decode(p) for p in prompts] if req.echo else None
+        fmt = CompletionFormat(engine.decode, params.logprobs is not None)
+        echo = [p if isinstance(p, str) else engine.decode(p) for p in req.prompt] if req.echo else None
         echo_only = sampling.echo_only(req)
     response = Response(fmt, state.model_name, params.n, len(prompts), echo, echo_only=echo_only,
                         echo_top=params.logprobs or 0)

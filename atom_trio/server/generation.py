@@ -21,12 +21,15 @@ import contextlib
 import math
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 
-from .metrics import ServerMetrics
+if TYPE_CHECKING:
+    from ..engine import AsyncEngine, Prompt
+    from ..sampling_params import SamplingParams
+    from .metrics import ServerMetrics
 
 
 @attrs.frozen
@@ -76,9 +79,9 @@ class Generation:
 
 async def start_generation(
     nursery: trio.Nursery,
-    engine: Any,
-    prompts: Sequence[Any],
-    params: Any,
+    engine: AsyncEngine,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
     metrics: ServerMetrics,
     activity: Activity,
     **generate_kwargs: Any,
@@ -95,7 +98,7 @@ async def start_generation(
     admitted = [trio.Event() for _ in prompts]
     refused: list[BaseException] = []
 
-    async def produce(index: int, prompt: Any, send: trio.MemorySendChannel[tuple[int, Any]]) -> None:
+    async def produce(index: int, prompt: Prompt, send: trio.MemorySendChannel[tuple[int, Any]]) -> None:
         last = arrival
         activity.running += 1
         async with send:

@@ -14,11 +14,14 @@ never share or clash.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ..engine import AsyncEngine
 
 PREFIX = "atom_trio:"
 
@@ -45,7 +48,7 @@ _COUNTERS = (
 class EngineStatsCollector(Collector):
     """Reads ``engine.stats()`` at each scrape; reports nothing while no engine is up."""
 
-    def __init__(self, get_engine: Callable[[], Any], model_name: str) -> None:
+    def __init__(self, get_engine: Callable[[], AsyncEngine | None], model_name: str) -> None:
         self._get_engine = get_engine
         self._model_name = model_name
 
@@ -77,7 +80,7 @@ class EngineStatsCollector(Collector):
 class ServerMetrics:
     """The registry of one server, and the histograms its handlers observe."""
 
-    def __init__(self, get_engine: Callable[[], Any], model_name: str) -> None:
+    def __init__(self, get_engine: Callable[[], AsyncEngine | None], model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.model_name = model_name
         label = ["model_name"]

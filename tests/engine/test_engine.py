@@ -127,7 +127,7 @@ async def test_64_concurrent_requests_finish_and_greedy_ones_match_one_at_a_time
 
 async def test_cancelled_stream_frees_its_blocks_within_a_step_and_the_next_request_is_served(default_model_dir):
     async with open_engine(config(default_model_dir)) as engine:
-        num_blocks = engine.executor.num_kv_blocks
+        num_blocks = engine.executor.facts.num_kv_blocks
         long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
         with trio.fail_after(600):
             stream = engine.generate("Count from one to a thousand: one, two, three,", long)
@@ -225,7 +225,7 @@ async def test_multibyte_characters_stream_intact(default_model_dir):
             assert any(c.token_ids and not c.text and not c.finished for c in completions)
 
 
-async def test_step_failure_kills_the_engine_and_every_waiter_sees_it(default_model_dir):
+async def test_step_failure_kills_the_engine_and_every_waiter_sees_it(default_model_dir, inject_step_fault):
     boom = RuntimeError("injected step failure")
     errors: list[BaseException] = []
     with trio.fail_after(300):
@@ -249,7 +249,7 @@ async def test_step_failure_kills_the_engine_and_every_waiter_sees_it(default_mo
                         nursery.start_soon(wait_on_a_request, question)
                     for _ in range(3):
                         await started.acquire()  # every request is streaming
-                    engine.executor.runner.inject_fault(boom)
+                    inject_step_fault(engine.executor.runner, boom)
                     dead = await engine.wait_dead()
                 assert dead.__cause__ is boom
                 assert not engine.is_healthy()

@@ -17,7 +17,7 @@ import pytest
 import trio
 
 from atom_trio.config import DEFAULT_MODEL_NAME
-from atom_trio.server.testing import ServerProcess, server_process
+from atom_trio.testing import ServerProcess, server_process
 
 KEY = "test-key"
 MAX_MODEL_LEN = 256
@@ -183,6 +183,9 @@ async def test_logprobs(client: openai.AsyncOpenAI) -> None:
 async def test_prompt_shapes_and_echo(client: openai.AsyncOpenAI, http: httpx.AsyncClient) -> None:
     ids = (await http.post("/tokenize", json={"prompt": PROMPT})).json()["tokens"]
     assert (await http.post("/detokenize", json={"tokens": ids})).json()["prompt"] == PROMPT
+    unknown = await http.post("/detokenize", json={"tokens": [10**9]})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "tokens"
+    assert unknown.json()["error"]["message"].startswith("tokens holds a token id outside [0, ")
     by_text = await client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=2, temperature=0)
     by_ids = await client.completions.create(model=DEFAULT_MODEL_NAME, prompt=ids, max_tokens=2, temperature=0)
     assert by_ids.choices[0].text == by_text.choices[0].text

@@ -38,7 +38,7 @@ def metric(text: str, name: str) -> float:
 
 
 async def test_disconnect_frees_kv_full_queue_is_429_dead_engine_is_503(
-    nursery: trio.Nursery, tiny_llama_dir: Path
+    nursery: trio.Nursery, tiny_llama_dir: Path, inject_step_fault
 ) -> None:
     # The hypercorn-CLI path: the app opens the engine in its own lifespan.
     # A stream long enough (2000 tokens) that it is still running while the other requests arrive.
@@ -75,7 +75,7 @@ async def test_disconnect_frees_kv_full_queue_is_429_dead_engine_is_503(
         assert 'atom_trio:request_success_total{finished_reason="abort",model_name="' in scraped
 
         assert (await http.get("/health")).status_code == 200
-        engine._executor.runner.inject_fault(RuntimeError("injected fault"))
+        inject_step_fault(engine._executor.runner, RuntimeError("injected fault"))
         failed = await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
         assert failed.status_code == 503 and "injected fault" in failed.json()["error"]["message"]
         assert (await http.get("/health")).status_code == 503
@@ -83,7 +83,7 @@ async def test_disconnect_frees_kv_full_queue_is_429_dead_engine_is_503(
     stop.set()
 
 
-async def test_serve_ends_with_the_engine(tiny_llama_dir: Path) -> None:
+async def test_serve_ends_with_the_engine(tiny_llama_dir: Path, inject_step_fault) -> None:
     """`serve` owns the root nursery: a dead engine ends it with EngineDeadError (so the CLI exits non-zero)."""
     with pytest.RaisesGroup(EngineDeadError, flatten_subgroups=True, allow_unwrapped=True):
         async with trio.open_nursery() as nursery:
@@ -91,7 +91,7 @@ async def test_serve_ends_with_the_engine(tiny_llama_dir: Path) -> None:
             async with httpx.AsyncClient(base_url=serving.urls[0]) as http:
                 assert (await http.get("/health")).status_code == 200
             engine = serving.state.engine
-            engine._executor.runner.inject_fault(RuntimeError("injected fault"))
+            inject_step_fault(engine._executor.runner, RuntimeError("injected fault"))
             with pytest.raises(EngineDeadError):
                 async for _ in engine.generate("Hi", SamplingParams(max_tokens=1)):
                     pass

@@ -1,0 +1,190 @@
+"""The one way out: from the scheduler's per-sequence outputs to each request's stream of deltas.
+
+For every admitted request it keeps what the caller's deltas are made of:
+one `Detokenizer` per completion (text deltas, UTF-8 safe, and stop
+strings), the cumulative logprobs, the metrics, and the `OutputBuffer` the
+caller's `RequestStream` reads. Each step's outputs become at most one
+`RequestOutput` per request, holding the deltas of its completions that
+moved. A stop string ends a completion here, before the scheduler knows:
+`process_outputs` reports those completions so that the engine aborts their
+sequences. It also keeps the counters behind `EngineStats` (tokens in and
+out, finished requests by reason).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from ._stream import OutputBuffer
+from .detokenizer import Detokenizer
+from atom_trio.outputs import CompletionOutput, EngineStats, RequestMetrics, RequestOutput
+
+if TYPE_CHECKING:
+    from atom_trio.core.scheduler import SchedulerStats
+    from atom_trio.core.sequence import SeqOutput
+
+    from .input_processor import EngineRequest
+
+
+@attrs.define(eq=False)
+class RequestState:
+    """One admitted request on its way out: its completions' detokenizers and its output buffer."""
+
+    request: EngineRequest
+    detokenizers: list[Detokenizer]
+    buffer: OutputBuffer = attrs.Factory(OutputBuffer)
+    metrics: RequestMetrics = attrs.Factory(lambda: RequestMetrics(arrival_time=time.monotonic()))
+    cumulative_logprobs: list[float] = attrs.Factory(list)
+    num_cached_tokens: int = 0
+    last_finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(d.finished for d in self.detokenizers)
+
+
+class OutputProcessor:
+    """The per-request output state of one engine, and its output counters.
+
+    Args:
+        tokenizer: the model's tokenizer, which the detokenizers decode with.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._requests: dict[str, RequestState] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._finished_requests: collections.Counter[str] = collections.Counter()
+
+    def add_request(self, request: EngineRequest) -> RequestState:
+        """Start tracking an admitted request; its buffer is what the caller reads."""
+        n = request.params.n
+        state = RequestState(
+            request=request,
+            detokenizers=[Detokenizer(self._tokenizer, request.params, request.prompt_token_ids) for _ in range(n)],
+            cumulative_logprobs=[0.0] * n,
+        )
+        self._requests[request.key] = state
+        return state
+
+    def abort_request(self, key: str) -> bool:
+        """The reader went away: forget the request. False when it had already finished or failed."""
+        state = self._requests.pop(key, None)
+        if state is None:
+            return False
+        state.metrics.finished_time = time.monotonic()
+        self._finished_requests["abort"] += 1
+        return True
+
+    def fail_all(self, make_error: Callable[[], BaseException]) -> None:
+        """End every request's stream with an error of its own (the engine died or shut down)."""
+        requests, self._requests = self._requests, {}
+        for state in requests.values():
+            state.buffer.fail(make_error())
+
+    def process_outputs(self, outputs: list[SeqOutput]) -> list[tuple[str, int]]:
+        """Detokenize one step's outputs and hand each request one delta.
+
+        Returns:
+            ``(key, index)`` of each completion a stop string ended while its
+            sequence still runs in the scheduler.
+        """
+        deltas: dict[str, list[CompletionOutput]] = {}
+        prompt_logprobs: dict[str, list[dict[int, float] | None]] = {}
+        stopped: list[tuple[str, int]] = []
+        for out in outputs:
+            state = self._requests.get(out.request_id)
+            if state is None:
+                continue  # aborted by its reader
+            if out.prompt_logprobs is not None:
+                # {token_id: logprob} per token, the prompt token first (once, even when also among the top)
+                prompt_logprobs[out.request_id] = [None if e is None else dict(e) for e in out.prompt_logprobs]
+            completion = self._advance(state, out)
+            if completion is None:
+                continue
+            deltas.setdefault(out.request_id, []).append(completion)
+            if completion.finish_reason is not None and out.finish_reason is None:
+                stopped.append((out.request_id, out.index))  # ended by a stop string, still running in the scheduler
+        now = time.monotonic()
+        for key, completions in deltas.items():
+            state = self._requests[key]
+            request = state.request
+            if state.metrics.first_token_time is None:
+                state.metrics.first_token_time = now
+                self._prompt_tokens_total += len(request.prompt_token_ids)
+            finished = state.finished
+            if finished:
+                state.metrics.finished_time = now
+                del self._requests[key]
+                self._finished_requests[state.last_finish_reason or "abort"] += 1
+            state.buffer.put(
+                RequestOutput(
+                    request_id=request.request_id,
+                    prompt=request.prompt,
+                    prompt_token_ids=request.prompt_token_ids,
+                    outputs=sorted(completions, key=_by_index),
+                    finished=finished,
+                    num_cached_tokens=state.num_cached_tokens,
+                    metrics=state.metrics,
+                    prompt_logprobs=prompt_logprobs.get(key),
+                )
+            )
+        return stopped
+
+    def _advance(self, state: RequestState, out: SeqOutput) -> CompletionOutput | None:
+        """Feed one sequence's new tokens to its detokenizer; the completion's delta, or None if it had ended."""
+        detokenizer = state.detokenizers[out.index]
+        if detokenizer.finished:
+            return None  # a stop string ended it; the scheduler had not heard yet
+        ended_by_token = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
+        text = detokenizer.update(out.new_token_ids, finished=out.finish_reason is not None, stop_token=ended_by_token)
+        finish_reason, stop_reason = out.finish_reason, out.stop_reason
+        if text.stop_string is not None:
+            finish_reason, stop_reason = "stop", text.stop_string
+        token_ids = out.new_token_ids[: text.num_tokens]
+        logprobs = top_logprobs = cumulative = None
+        if state.request.params.logprobs is not None and out.logprobs is not None:
+            logprobs = out.logprobs[: text.num_tokens]
+            top_logprobs = out.top_logprobs[: text.num_tokens] if out.top_logprobs is not None else None
+            state.cumulative_logprobs[out.index] += math.fsum(logprobs)
+            cumulative = state.cumulative_logprobs[out.index]
+        state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)
+        if finish_reason is not None:
+            state.last_finish_reason = finish_reason
+        self._generation_tokens_total += len(token_ids)
+        return CompletionOutput(
+            index=out.index,
+            text=text.text,
+            token_ids=token_ids,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            cumulative_logprob=cumulative,
+        )
+
+    def stats(self, scheduler: SchedulerStats, *, num_steps: int) -> EngineStats:
+        """The scheduler's snapshot with this processor's totals and the engine's step count."""
+        return EngineStats(
+            num_running=scheduler.num_running,
+            num_waiting=scheduler.num_waiting,
+            kv_cache_usage=scheduler.kv_cache_usage,
+            prefix_cache_queries=scheduler.prefix_cache_queries,
+            prefix_cache_hits=scheduler.prefix_cache_hits,
+            num_preemptions=scheduler.num_preemptions,
+            num_steps=num_steps,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            finished_requests=dict(self._finished_requests),
+        )
+
+
+def _by_index(completion: CompletionOutput) -> int:
+    return completion.index

@@ -1,0 +1,144 @@
+"""The routes, by what they serve; `create_app` registers each blueprint.
+
+- `openai_api`: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``;
+- `tokenizer_api`: ``/tokenize`` and ``/detokenize`` (vLLM's shapes);
+- `service`: ``/health``, ``/version``, ``/metrics``, for load balancers and scrapers;
+- `profiling`: ``/start_profile`` and ``/stop_profile``.
+
+What every route shares lives on the app instead (routes.py): the API key
+guard, the error envelopes, the engine's lifespan.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from quart import Blueprint, Response, current_app, request
+
+from .. import __version__
+from . import completions
+from .errors import ApiError, bad_request, model_not_found
+from .sampling import chat_messages
+from .schemas import DetokenizeRequest, TokenizeRequest, parse_json, structure
+from .state import current_state
+
+if TYPE_CHECKING:
+    from ..engine import AsyncEngine
+
+T = TypeVar("T", TokenizeRequest, DetokenizeRequest)
+
+openai_api = Blueprint("openai_api", __name__)
+tokenizer_api = Blueprint("tokenizer_api", __name__)
+service = Blueprint("service", __name__)
+profiling = Blueprint("profiling", __name__)
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(payload, ensure_ascii=False), status=status, headers=headers,
+                    content_type="application/json")
+
+
+def error_response(error: ApiError) -> Response:
+    return json_response(error.body(), error.status, error.headers)
+
+
+async def _body() -> Any:
+    return parse_json(await request.get_data())
+
+
+# ---- the OpenAI API -----------------------------------------------------------
+
+@openai_api.post("/v1/completions")
+async def create_completion() -> Any:
+    return await _generate(chat=False)
+
+
+@openai_api.post("/v1/chat/completions")
+async def create_chat_completion() -> Any:
+    return await _generate(chat=True)
+
+
+async def _generate(*, chat: bool) -> Any:
+    result = await completions.handle(current_state(), current_app.nursery, await _body(), chat=chat)
+    if isinstance(result, dict):
+        return json_response(result)
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return result, 200, headers
+
+
+@openai_api.get("/v1/models")
+async def list_models() -> Response:
+    srv = current_state()
+    max_model_len = srv.engine.max_model_len if srv.engine is not None else srv.config.max_model_len
+    card = {"id": srv.model_name, "object": "model", "created": srv.created, "owned_by": "atom_trio",
+            "root": srv.config.model or srv.model_name, "parent": None, "max_model_len": max_model_len}
+    return json_response({"object": "list", "data": [card]})
+
+
+# ---- tokenize / detokenize -----------------------------------------------------
+
+async def _tokenizer_request(cls: type[T]) -> tuple[AsyncEngine, T]:
+    """The engine (else a 503) and the body as ``cls`` (else a 400), naming this server's model if any (else a 404)."""
+    srv = current_state()
+    engine = srv.require_engine()
+    req = structure(cls, await _body())
+    if req.model is not None and req.model != srv.model_name:
+        raise model_not_found(req.model)
+    return engine, req
+
+
+@tokenizer_api.post("/tokenize")
+async def tokenize() -> Response:
+    engine, req = await _tokenizer_request(TokenizeRequest)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_request("give exactly one of prompt or messages", param="prompt")
+    _, tokens = await engine.encode_prompt(
+        req.prompt if req.messages is None else chat_messages(req),
+        add_generation_prompt=True if req.add_generation_prompt is None else req.add_generation_prompt,
+        chat_template_kwargs=req.chat_template_kwargs,
+        add_special_tokens=req.add_special_tokens,
+    )
+    return json_response({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens})
+
+
+@tokenizer_api.post("/detokenize")
+async def detokenize() -> Response:
+    engine, req = await _tokenizer_request(DetokenizeRequest)
+    return json_response({"prompt": engine.detokenize(req.tokens)})
+
+
+# ---- health, version, metrics ----------------------------------------------------
+
+@service.get("/health")
+async def health() -> Response:
+    srv = current_state()
+    if srv.healthy():
+        return Response("", status=200)
+    return error_response(srv.unavailable())
+
+
+@service.get("/version")
+async def version() -> Response:
+    return json_response({"version": __version__})
+
+
+@service.get("/metrics")
+async def metrics() -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(current_state().metrics.render(), status=200, content_type=CONTENT_TYPE_LATEST)
+
+
+# ---- profiling ----------------------------------------------------------------------
+
+@profiling.post("/start_profile")
+async def start_profile() -> Response:
+    current_state().profiler.start()
+    return json_response({"status": "profiling"})
+
+
+@profiling.post("/stop_profile")
+async def stop_profile() -> Response:
+    path = await current_state().profiler.stop()
+    return json_response({"status": "stopped", "trace": str(path)})
