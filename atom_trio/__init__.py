@@ -11,6 +11,8 @@ From synchronous code: ``atom_trio.LLM(model="...").generate(prompts, params)``.
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from atom_trio.config import EngineConfig as EngineConfig
 from atom_trio.engine import LLM as LLM
 from atom_trio.engine import AsyncEngine as AsyncEngine
@@ -27,4 +29,7 @@ from atom_trio.outputs import EngineStats as EngineStats
 from atom_trio.outputs import RequestOutput as RequestOutput
 from atom_trio.sampling_params import SamplingParams as SamplingParams
 
-__version__ = "0.1.0"
+try:  # pyproject.toml's version, as installed
+    __version__ = importlib.metadata.version("atom-trio")
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
+from .options import load
 from .server import TrioGuestHost, create_app
-from .server.settings import load
 
 app = TrioGuestHost(create_app(*load(environ=os.environ)))

@@ -1,9 +1,9 @@
 """``atom-trio``: ``serve`` an OpenAI-compatible server, or ``generate`` once from the command line.
 
-Flags come from the config classes (see `atom_trio.server.settings`): every
-field of `EngineConfig` and `ServerSettings` is a flag in kebab-case and
-snake_case, with ATOM's and vLLM's spellings (``-tp``, ``--kv_cache_dtype``,
-``-O3``) and an ``ATOM_TRIO_<FIELD>`` environment variable as fallback.
+Flags come from the option table (`atom_trio.options`): every field of
+`EngineConfig` and `ServerSettings` is a flag in kebab-case and snake_case, with
+ATOM's and vLLM's spellings (``-tp``, ``--kv_cache_dtype``, ``-O3``) and an
+``ATOM_TRIO_<FIELD>`` environment variable as fallback.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ from collections.abc import Sequence
 
 import trio
 
-from .server.settings import add_arguments, load
+from . import __version__
+from .options import add_arguments, load
 
 log = logging.getLogger("atom_trio")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atom-trio", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API (Ctrl-C or SIGTERM drains and exits)")
     add_arguments(serve)

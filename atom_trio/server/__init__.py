@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from ..config import ServerSettings as ServerSettings
 from .errors import ApiError as ApiError
 from .guest import TrioGuestHost as TrioGuestHost
-from .routes import ServerState as ServerState
 from .routes import create_app as create_app
 from .serve import Serving as Serving
 from .serve import hypercorn_config as hypercorn_config
 from .serve import serve as serve
-from .settings import ServerSettings as ServerSettings
+from .state import ServerState as ServerState

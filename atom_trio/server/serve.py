@@ -18,9 +18,9 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
-from ..config import EngineConfig
-from .routes import ServerState, create_app
-from .settings import ServerSettings
+from ..config import EngineConfig, ServerSettings
+from .routes import create_app
+from .state import ServerState
 
 log = logging.getLogger("atom_trio.server")
 

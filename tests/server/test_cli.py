@@ -29,3 +29,12 @@ def test_generate_prints_a_completion(tiny_llama_dir: Path, capsys: pytest.Captu
                    "--max-model-len", "128"])
     assert status == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    import atom_trio
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"atom-trio {atom_trio.__version__}"

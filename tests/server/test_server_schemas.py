@@ -1,4 +1,4 @@
-"""The request layer without a model: strict schemas, refusals, sampling mapping, flags and env vars."""
+"""The request layer without a model: strict schemas, refusals, sampling mapping."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from atom_trio.config import EngineConfig
 from atom_trio.server import sampling
 from atom_trio.server.errors import ApiError
 from atom_trio.server.schemas import ChatCompletionRequest, CompletionRequest, parse_json, structure
-from atom_trio.server.settings import OPTIONS, ServerSettings, load, parse_args
 
 
 def refused(cls: type, body: object) -> ApiError:
@@ -171,33 +169,6 @@ def test_inconsistent_requests_are_refused(cls: type, body: dict, param: str) ->
     with pytest.raises(ApiError) as info:
         to_params(req)
     assert info.value.status == 400 and info.value.param == param
-
-
-def test_every_config_field_is_a_flag_and_an_env_var() -> None:
-    import attrs
-
-    names = {o.name for o in OPTIONS}
-    assert {f.name for f in attrs.fields(EngineConfig)} | {f.name for f in attrs.fields(ServerSettings)} == names
-    config, settings = parse_args(
-        ["--kv_cache_dtype", "fp8", "-tp", "2", "--level", "1", "--enforce-eager", "--max-num-seqs", "8",
-         "--max_model_len", "512", "--gpu-memory-utilization", "0.5", "--block-size", "32",
-         "--no-enable-prefix-caching", "--api-key", "k", "--port", "9"],
-        {"ATOM_TRIO_MAX_NUM_SEQS": "99", "ATOM_TRIO_SHUTDOWN_TIMEOUT": "5", "ATOM_TRIO_MODEL": "/m"},
-    )
-    assert (config.kv_cache_dtype, config.tensor_parallel_size, config.level) == ("fp8", 2, 1)
-    assert config.enforce_eager and not config.enable_prefix_caching
-    assert (config.max_num_seqs, config.max_model_len, config.block_size) == (8, 512, 32)  # flag beats env var
-    assert config.gpu_memory_utilization == 0.5 and config.model == "/m"
-    assert (settings.api_key, settings.port, settings.shutdown_timeout) == ("k", 9, 5.0)
-
-
-def test_bad_env_values_name_the_variable() -> None:
-    with pytest.raises(ValueError, match="ATOM_TRIO_ENFORCE_EAGER"):
-        load(environ={"ATOM_TRIO_ENFORCE_EAGER": "maybe"})
-    with pytest.raises(ValueError, match="dtype"):
-        load(environ={"ATOM_TRIO_DTYPE": "float7"})
-    config, _ = load(environ={"ATOM_TRIO_MAX_MODEL_LEN": "none", "ATOM_TRIO_ENFORCE_EAGER": "true"})
-    assert config.max_model_len is None and config.enforce_eager
 
 
 def test_error_envelope_is_openai_shaped() -> None:
