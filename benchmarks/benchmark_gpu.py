@@ -46,7 +46,7 @@ from atom_trio.config import EngineConfig
 from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
-from benchmarks.model_shapes import LLAMA_3_1_8B
+from atom_trio.testing import LLAMA_3_1_8B, write_model_dir
 
 BF16_PEAK_TFLOPS = 789.0  # dense bf16 matmul measured on the H100 of the device tool
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
@@ -369,8 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_GB_s"] = bandwidth / 1e9
-    model_dir = Path(tempfile.mkdtemp(prefix="llama-3.1-8b-shapes-"))
-    (model_dir / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix="llama-3.1-8b-shapes-")), LLAMA_3_1_8B)
 
     if not args.skip_transformers:
         results.update(transformers_baseline(model_dir, args.input_len, args.prefill_len, args.steps))

@@ -35,8 +35,7 @@ import trio
 
 from atom_trio import SamplingParams, open_engine
 from atom_trio.config import EngineConfig
-from benchmarks.gpu_serving import write_model_dir
-from benchmarks.model_shapes import LLAMA_3_1_8B
+from atom_trio.testing import LLAMA_3_1_8B, write_model_dir
 
 
 async def decode_step_seconds(engine, prompts: list[list[int]], output_len: int) -> tuple[float, list[int]]:

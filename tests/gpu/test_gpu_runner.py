@@ -29,42 +29,11 @@ from atom_trio.config import EngineConfig  # noqa: E402
 from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan  # noqa: E402
 from atom_trio.sampling_params import SamplingParams  # noqa: E402
 from atom_trio.runner import ModelRunner  # noqa: E402
+from atom_trio.testing import LLAMA_3_1_8B, QWEN3_0_6B, transformers_config  # noqa: E402
 
 SHAPES = {
-    "qwen3-0.6b": dict(
-        architectures=["Qwen3ForCausalLM"],
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        vocab_size=151936,
-        max_position_embeddings=40960,
-        rms_norm_eps=1e-6,
-        rope_parameters=dict(rope_type="default", rope_theta=1000000.0),
-        tie_word_embeddings=True,
-    ),
-    "llama-3.1-8b-4-layers": dict(
-        architectures=["LlamaForCausalLM"],
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=4,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rms_norm_eps=1e-5,
-        rope_parameters=dict(
-            rope_type="llama3",
-            rope_theta=500000.0,
-            factor=8.0,
-            low_freq_factor=1.0,
-            high_freq_factor=4.0,
-            original_max_position_embeddings=8192,
-        ),
-        tie_word_embeddings=False,
-    ),
+    "qwen3-0.6b": QWEN3_0_6B,
+    "llama-3.1-8b-4-layers": dict(LLAMA_3_1_8B, num_hidden_layers=4),
 }
 BLOCK_SIZE = 16
 PROMPT_LENS = (37, 100, 255)  # three sequences: the decode graph of size 4 runs with one padding row
@@ -75,14 +44,10 @@ GREEDY = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=STEPS)
 def hf_model(shape: str, dtype: torch.dtype):
     import transformers
 
-    spec = dict(SHAPES[shape])
-    architecture = spec.pop("architectures")[0]
-    config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen3ForCausalLM": transformers.Qwen3Config}
-    config = config_cls[architecture](bos_token_id=1, eos_token_id=2, dtype="bfloat16", **spec)
-    config.architectures = [architecture]
+    config = transformers_config(SHAPES[shape], bos_token_id=1, eos_token_id=2, dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = getattr(transformers, architecture)(config)
+        model = getattr(transformers, config.architectures[0])(config)
     return exact_rotary(model.to(dtype).eval())
 
 
@@ -397,14 +362,8 @@ def test_second_start_hits_the_compile_cache(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
     from torch._inductor.utils import clear_caches
 
-    spec = dict(SHAPES["qwen3-0.6b"], num_hidden_layers=2)
     model_dir = tmp_path / "model"
-    import transformers
-
-    architecture = spec.pop("architectures")[0]
-    config = transformers.Qwen3Config(bos_token_id=1, eos_token_id=2, **spec)
-    config.architectures = [architecture]
-    config.save_pretrained(model_dir)
+    transformers_config(QWEN3_0_6B, num_hidden_layers=2, bos_token_id=1, eos_token_id=2).save_pretrained(model_dir)
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # the runner sets them; put them back after
         monkeypatch.setenv(name, os.environ.get(name, ""))
     monkeypatch.setenv("ATOM_TRIO_CACHE", str(tmp_path / "cache"))

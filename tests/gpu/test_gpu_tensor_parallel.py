@@ -25,8 +25,7 @@ pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two
 
 from atom_trio import SamplingParams, open_engine  # noqa: E402
 from atom_trio.config import EngineConfig  # noqa: E402
-from benchmarks.gpu_serving import write_model_dir  # noqa: E402
-from benchmarks.model_shapes import LLAMA_3_1_8B  # noqa: E402
+from atom_trio.testing import LLAMA_3_1_8B, write_model_dir  # noqa: E402
 
 TOKENIZER = Path(os.environ.get("ATOM_TRIO_TEST_TOKENIZER", ".gpu_models/smollm2-tokenizer"))
 STEPS = 32

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from atom_trio.server.testing import ServerProcess, server_process
+from atom_trio.testing import ServerProcess, server_process
 
 EXIT_TIMEOUT = 30.0
 """Bound on every wait for a process to start, die or be reaped (the engine's own graces are 3-5 s)."""

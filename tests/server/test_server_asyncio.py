@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from atom_trio.server.testing import server_process
+from atom_trio.testing import server_process
 
 
 @pytest.mark.parametrize("worker_class", ["asyncio", "trio"])
