@@ -11,6 +11,7 @@ that order; one log line reports the seconds of each at the end.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import time
@@ -302,6 +303,9 @@ def capture_decode_graphs(runner: ModelRunner, batch_sizes: list[int]) -> tuple[
     """Graphs of ``runner``'s decode step at ``batch_sizes``, and the device memory they hold."""
     device = runner.device
     torch.cuda.synchronize(device)
+    # Garbage left in reference cycles (an earlier runner in this process, say) would otherwise be
+    # collected during the capture and its freed blocks reused, hiding the graphs' memory from the count.
+    gc.collect()
     torch.cuda.empty_cache()
     before = torch.cuda.memory_reserved(device)
     graphs = DecodeGraphs(
