@@ -21,6 +21,7 @@ from atom_trio.errors import AtomTrioError as AtomTrioError
 from atom_trio.errors import ContextLengthExceeded as ContextLengthExceeded
 from atom_trio.errors import EngineDeadError as EngineDeadError
 from atom_trio.errors import EngineOverloaded as EngineOverloaded
+from atom_trio.errors import InvalidConfig as InvalidConfig
 from atom_trio.errors import InvalidRequest as InvalidRequest
 from atom_trio.errors import ModelLoadError as ModelLoadError
 from atom_trio.errors import WorkerDied as WorkerDied

@@ -6,17 +6,51 @@ The names are the ones vLLM and ATOM users already type (``max_num_seqs``,
 the same field. Every field is an option: its help text, choices and extra flag
 spellings sit beside it, and `atom_trio.options` turns the fields into CLI flags,
 env vars, ``--help`` and docs/configuration.md.
+
+Both classes check themselves when built, so a flag, an env var and a keyword
+fail alike and at once, with `InvalidConfig`: each field's type and range,
+and combinations this build cannot run. What depends on the device (is there a
+GPU, how many, which kernels run there) is checked when the engine starts,
+before anything loads (`atom_trio.executor.check_device`).
+
+No ``from __future__ import annotations`` here: the type checks read each
+field's annotation as a type.
 """
 
-from __future__ import annotations
-
-from typing import Any
+import re
+from collections.abc import Callable
+from typing import Any, get_args
 
 import attrs
-from attrs import validators as v
+
+from .errors import InvalidConfig
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+# Where an option is read: `atom-trio serve`, `atom-trio generate`, and the app `hypercorn atom_trio.app:app` imports.
+COMMANDS = ("serve", "generate", "app")
+
+
+def _must(test: Callable[[Any], bool], requirement: str) -> Callable[[Any, attrs.Attribute, Any], None]:
+    """A validator: ``test(value)`` holds, or `InvalidConfig` says the field ``must be <requirement>``.
+
+    None passes: an optional field's None means "derive it when the engine starts".
+    """
+
+    def validate(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value is not None and not test(value):
+            raise InvalidConfig(f"{attribute.name} must be {requirement}; got {value!r}", options=(attribute.name,))
+
+    return validate
+
+
+def _one_of(choices: tuple[str, ...], why: str = "") -> Callable[[Any, attrs.Attribute, Any], None]:
+    return _must(lambda value: value in choices, "one of " + ", ".join(choices) + why)
+
+
+_POSITIVE = _must(lambda n: n > 0, "positive")
 
 
 def _field(
@@ -27,16 +61,51 @@ def _field(
     choices: tuple[str, ...] = (),
     aliases: tuple[str, ...] = (),
     section: str | None = None,
+    commands: tuple[str, ...] | None = None,
+    hypercorn: str | None = None,
 ) -> Any:
     """A field that is also an option; ``section`` starts a new group of the option table at this field.
 
-    A field with ``choices`` accepts only those (they are its validator).
+    A field with ``choices`` accepts only those (unless ``validator`` says more
+    about them). ``commands`` lists where the option is read (None: every
+    command that has its class, see `atom_trio.options`); an option the app
+    does not read names the ``hypercorn`` flag that does its job there.
     """
-    metadata = {"help": help_text, "choices": choices, "aliases": aliases, "section": section}
-    return attrs.field(default=default, validator=v.in_(choices) if choices else validator, metadata=metadata)
+    metadata = {
+        "help": help_text, "choices": choices, "aliases": aliases, "section": section, "commands": commands,
+        "hypercorn": hypercorn,
+    }
+    if choices and validator is None:
+        validator = _one_of(choices)
+    return attrs.field(default=default, validator=validator, metadata=metadata)
 
 
-@attrs.define(kw_only=True)
+KIND_NAMES = {int: "an integer", float: "a number", str: "a non-empty string", bool: "true or false"}
+"""What a value of each option type is called in messages."""
+
+
+def _type_check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """``value`` has the field's type: an int field takes no bool or float, a str field no empty string."""
+    args = get_args(attribute.type)  # (kind, NoneType) for an optional field
+    if value is None and type(None) in args:
+        return
+    kind = next(k for k in args or (attribute.type,) if k is not type(None))
+    if isinstance(value, bool):
+        ok = kind is bool
+    elif kind is float:
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, kind) and value != ""
+    if not ok:
+        raise InvalidConfig(f"{attribute.name} must be {KIND_NAMES[kind]}; got {value!r}", options=(attribute.name,))
+
+
+def _type_checked(cls: type, fields: list[attrs.Attribute]) -> list[attrs.Attribute]:
+    """Every field checks its type before its own validator runs (which may compare the value)."""
+    return [f.evolve(validator=attrs.validators.and_(_type_check, *filter(None, [f.validator]))) for f in fields]
+
+
+@attrs.define(kw_only=True, field_transformer=_type_checked)
 class EngineConfig:
     """Everything needed to build an engine.
 
@@ -44,6 +113,10 @@ class EngineConfig:
     Fields left at ``None`` are derived from the model or the device when the
     engine starts (``max_model_len`` from the model's context length,
     ``num_kv_blocks`` from free memory).
+
+    Raises:
+        InvalidConfig: a field's type or range, or a combination of fields
+            (`check_combinations`); ``options`` names the fields.
     """
 
     model: str | None = _field(
@@ -57,51 +130,87 @@ class EngineConfig:
     dtype: str = _field("auto", "weight and activation dtype", choices=_DTYPES)
     load_format: str = _field("auto", "weights format; `dummy` gives random weights", choices=_LOAD_FORMATS)
     seed: int = _field(
-        0, "seeds torch's default generator at start-up (sampling without a request seed) and dummy weights"
+        0, "seeds torch's default generator at start-up (sampling without a request seed) and dummy weights",
+        validator=_must(lambda n: -(2**63) <= n < 2**64, "within [-2**63, 2**64) (torch's seed range)"),
     )
-    device: str = _field("auto", "cpu, cuda, cuda:N or auto (cuda when available, else cpu)")
+    device: str = _field(
+        "auto",
+        "cpu, cuda, cuda:N or auto (cuda when available, else cpu); the engine checks it against the visible GPUs "
+        "before anything loads",
+        validator=_must(_DEVICE.fullmatch, "auto, cpu, cuda or cuda:N"),
+    )
 
-    block_size: int = _field(16, "tokens per KV cache block", validator=v.gt(0), section="KV cache")
-    num_kv_blocks: int | None = _field(None, "KV cache blocks (default: sized from free memory)")
-    kv_cache_dtype: str = _field("auto", "KV cache dtype: `auto` (the model's dtype) or that same dtype by name")
+    block_size: int = _field(
+        16, "tokens per KV cache block (every kernel backend takes any size)", validator=_POSITIVE, section="KV cache"
+    )
+    num_kv_blocks: int | None = _field(
+        None,
+        "KV cache blocks (default: sized from `gpu_memory_utilization` or `cpu_kv_cache_space_gb`, which a set "
+        "value takes the place of)",
+        validator=_POSITIVE,
+    )
+    kv_cache_dtype: str = _field(
+        "auto",
+        "KV cache dtype: `auto` or the model's dtype by name (the cache holds the model's dtype: this build has no "
+        "FP8 or other quantized KV cache)",
+        choices=_DTYPES,
+        validator=_one_of(_DTYPES, " (the model's dtype: this build has no FP8 or other quantized KV cache)"),
+    )
     gpu_memory_utilization: float = _field(
         0.9,
         "fraction of the GPU's memory this engine may use; the KV cache gets what weights, activations and graphs "
         "leave of it",
-        validator=[v.gt(0.0), v.le(1.0)],
+        validator=_must(lambda x: 0 < x <= 1, "in (0, 1]"),
     )
-    cpu_kv_cache_space_gb: float = _field(2.0, "GiB of memory for the KV cache on the CPU")
+    cpu_kv_cache_space_gb: float = _field(2.0, "GiB of memory for the KV cache on the CPU", validator=_POSITIVE)
     enable_prefix_caching: bool = _field(True, "reuse the KV blocks of an earlier prompt that shares a prefix")
 
-    max_num_seqs: int = _field(256, "most sequences running at once", validator=v.gt(0), section="Scheduling")
+    max_num_seqs: int = _field(256, "most sequences running at once", validator=_POSITIVE, section="Scheduling")
     max_num_batched_tokens: int = _field(
-        2048, "most tokens in one step (prefill chunks and decodes together)", validator=v.gt(0)
+        2048,
+        "most tokens in one step (prefill chunks and decodes together); a longer prompt is prefilled in chunks, so "
+        "it may be below `max_model_len`",
+        validator=_POSITIVE,
     )
-    max_model_len: int | None = _field(None, "context length (default: the model's)")
-    max_queued_requests: int = _field(4096, "waiting requests beyond this are refused with 429", validator=v.gt(0))
-    max_logprobs: int = _field(20, "most `logprobs` / `prompt_logprobs` a request may ask for")
+    max_model_len: int | None = _field(
+        None,
+        "context length (default: the model's, capped at what the KV cache holds); with `num_kv_blocks` set, it "
+        "must fit `num_kv_blocks * block_size`",
+        validator=_POSITIVE,
+    )
+    max_queued_requests: int = _field(4096, "waiting requests beyond this are refused with 429", validator=_POSITIVE)
+    max_logprobs: int = _field(
+        20, "most `logprobs` / `prompt_logprobs` a request may ask for", validator=_must(lambda n: n >= 0, ">= 0")
+    )
 
     tensor_parallel_size: int = _field(
-        1, "GPUs (one worker process each) the model is sharded over", validator=v.gt(0), aliases=("-tp",),
+        1,
+        "ranks (one worker process each) the model is sharded over: on CUDA one GPU each, at most the GPUs visible, "
+        "with `device` cuda or auto (rank r on GPU r)",
+        validator=_POSITIVE,
+        aliases=("-tp",),
         section="Execution",
     )
     executor: str = _field(
         "auto",
-        "`thread`: the model runs in this process; `process`: in worker processes (always with tensor parallelism); "
-        "`auto`: processes on a GPU",
+        "`thread`: the model runs in this process (one rank: not with tensor parallelism); `process`: in worker "
+        "processes, one per rank; `auto`: processes on a GPU or with tensor parallelism, else a thread",
         choices=("auto", "thread", "process"),
     )
     kernel_backend: str = _field(
-        "auto", "kernel implementation (`auto`: the fastest available on the device)",
-        choices=("auto", "torch", "cpu", "triton", "aiter"),
+        "auto",
+        "kernel implementation (`auto`: the fastest available on the device; `triton` needs a GPU, `cpu` the CPU)",
+        choices=("auto", "torch", "cpu", "triton"),
     )
-    enforce_eager: bool = _field(False, "no torch.compile and no CUDA graphs (level 0 whatever `--level` says)")
+    enforce_eager: bool = _field(
+        False, "no torch.compile and no CUDA graphs: level 0 (with `--level` 1-3 it is an error, not an override)"
+    )
     level: int | None = _field(
         None,
         "torch.compile level: 0 eager, 1 dynamo trace check, 2 whole-graph Inductor, 3 piecewise Inductor (split at "
         "the attention op); on CUDA levels 1-3 also replay decode steps from CUDA graphs. None: 3 on CUDA, 0 on the "
-        "CPU (compiling there takes tens of seconds on a few cores, for a few percent)",
-        validator=v.optional([v.ge(0), v.le(3)]),
+        "CPU (compiling there takes tens of seconds on a few cores, for a few percent), 0 with `--enforce-eager`",
+        validator=_must(lambda n: 0 <= n <= 3, "0, 1, 2 or 3"),
         aliases=("-O",),
     )
     async_scheduling: bool | None = _field(
@@ -110,8 +219,13 @@ class EngineConfig:
         "(vLLM's `--async-scheduling`). None: on where the model runs on a GPU",
     )
     worker_timeout: float = _field(
-        120.0, "seconds a worker process gets to answer (and torch.distributed to connect) before it counts as dead"
+        120.0,
+        "seconds a worker process gets to answer (and torch.distributed to connect) before it counts as dead",
+        validator=_POSITIVE,
     )
+
+    def __attrs_post_init__(self) -> None:
+        check_combinations(self)
 
     @property
     def model_name(self) -> str:
@@ -121,23 +235,92 @@ class EngineConfig:
         return self.model or DEFAULT_MODEL_NAME
 
 
-@attrs.define(kw_only=True)
-class ServerSettings:
-    """How the HTTP server behaves (the engine's own knobs live in `EngineConfig`)."""
+def check_combinations(config: EngineConfig) -> None:
+    """Refuse options that each parse but together cannot run, or would silently mean something else.
 
-    host: str = _field("0.0.0.0", "address to listen on", section="Server")
-    port: int = _field(8000, "port to listen on", validator=[v.ge(0), v.le(65535)])
-    api_key: str | None = _field(None, "require `Authorization: Bearer KEY` on /v1/* and the profiling routes")
-    max_request_bytes: int = _field(16 * 1024 * 1024, "larger request bodies are refused with 413", validator=v.gt(0))
-    shutdown_timeout: float = _field(30.0, "seconds in-flight requests get to finish after SIGTERM", validator=v.ge(0))
-    keep_alive_timeout: float = _field(75.0, "seconds an idle keep-alive connection stays open", validator=v.gt(0))
+    Raises:
+        InvalidConfig: naming both options and what to change.
+    """
+    tp = config.tensor_parallel_size
+    if config.executor == "thread" and tp > 1:
+        raise InvalidConfig(
+            f"executor 'thread' cannot run tensor_parallel_size {tp}: tensor parallelism needs one worker process "
+            "per rank; use executor 'process' or 'auto'",
+            options=("executor", "tensor_parallel_size"),
+        )
+    if config.enforce_eager and config.level:
+        raise InvalidConfig(
+            f"enforce_eager means level 0, and level {config.level} was asked for: drop one of them",
+            options=("enforce_eager", "level"),
+        )
+    if config.dtype != "auto" and config.kv_cache_dtype not in ("auto", config.dtype):
+        raise InvalidConfig(
+            f"kv_cache_dtype {config.kv_cache_dtype!r} differs from dtype {config.dtype!r}: the KV cache holds the "
+            "model's dtype; use kv_cache_dtype 'auto'",
+            options=("kv_cache_dtype", "dtype"),
+        )
+    if config.device.startswith("cuda:") and tp > 1:
+        raise InvalidConfig(
+            f"device {config.device!r} names one GPU, and tensor_parallel_size {tp} needs one per rank: use device "
+            "'cuda' (rank r on GPU r; pick the GPUs with CUDA_VISIBLE_DEVICES)",
+            options=("device", "tensor_parallel_size"),
+        )
+    if config.num_kv_blocks is not None and config.max_model_len is not None:
+        holds = config.num_kv_blocks * config.block_size
+        if config.max_model_len > holds:
+            raise InvalidConfig(
+                f"max_model_len {config.max_model_len} does not fit the KV cache: num_kv_blocks "
+                f"{config.num_kv_blocks} of block_size {config.block_size} hold {holds} tokens; raise num_kv_blocks "
+                "or lower max_model_len",
+                options=("max_model_len", "num_kv_blocks", "block_size"),
+            )
+
+
+@attrs.define(kw_only=True, field_transformer=_type_checked)
+class ServerSettings:
+    """How the HTTP server behaves (the engine's own knobs live in `EngineConfig`).
+
+    Raises:
+        InvalidConfig: a field's type or range; ``options`` names it.
+    """
+
+    host: str = _field(
+        "0.0.0.0", "address to listen on", section="Server", commands=("serve",), hypercorn="--bind HOST:PORT"
+    )
+    port: int = _field(
+        8000, "port to listen on (0: any free port)", validator=_must(lambda n: 0 <= n <= 65535, "in [0, 65535]"),
+        commands=("serve",), hypercorn="--bind HOST:PORT",
+    )
+    api_key: str | None = _field(
+        None, "require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize and the profiling routes"
+    )
+    max_request_bytes: int = _field(
+        16 * 1024 * 1024, "larger request bodies are refused with 413", validator=_POSITIVE
+    )
+    shutdown_timeout: float = _field(
+        30.0,
+        "seconds in-flight requests get to finish after SIGTERM (under hypercorn also bounded by its "
+        "`--graceful-timeout`)",
+        validator=_must(lambda x: x >= 0, ">= 0"),
+    )
+    keep_alive_timeout: float = _field(
+        75.0, "seconds an idle keep-alive connection stays open", validator=_POSITIVE, commands=("serve",),
+        hypercorn="--keep-alive",
+    )
     profile_dir: str | None = _field(
         None, "directory for /start_profile + /stop_profile traces",
         aliases=("--torch-profiler-dir", "--torch_profiler_dir"),
     )
+    profile_max_seconds: float = _field(
+        60.0, "a profile stops by itself after this many seconds (each rank records at most 256 steps); "
+        "/stop_profile then returns its traces", validator=_POSITIVE,
+    )
     log_level: str = _field(
         "info", "logging level of the `atom-trio` command (and of hypercorn under `serve`)",
         choices=("debug", "info", "warning", "error"),
+        section="Logging",
+        commands=("serve", "generate"),
+        hypercorn="--log-level",
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 
 class AtomTrioError(Exception):
     """Base class of every error atom_trio raises on purpose."""
@@ -51,10 +53,35 @@ class WorkerDied(AtomTrioError):
 
     def __init__(self, *, rank: int, returncode: int | None, detail: str = "") -> None:
         status = "did not answer" if returncode is None else f"exited with status {returncode}"
+        if returncode is not None and returncode < 0:  # killed: name the signal, as a shell would
+            status += f" ({_signal_name(-returncode)})"
         super().__init__(f"worker rank {rank} {status}" + (f": {detail}" if detail else ""))
         self.rank = rank
         self.returncode = returncode
 
 
+class ProfilerError(AtomTrioError):
+    """A rank could not start, stop or write its profiler session; the engine serves on."""
+
+
 class ModelLoadError(AtomTrioError):
     """The model could not be resolved or loaded; the message says what to do."""
+
+
+class InvalidConfig(AtomTrioError, ValueError):
+    """An option's value, or a combination of options, this build or device cannot run; ``options`` names them.
+
+    Raised before any weight loads: by `EngineConfig` / `ServerSettings`
+    themselves, and by the engine's device check when it starts.
+    """
+
+    def __init__(self, message: str, *, options: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.options = options
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

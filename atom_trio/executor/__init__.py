@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 from atom_trio.executor.base import Executor as Executor
+from atom_trio.executor.preflight import check_device as check_device
 from atom_trio.executor.process import ProcessExecutor as ProcessExecutor
 from atom_trio.executor.process import open_process_executor as open_process_executor
 from atom_trio.executor.thread import ThreadExecutor as ThreadExecutor
@@ -18,6 +19,7 @@ __all__ = [
     "Executor",
     "ProcessExecutor",
     "ThreadExecutor",
+    "check_device",
     "open_executor",
     "open_process_executor",
     "runs_on_gpu",

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
-import gguf
 import transformers
 
 logger = logging.getLogger("atom_trio.loader")

@@ -33,29 +33,39 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Kerne
     device, with none of the CPU backend's C++ kernels. Triton is imported only
     when chosen, so CPU-only installs never need it.
     """
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     device = torch.device(device)
-    if name == "auto":
-        if device.type == "cuda" and _triton_importable():
-            name = "triton"
-        else:
-            name = "cpu" if device.type == "cpu" else "torch"
+    name = backend_name(name, device.type)
     if name == "torch":
         return TorchRefBackend()
     if name == "cpu":
-        if device.type != "cpu":
-            raise ValueError(f"kernel backend 'cpu' is not available on {device.type!r}: it runs on the CPU")
         return CpuBackend()
+    from .triton import TritonBackend
+
+    return TritonBackend(device)
+
+
+def backend_name(name: str, device_type: str) -> str:
+    """The backend ``name`` stands for on a ``device_type`` device, or ValueError if it cannot run there.
+
+    Builds nothing, so the engine can check a configuration before it loads
+    anything (a Triton backend would open a CUDA context to read the device).
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown kernel backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+    if name == "auto":
+        if device_type == "cuda" and _triton_importable():
+            return "triton"
+        return "cpu" if device_type == "cpu" else "torch"
+    if name == "cpu" and device_type != "cpu":
+        raise ValueError(f"kernel backend 'cpu' is not available on {device_type!r}: it runs on the CPU")
     if name == "triton":
-        if device.type != "cuda":
-            raise ValueError(f"kernel backend 'triton' is not available on {device.type!r}: it needs a CUDA or ROCm GPU")
+        if device_type != "cuda":
+            raise ValueError(f"kernel backend 'triton' is not available on {device_type!r}: it needs a CUDA or ROCm GPU")
         if not _triton_importable():
             raise ValueError("kernel backend 'triton' is not available: the triton package is not installed")
-        from .triton import TritonBackend
-
-        return TritonBackend(device)
-    raise ValueError(f"kernel backend {name!r} is not available in this build; use 'auto', 'torch', 'cpu' or 'triton'")
+    if name not in ("torch", "cpu", "triton"):
+        raise ValueError(f"kernel backend {name!r} is not available in this build; use 'auto', 'torch', 'cpu' or 'triton'")
+    return name
 
 
 def _triton_importable() -> bool:
@@ -84,6 +94,7 @@ __all__ = [
     "KernelBackend",
     "TorchRefBackend",
     "TracedOps",
+    "backend_name",
     "current_backend",
     "get_backend",
     "use_backend",
