@@ -121,10 +121,13 @@ class RequestOutput:
 class EngineStats:
     """A snapshot of the engine's counters, for metrics endpoints and tests.
 
-    The first group mirrors the scheduler's `SchedulerStats` (``num_waiting``
-    also counts requests admitted but not yet handed to the scheduler); the
-    rest are totals since the engine started. ``finished_requests`` counts
-    each finished request once, under the finish reason of its last completion.
+    The first group comes from the scheduler's `SchedulerStats`; the rest are
+    totals since the engine started. ``num_waiting`` and ``num_running`` count
+    requests, whatever their ``n``: a request is waiting from admission until
+    the first of its sequences is scheduled, then running until it finishes
+    or is aborted (a preempted request stays running). ``finished_requests``
+    counts each finished request once, under the finish reason of its last
+    completion.
     """
 
     num_running: int

@@ -21,9 +21,14 @@ class Executor(Protocol):
 
     facts: ModelFacts
 
-    @property
-    def failure(self) -> BaseException | None:
-        """Why the executor cannot run steps any more (a worker died while idle), or None."""
+    async def wait_failed(self) -> BaseException:
+        """Wait until the executor cannot run steps any more, even between steps; return why.
+
+        The engine awaits it beside its step loop, so that a model that went
+        away while no step ran (a worker process killed) kills the engine at
+        once rather than at the next request. It never returns for an
+        executor whose failures can only surface from a step.
+        """
         ...
 
     async def execute(self, plan: StepPlan) -> StepResult:
@@ -36,6 +41,19 @@ class Executor(Protocol):
 
     async def collect(self) -> StepResult:
         """What the oldest launched step sampled; an error here means the model is unusable."""
+        ...
+
+    async def start_profile(self, trace_prefix: str) -> list[str]:
+        """Start the torch profiler on every rank, where its steps run; the trace paths, by rank.
+
+        Called by the task that runs the steps, with no step launched. Rank
+        ``r`` writes ``{trace_prefix}-rank{r}.trace.json`` at `stop_profile`.
+        Raises `ProfilerError` (the model stays usable) when a rank cannot.
+        """
+        ...
+
+    async def stop_profile(self) -> list[str]:
+        """Stop every rank's profiler and write its trace; the trace paths, by rank (as `start_profile`)."""
         ...
 
     async def aclose(self) -> None:

@@ -12,6 +12,10 @@ the conversation reads in one place. The conversation, per rank::
                              <---  the answer to the step launched before, if any
     Flush                    --->
                              <---  the answer to the last step launched
+    ProfileStart(prefix)     --->  (no step launched: every answer is read)
+                             <---  Profiled(trace path) | Profiled(error)
+    ProfileStop              --->
+                             <---  Profiled(trace path, written) | Profiled(error)
     ...
     Shutdown                 --->  (exits 0)
 """
@@ -94,7 +98,35 @@ class Error:
     traceback: str
 
 
-Message = Union[Init, InitDone, Execute, Result, Ack, Shutdown, Error, Flush, Launch]
+@attrs.frozen(kw_only=True)
+class ProfileStart:
+    """Start the torch profiler on the thread that runs the steps; the trace will be
+    ``{trace_prefix}-rank{rank}.trace.json``."""
 
-MESSAGE_TYPES: tuple[type, ...] = (Init, InitDone, Execute, Result, Ack, Shutdown, Error, Flush, Launch)
+    trace_prefix: str
+
+
+@attrs.frozen
+class ProfileStop:
+    """Stop the profiler and write its trace."""
+
+
+@attrs.frozen(kw_only=True)
+class Profiled:
+    """The answer to `ProfileStart` or `ProfileStop`: the trace's path, or why the profiler failed.
+
+    A failed profiler is no failed worker: it goes on serving steps.
+    """
+
+    trace: str | None = None
+    error: str | None = None
+
+
+Message = Union[
+    Init, InitDone, Execute, Result, Ack, Shutdown, Error, Flush, Launch, ProfileStart, ProfileStop, Profiled
+]
+
+MESSAGE_TYPES: tuple[type, ...] = (
+    Init, InitDone, Execute, Result, Ack, Shutdown, Error, Flush, Launch, ProfileStart, ProfileStop, Profiled
+)
 """A message's tag on the wire is its place here: a new message goes at the end, so that the others keep theirs."""

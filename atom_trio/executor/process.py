@@ -10,9 +10,13 @@ Supervision: each worker is a ``trio.run_process`` task in the nursery the
 engine hands to `ProcessExecutor.create` (or the one `open_process_executor`
 opens). A worker's death never cancels that nursery: it marks the executor
 failed and kills the other ranks (a tensor-parallel group with a hole can
-only hang), and the step in flight, or the next one, raises `WorkerDied`.
-So the engine handles a dead worker exactly like a step that raised in a
-`ThreadExecutor`, and `failure` lets a health check see it while idle.
+only hang), the step in flight raises `WorkerDied`, and `wait_failed`
+returns it, so the engine dies at once even while no step runs.
+A worker that stops answering without exiting (stopped, frozen, stuck in a
+collective) is found by the step it never answers, after ``worker_timeout``;
+one that stops while idle is found by the next step. An idle worker blocks
+in recv() on its socket, so only something outside it can stop it there,
+and a heartbeat would be one more message to interleave with the steps.
 `aclose` stops workers with Shutdown, then SIGTERM, then SIGKILL; cancelling
 the nursery skips the Shutdown.
 Workers also exit on their own when the engine process dies (see ``worker.py``).
@@ -35,7 +39,7 @@ import attrs
 import trio
 
 from atom_trio._net import free_port
-from atom_trio.errors import ModelLoadError, WorkerDied
+from atom_trio.errors import ModelLoadError, ProfilerError, WorkerDied
 from atom_trio.executor import messages
 from atom_trio.executor.codec import Decoder, Encoder
 from atom_trio.executor.framing import FrameStream
@@ -115,6 +119,7 @@ class ProcessExecutor:
         self._encoder = Encoder()
         self._workers: list[_Worker] = []
         self._failure: WorkerDied | None = None
+        self._failed = trio.Event()
         self._step_scope: trio.CancelScope | None = None
         self._closed = False
         self._launched: deque[int] = deque()
@@ -141,6 +146,12 @@ class ProcessExecutor:
     @property
     def failure(self) -> WorkerDied | None:
         """Why the executor is unusable, or None while all workers are alive."""
+        return self._failure
+
+    async def wait_failed(self) -> WorkerDied:
+        """Wait until a worker exits, fails or misses a deadline (not when `aclose` stops them); return why."""
+        await self._failed.wait()
+        assert self._failure is not None
         return self._failure
 
     @property
@@ -204,6 +215,7 @@ class ProcessExecutor:
         """Record the first failure, stop every worker and the step in flight; return what execute raises."""
         if self._failure is None:
             self._failure = failure
+            self._failed.set()
             for worker in self._workers:
                 worker.cancel_scope.cancel()
             if self._step_scope is not None:
@@ -277,6 +289,55 @@ class ProcessExecutor:
             self._held = False
             return await self._round(step_id, self._encoder.encode(messages.Flush()))
         return await self._round(step_id, None)
+
+    async def start_profile(self, trace_prefix: str) -> list[str]:
+        """Have every rank start its profiler; the trace paths, by rank (see `Executor.start_profile`).
+
+        Raises:
+            ProfilerError: a rank could not; those that could are stopped again.
+            WorkerDied: as `execute`.
+        """
+        answers = await self._profile(messages.ProfileStart(trace_prefix=trace_prefix))
+        if any(answer.error for answer in answers):
+            await self._profile(messages.ProfileStop())  # the ranks that did start write a trace nobody asked for
+            raise _profiler_error(answers)
+        return [answer.trace for answer in answers]
+
+    async def stop_profile(self) -> list[str]:
+        """Have every rank stop its profiler and write its trace; the trace paths, by rank.
+
+        Raises:
+            ProfilerError: a rank could not.
+            WorkerDied: as `execute`.
+        """
+        answers = await self._profile(messages.ProfileStop())
+        if any(answer.error for answer in answers):
+            raise _profiler_error(answers)
+        return [answer.trace for answer in answers]
+
+    async def _profile(self, message: messages.ProfileStart | messages.ProfileStop) -> list[messages.Profiled]:
+        """Send ``message`` to every rank, with no step launched; each rank's answer, within ``worker_timeout``."""
+        self._check_ready()
+        if self._launched:
+            raise trio.BusyResourceError("launched steps await collect()")
+        frame = self._encoder.encode(message)
+        answers = []
+        with trio.CancelScope(deadline=trio.current_time() + self._timeout) as scope:
+            self._step_scope = scope  # so that `_fail` stops the wait
+            try:
+                for worker in self._workers:
+                    await self._send(worker, frame, scope.deadline)
+                for worker in self._workers:
+                    while worker.owed:  # answers of steps whose reader was cancelled come first
+                        await self._answer(worker)
+                    answers.append(await self._receive(worker, messages.Profiled))
+            finally:
+                self._step_scope = None
+        if self._failure is not None:
+            raise self._failure
+        if scope.cancelled_caught:
+            raise self._fail(self._timed_out(self._workers[len(answers)]))
+        return answers
 
     def _check_ready(self) -> None:
         if self._failure is not None:
@@ -373,6 +434,10 @@ async def open_process_executor(config: EngineConfig) -> AsyncIterator[ProcessEx
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from group.exceptions[0].__cause__
         raise
+
+
+def _profiler_error(answers: list[messages.Profiled]) -> ProfilerError:
+    return ProfilerError("; ".join(answer.error for answer in answers if answer.error))
 
 
 def _died(worker: _Worker, detail: str = "") -> WorkerDied:

@@ -1,10 +1,11 @@
-"""`ThreadExecutor`: the model runner in this process, each step on a worker thread.
+"""`ThreadExecutor`: the model runner in this process, its work on a thread of its own.
 
 A step is pure computation (torch releases the GIL inside its kernels), so
-running it through `trio.to_thread.run_sync` keeps the event loop free for
-intake, streaming and HTTP while the model computes. The executor has its
-own `CapacityLimiter(1)`: steps never overlap and never wait behind trio's
-shared pool of 40 threads (file I/O, DNS). ``abandon_on_cancel=False``: a
+running it on another thread keeps the event loop free for intake, streaming
+and HTTP while the model computes. The executor has one thread
+(`RunnerThread`) for the model's load, steps, profiler and close: steps never
+overlap and never wait behind trio's shared pool (file I/O, DNS), and a
+profiler started there records the steps (torch's records one thread). A
 cancelled step still runs to its end before the cancellation is delivered,
 so nothing touches the KV cache after the engine believes the step is over.
 """
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from atom_trio.executor._runner_thread import RunnerThread
+
 if TYPE_CHECKING:
     from atom_trio.config import EngineConfig
     from atom_trio.core.facts import ModelFacts
@@ -24,16 +27,19 @@ if TYPE_CHECKING:
 
 
 class ThreadExecutor:
-    """Owns one `ModelRunner` and runs its work on a dedicated-capacity worker thread.
+    """Owns one `ModelRunner` and runs its work on a thread of its own.
 
     Build it with `ThreadExecutor.create` (the model loads off the event
     loop) and always `aclose` it. ``runner`` is exposed for tests (for
     example the ``inject_step_fault`` fixture); the engine only uses `execute`.
     """
 
-    def __init__(self, runner: Any, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, runner: Any, thread: RunnerThread) -> None:
+        from atom_trio.runner import RankProfiler
+
         self.runner = runner
-        self._limiter = limiter
+        self._thread = thread
+        self._profiler = RankProfiler(rank=0)
         self.facts: ModelFacts = runner.facts
         self._launched: deque[Any] = deque()
 
@@ -42,32 +48,45 @@ class ThreadExecutor:
         """Load the model and allocate its KV cache on the executor's thread."""
         from atom_trio.runner import ModelRunner  # torch is imported only when a model is wanted
 
-        limiter = trio.CapacityLimiter(1)
-        runner = await trio.to_thread.run_sync(ModelRunner, config, limiter=limiter, thread_name="atom-trio model load")
-        return cls(runner, limiter)
+        thread = RunnerThread("atom-trio runner")
+        try:
+            runner = await thread.run(ModelRunner, config)
+        except BaseException:
+            await thread.aclose()
+            raise
+        return cls(runner, thread)
 
-    @property
-    def failure(self) -> None:
-        """Always None: an in-process runner cannot die between steps; a failing step raises instead."""
-        return None
+    async def wait_failed(self) -> BaseException:
+        """Never returns: an in-process runner cannot die between steps; a failing step raises instead."""
+        await trio.sleep_forever()
 
     async def execute(self, plan: StepPlan) -> StepResult:
-        return await self._run(self.runner.execute, plan)
+        return await self._thread.run(self._step, self.runner.execute, plan)
 
     async def launch(self, plan: StepPlan) -> None:
-        self._launched.append(await self._run(self.runner.launch, plan))
+        self._launched.append(await self._thread.run(self._step, self.runner.launch, plan))
 
     async def collect(self) -> StepResult:
-        return await self._run(self.runner.collect, self._launched.popleft())
+        return await self._thread.run(self.runner.collect, self._launched.popleft())
 
-    async def _run(self, work: Callable[[Any], Any], arg: Any) -> Any:
-        return await trio.to_thread.run_sync(
-            work, arg, limiter=self._limiter, abandon_on_cancel=False, thread_name="atom-trio step"
-        )
+    def _step(self, work: Callable[[StepPlan], Any], plan: StepPlan) -> Any:
+        with self._profiler.step():
+            return work(plan)
+
+    async def start_profile(self, trace_prefix: str) -> list[str]:
+        """Start the torch profiler on the runner's thread; the path of the trace `stop_profile` writes."""
+        return [await self._thread.run(self._profiler.start, trace_prefix)]
+
+    async def stop_profile(self) -> list[str]:
+        """Stop the profiler and write its trace; the trace's path."""
+        return [await self._thread.run(self._profiler.stop)]
 
     async def aclose(self) -> None:
         runner, self.runner = self.runner, None
         if runner is None:
             return
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(runner.close, limiter=self._limiter, thread_name="atom-trio model close")
+            try:
+                await self._thread.run(runner.close)
+            finally:
+                await self._thread.aclose()

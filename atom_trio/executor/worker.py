@@ -30,11 +30,13 @@ import traceback
 
 from typing import TYPE_CHECKING
 
+from atom_trio.errors import ProfilerError
 from atom_trio.executor import messages
 from atom_trio.executor.codec import Decoder, Encoder
 from atom_trio.executor.framing import receive_frame
 
 if TYPE_CHECKING:
+    from atom_trio.runner import RankProfiler
     from atom_trio.runner.model_runner import LaunchedStep
 
 _PR_SET_PDEATHSIG = 1
@@ -70,6 +72,16 @@ def _error(exc: BaseException) -> messages.Error:
     )
 
 
+def _profiled(profiler: RankProfiler, message: messages.ProfileStart | messages.ProfileStop) -> messages.Profiled:
+    """Start or stop ``profiler`` as ``message`` asks; a profiler that fails is reported, and the worker serves on."""
+    try:
+        if isinstance(message, messages.ProfileStart):
+            return messages.Profiled(trace=profiler.start(message.trace_prefix))
+        return messages.Profiled(trace=profiler.stop())
+    except ProfilerError as exc:
+        return messages.Profiled(error=str(exc))
+
+
 def serve(sock: socket.socket) -> int:
     """Answer the engine until Shutdown (0), end of file (0) or a failure (1)."""
     encoder, decoder = Encoder(), Decoder()
@@ -95,9 +107,10 @@ def serve(sock: socket.socket) -> int:
         MASTER_PORT=str(init.master_port),
     )
     try:
-        from atom_trio.runner import ModelRunner
+        from atom_trio.runner import ModelRunner, RankProfiler
 
         runner = ModelRunner(init.config, rank=init.rank, world_size=init.world_size)
+        profiler = RankProfiler(init.rank)
         send(messages.InitDone(facts=runner.facts))
     except Exception as exc:
         send(_error(exc))
@@ -116,7 +129,8 @@ def serve(sock: socket.socket) -> int:
                 return 0
             if isinstance(message, messages.Launch):
                 # The new step goes to the device first; the held one's tokens are read while it runs.
-                step = runner.launch(message.plan)
+                with profiler.step():
+                    step = runner.launch(message.plan)
                 if held is not None:
                     answer(held)
                 held = step
@@ -124,12 +138,16 @@ def serve(sock: socket.socket) -> int:
                 if held is not None:
                     answer(held)
                     held = None
-                answer(runner.launch(message.plan))
+                with profiler.step():
+                    step = runner.launch(message.plan)
+                answer(step)
             elif isinstance(message, messages.Flush):
                 if held is None:
                     raise messages.ProtocolError("Flush without a launched step")
                 answer(held)
                 held = None
+            elif isinstance(message, messages.ProfileStart | messages.ProfileStop):
+                send(_profiled(profiler, message))
             elif isinstance(message, messages.Shutdown):
                 return 0
             else:

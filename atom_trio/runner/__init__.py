@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .model_runner import ModelRunner
+from .profiling import RankProfiler
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "RankProfiler"]

@@ -16,6 +16,7 @@ import attrs
 import torch
 
 from atom_trio.config import EngineConfig
+from atom_trio.errors import ModelLoadError
 from atom_trio.layers import Attention
 from atom_trio.ops import KernelBackend
 
@@ -23,9 +24,17 @@ logger = logging.getLogger("atom_trio.runner")
 
 
 def kv_cache_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
-    """The cache's element type: the model's (``kv_cache_dtype`` "auto" or its name); nothing else is supported."""
-    if config.kv_cache_dtype not in ("auto", str(model_dtype).removeprefix("torch.")):
-        raise ValueError(f"kv_cache_dtype {config.kv_cache_dtype!r} is not supported; use 'auto'")
+    """The cache's element type: the model's (``kv_cache_dtype`` "auto" or its name); nothing else is supported.
+
+    `EngineConfig` refuses other names and a ``dtype`` that differs; what is
+    left to check is the dtype a model with ``dtype`` "auto" turned out to have.
+    """
+    name = str(model_dtype).removeprefix("torch.")
+    if config.kv_cache_dtype not in ("auto", name):
+        raise ModelLoadError(
+            f"kv_cache_dtype {config.kv_cache_dtype!r} differs from the model's dtype {name}: the KV cache holds the "
+            f"model's dtype; use kv_cache_dtype 'auto', or dtype {config.kv_cache_dtype!r} for both"
+        )
     return model_dtype
 
 

@@ -86,6 +86,7 @@ class ModelRunner:
         resolved = resolve_model(config)
         self.hf_config = resolved.hf_config
         self.dtype = resolved.dtype
+        kv_dtype = kv_cache_dtype(config, self.dtype)  # before the build: a mismatch costs no weight load
         self.vocab_size = self.hf_config.vocab_size
         self.eos_token_ids = startup.eos_token_ids(self.hf_config, resolved.generation_config)
         self.max_model_len = startup.max_model_len(config, self.hf_config)
@@ -110,7 +111,7 @@ class ModelRunner:
             layers=[m for m in self.model.modules() if isinstance(m, Attention)],
             backend=self.backend,
             block_size=self.block_size,
-            dtype=kv_cache_dtype(config, self.dtype),
+            dtype=kv_dtype,
             device=self.device,
         )
         self.decode_graphs: DecodeGraphs | None = None

@@ -4,8 +4,9 @@ Owning the root nursery is what makes a dead engine end the process (hypercorn's
 lifespan would only log it and keep answering): the engine runs beside
 ``hypercorn.trio.serve``, a watchdog raises the engine's `EngineDeadError` as
 soon as it dies, and the nursery cancels the server. SIGTERM/SIGINT
-trigger hypercorn's graceful shutdown instead: new requests get 503, running
-ones get ``shutdown_timeout`` to finish, then the engine closes and the process
+trigger a graceful shutdown instead: new requests get 503, running ones get
+``shutdown_timeout`` to finish (those still running then end with an error
+event), then hypercorn closes, the engine stops its workers and the process
 exits 0.
 """
 
@@ -27,8 +28,10 @@ log = logging.getLogger("atom_trio.server")
 
 # After the drain, how long hypercorn waits for connections to finish sending.
 FLUSH_TIMEOUT_S = 3.0
-# After the engine died, how long clients get to read their error before the process exits.
-DEAD_ENGINE_GRACE_S = 1.0
+# After the engine died, how long the handlers get to write each stream's error event before the
+# connections close: a few scheduler ticks, with margin for a loaded box. No more, because a supervisor
+# restarts the server only once the process has exited.
+DEAD_ENGINE_GRACE_S = 0.25
 
 
 @attrs.frozen
@@ -81,8 +84,15 @@ async def serve(
                 # requests get a clear 503, and we stop as soon as the last generation ends (hypercorn
                 # would also wait out every idle keep-alive connection).
                 srv.draining = True
-                with trio.move_on_after(settings.shutdown_timeout):
+                with trio.move_on_after(settings.shutdown_timeout) as grace:
                     await srv.activity.wait_idle()
+                if grace.cancelled_caught:
+                    log.warning("shutdown_timeout=%s s is over: ending %d running requests with an error",
+                                settings.shutdown_timeout, srv.activity.running)
+                    engine.shutdown()
+                    # Each stream now writes its error event and ends; hypercorn's graceful period (below)
+                    # waits for the connections to finish sending it.
+                log.info("drained: stopping")
 
             async def watch_engine() -> None:
                 error = await engine.wait_dead()

@@ -34,7 +34,7 @@ class ServerState:
 
     def __attrs_post_init__(self) -> None:
         self.metrics = ServerMetrics(lambda: self.engine, self.model_name)
-        self.profiler = Profiler(self.settings.profile_dir)
+        self.profiler = Profiler(self.settings)
 
     @property
     def model_name(self) -> str:

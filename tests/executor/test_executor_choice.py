@@ -17,7 +17,6 @@ from atom_trio.executor import wants_processes
         (dict(device="cuda:0"), True),
         (dict(device="cuda", executor="thread"), False),
         (dict(device="cpu", tensor_parallel_size=2), True),
-        (dict(device="cpu", executor="thread", tensor_parallel_size=2), True),  # TP needs one process per rank
     ],
 )
 def test_executor_choice(fields, processes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -14,7 +15,8 @@ import pytest
 import trio
 
 from atom_trio.config import EngineConfig
-from atom_trio.errors import ModelLoadError, WorkerDied
+from atom_trio.engine import open_engine
+from atom_trio.errors import EngineDeadError, ModelLoadError, WorkerDied
 from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.executor.process import ProcessExecutor, open_process_executor
@@ -153,6 +155,58 @@ async def test_killed_worker_raises_worker_died_and_leaves_nothing(tiny_llama_di
             await executor.execute(first_plan())
     assert not alive(pid)
     assert worker_children() == []
+
+
+async def test_a_worker_killed_between_steps_is_reported_without_a_step(nursery, tiny_llama_dir):
+    """`wait_failed` returns as soon as a worker exits, with no step to notice it; `aclose` is not a failure."""
+    returned = []
+
+    async def watch(executor: ProcessExecutor) -> None:
+        returned.append(await executor.wait_failed())
+
+    async with open_process_executor(cpu_config(tiny_llama_dir)) as executor:
+        nursery.start_soon(watch, executor)
+        (pid,) = executor.worker_pids
+        os.kill(pid, signal.SIGKILL)
+        with trio.fail_after(10):
+            failure = await executor.wait_failed()
+        assert (failure.rank, failure.returncode) == (0, -signal.SIGKILL)
+        assert str(failure) == "worker rank 0 exited with status -9 (SIGKILL)"
+        with pytest.raises(WorkerDied) as caught:
+            await executor.execute(first_plan())
+        assert caught.value is failure
+    await trio.sleep(0)
+    assert returned == [failure]
+    assert worker_children() == []
+
+    async with open_process_executor(cpu_config(tiny_llama_dir)) as executor:
+        nursery.start_soon(watch, executor)
+        await executor.execute(first_plan())
+    await trio.sleep(0.5)  # the workers' exit, after Shutdown, is no failure
+    assert returned == [failure]
+
+
+async def test_an_engine_dies_at_once_when_an_idle_worker_dies(tiny_llama_dir, caplog):
+    """No request needs to come: the engine dies, logs one ERROR line naming the rank and the signal, turns
+    unhealthy and refuses requests; leaving the block raises `EngineDeadError` and leaves no process."""
+    with pytest.raises(EngineDeadError) as left:
+        async with open_engine(cpu_config(tiny_llama_dir, executor="process")) as engine:
+            (pid,) = engine.executor.worker_pids
+            assert engine.is_healthy()
+            os.kill(pid, signal.SIGKILL)
+            with trio.fail_after(10):
+                dead = await engine.wait_dead()
+            assert not engine.is_healthy()
+            assert isinstance(dead.__cause__, WorkerDied)
+            with pytest.raises(EngineDeadError, match="exited with status -9"):
+                async for _ in engine.generate("Hi", SamplingParams(max_tokens=1)):
+                    pass
+    assert isinstance(left.value.__cause__, WorkerDied)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage() for r in errors] == [
+        "the engine died: WorkerDied: worker rank 0 exited with status -9 (SIGKILL)"
+    ]
+    assert not alive(pid) and worker_children() == []
 
 
 async def test_failing_step_reports_the_worker_traceback(tiny_llama_dir):
