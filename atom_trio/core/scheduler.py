@@ -72,10 +72,17 @@ _SEED_SPACE = 2**64
 
 @attrs.frozen(kw_only=True)
 class SchedulerStats:
-    """A snapshot for the server's metrics; the prefix-cache and preemption numbers are running totals."""
+    """A snapshot for the server's metrics; the prefix-cache and preemption numbers are running totals.
+
+    ``num_running`` and ``num_waiting`` count sequences (a request with ``n > 1`` has ``n``). A request is
+    *waiting* from `Scheduler.add_request` until the first of its sequences is scheduled, and *running* from
+    then until its last sequence finishes or is aborted (while preempted too).
+    """
 
     num_running: int
     num_waiting: int
+    num_running_requests: int
+    num_waiting_requests: int
     kv_cache_usage: float
     prefix_cache_queries: int
     """Tokens looked up in the prefix cache at admission."""
@@ -128,6 +135,8 @@ class Scheduler:
         """Running sequences by id, oldest admission first (the last one is the first to preempt)."""
         self._live: dict[int, Sequence] = {}
         self._requests: dict[str, list[Sequence]] = {}
+        self._unscheduled: set[str] = set()
+        """Requests none of whose sequences has been scheduled yet."""
         self._seq_ids = itertools.count()
         self._step_ids = itertools.count()
         self._dropped: list[int] = []
@@ -171,6 +180,7 @@ class Scheduler:
             siblings.append(seq)
             self._live[seq.seq_id] = seq
         self._requests[request_id] = siblings
+        self._unscheduled.add(request_id)
         self._waiting.extend(siblings)
 
     def abort_request(self, request_id: str, index: int | None = None, reason: FinishReason = "abort") -> None:
@@ -192,6 +202,8 @@ class Scheduler:
         return SchedulerStats(
             num_running=len(self._running),
             num_waiting=len(self._waiting),
+            num_running_requests=len(self._requests) - len(self._unscheduled),
+            num_waiting_requests=len(self._unscheduled),
             kv_cache_usage=self.block_manager.usage,
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
@@ -312,6 +324,7 @@ class Scheduler:
             if num_tokens <= 0:
                 break
             self._waiting.popleft()
+            self._unscheduled.discard(seq.request_id)
             if lookup:
                 self.prefix_cache_queries += len(seq.token_ids)
                 self.prefix_cache_hits += num_shared_tokens
@@ -480,3 +493,4 @@ class Scheduler:
         siblings.remove(seq)
         if not siblings:
             del self._requests[seq.request_id]
+            self._unscheduled.discard(seq.request_id)

@@ -173,8 +173,8 @@ class OutputProcessor:
     def stats(self, scheduler: SchedulerStats, *, num_steps: int) -> EngineStats:
         """The scheduler's snapshot with this processor's totals and the engine's step count."""
         return EngineStats(
-            num_running=scheduler.num_running,
-            num_waiting=scheduler.num_waiting,
+            num_running=scheduler.num_running_requests,
+            num_waiting=scheduler.num_waiting_requests,
             kv_cache_usage=scheduler.kv_cache_usage,
             prefix_cache_queries=scheduler.prefix_cache_queries,
             prefix_cache_hits=scheduler.prefix_cache_hits,

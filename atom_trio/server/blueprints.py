@@ -3,7 +3,7 @@
 - `openai_api`: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``;
 - `tokenizer_api`: ``/tokenize`` and ``/detokenize`` (vLLM's shapes);
 - `service`: ``/health``, ``/version``, ``/metrics``, for load balancers and scrapers;
-- `profiling`: ``/start_profile`` and ``/stop_profile``.
+- `profiling`: ``/start_profile`` and ``/stop_profile``, registered only with ``--profile-dir``.
 
 What every route shares lives on the app instead (routes.py): the API key
 guard, the error envelopes, the engine's lifespan.
@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import trio
 from quart import Blueprint, Response, current_app, request
 
 from .. import __version__
-from . import completions
+from ..engine.input_processor import INLINE_TOKENS, python_lane
+from . import completions, json_body
 from .errors import ApiError, bad_request, model_not_found
 from .sampling import chat_messages
-from .schemas import DetokenizeRequest, TokenizeRequest, parse_json, structure
+from .schemas import DetokenizeRequest, TokenizeRequest, read_request
 from .state import current_state
 
 if TYPE_CHECKING:
@@ -43,8 +45,11 @@ def error_response(error: ApiError) -> Response:
     return json_response(error.body(), error.status, error.headers)
 
 
-async def _body() -> Any:
-    return parse_json(await request.get_data())
+async def _large_json_response(payload: Any) -> Response:
+    """`json_response` for a payload that may be large, encoded in the python lane a bounded piece at a time."""
+    body = await trio.to_thread.run_sync(json_body.dumps_stepwise, payload, limiter=python_lane(),
+                                         thread_name="atom-trio encode response")
+    return Response(body, status=200, content_type="application/json")
 
 
 # ---- the OpenAI API -----------------------------------------------------------
@@ -60,9 +65,11 @@ async def create_chat_completion() -> Any:
 
 
 async def _generate(*, chat: bool) -> Any:
-    result = await completions.handle(current_state(), current_app.nursery, await _body(), chat=chat)
+    result = await completions.handle(current_state(), current_app.nursery, await request.get_data(), chat=chat)
     if isinstance(result, dict):
         return json_response(result)
+    if isinstance(result, bytes):  # a large response, encoded already
+        return Response(result, status=200, content_type="application/json")
     headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return result, 200, headers
 
@@ -82,7 +89,7 @@ async def _tokenizer_request(cls: type[T]) -> tuple[AsyncEngine, T]:
     """The engine (else a 503) and the body as ``cls`` (else a 400), naming this server's model if any (else a 404)."""
     srv = current_state()
     engine = srv.require_engine()
-    req = structure(cls, await _body())
+    req = await read_request(cls, await request.get_data())
     if req.model is not None and req.model != srv.model_name:
         raise model_not_found(req.model)
     return engine, req
@@ -99,13 +106,16 @@ async def tokenize() -> Response:
         chat_template_kwargs=req.chat_template_kwargs,
         add_special_tokens=req.add_special_tokens,
     )
-    return json_response({"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens})
+    payload = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
+    return await _large_json_response(payload) if len(tokens) > INLINE_TOKENS else json_response(payload)
 
 
 @tokenizer_api.post("/detokenize")
 async def detokenize() -> Response:
     engine, req = await _tokenizer_request(DetokenizeRequest)
-    return json_response({"prompt": engine.detokenize(req.tokens)})
+    text = await engine.detokenize(req.tokens)
+    large = len(text) > json_body.INLINE_MAX_BYTES
+    return await _large_json_response({"prompt": text}) if large else json_response({"prompt": text})
 
 
 # ---- health, version, metrics ----------------------------------------------------
@@ -134,11 +144,11 @@ async def metrics() -> Response:
 
 @profiling.post("/start_profile")
 async def start_profile() -> Response:
-    current_state().profiler.start()
-    return json_response({"status": "profiling"})
+    srv = current_state()
+    return json_response(await srv.profiler.start(srv.require_engine(), current_app.nursery))
 
 
 @profiling.post("/stop_profile")
 async def stop_profile() -> Response:
-    path = await current_state().profiler.stop()
-    return json_response({"status": "stopped", "trace": str(path)})
+    srv = current_state()
+    return json_response(await srv.profiler.stop(srv.require_engine()))

@@ -22,15 +22,16 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
+import trio
 
+from ..engine.input_processor import INLINE_TOKENS, python_lane
 from . import sampling
 from .errors import from_exception, internal_error, model_not_found
 from .generation import Generation, start_generation
-from .schemas import ChatCompletionRequest, CompletionRequest, StreamOptions, structure
+from .json_body import dumps_stepwise
+from .schemas import ChatCompletionRequest, CompletionRequest, StreamOptions, read_request
 
 if TYPE_CHECKING:
-    import trio
-
     from ..engine import Prompt
     from ..outputs import CompletionOutput, RequestOutput
     from .state import ServerState
@@ -244,6 +245,12 @@ class Response:
                 entries.append((token, logprobs[token], top))
         return entries
 
+    def rendering_work(self) -> int:
+        """How many token texts `final` would render: each logprob entry's and its alternatives'."""
+        tokens = sum(len(choice.logprobs) + len(self.prompt_logprobs.get(choice.index // self.n) or ())
+                     for choice in self.choices.values())
+        return tokens * (1 + self.echo_top)
+
     def final(self) -> dict[str, Any]:
         choices = []
         for choice in self.choices.values():
@@ -306,11 +313,12 @@ async def _stream(
 
 
 async def handle(
-    state: ServerState, nursery: trio.Nursery, body: Any, *, chat: bool
-) -> dict[str, Any] | AsyncIterator[bytes]:
-    """Serve one request body: a JSON dict for a plain response, an SSE byte stream when streaming."""
+    state: ServerState, nursery: trio.Nursery, body: bytes, *, chat: bool
+) -> dict[str, Any] | bytes | AsyncIterator[bytes]:
+    """Serve one request body: a plain response as a JSON dict (or already encoded, when large), an SSE byte
+    stream when streaming."""
     engine = state.require_engine()
-    req: CompletionRequest | ChatCompletionRequest = structure(
+    req: CompletionRequest | ChatCompletionRequest = await read_request(
         ChatCompletionRequest if chat else CompletionRequest, body
     )
     if req.model is not None and req.model != state.model_name:
@@ -324,30 +332,41 @@ async def handle(
             chat_template_kwargs=req.chat_template_kwargs,
         )
         fmt: CompletionFormat = ChatFormat(engine.decode, params.logprobs is not None)
-        echo, echo_only = None, False
+        echo_only = False
     else:
         assert isinstance(req, CompletionRequest)
         params = sampling.completion_params(req)
         prompts = list(req.prompt)
         generate_kwargs = {}
         fmt = CompletionFormat(engine.decode, params.logprobs is not None)
-        echo = [p if isinstance(p, str) else engine.decode(p) for p in req.prompt] if req.echo else None
         echo_only = sampling.echo_only(req)
-    response = Response(fmt, state.model_name, params.n, len(prompts), echo, echo_only=echo_only,
-                        echo_top=params.logprobs or 0)
     try:
         generation = await start_generation(
             nursery, engine, prompts, params, state.metrics, state.activity, **generate_kwargs
         )
     except Exception as exc:
         raise (from_exception(exc) or exc) from exc
+    # Only once admitted (which checks n): a choice is allocated per prompt and sample.
+    response = Response(fmt, state.model_name, params.n, len(prompts), echo_only=echo_only,
+                        echo_top=params.logprobs or 0)
+    if isinstance(req, CompletionRequest) and req.echo:  # token-id prompts decoded once admitted: within the context
+        try:
+            response.echo_texts = [p if isinstance(p, str) else await engine.detokenize(p, check_ids=False)
+                                   for p in req.prompt]
+        except BaseException:
+            generation.cancel()
+            raise
     if req.stream:
         return _stream(generation, response, req.stream_options)
     try:
         await _fold_all(generation, response)
     except Exception as exc:
         raise (from_exception(exc) or exc) from exc
-    return response.final()
+    if response.rendering_work() <= INLINE_TOKENS:
+        return response.final()
+    # Many tokens with their alternatives: rendered and encoded off the event loop, a bounded piece at a time.
+    return await trio.to_thread.run_sync(lambda: dumps_stepwise(response.final()), limiter=python_lane(),
+                                         thread_name="atom-trio render response")
 
 
 __all__ = ["handle"]

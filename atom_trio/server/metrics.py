@@ -5,7 +5,8 @@ usage, prefix-cache tokens, preemptions, token counters) are read from
 ``engine.stats()`` at scrape time by a custom collector, so there is one source
 of truth and nothing to keep in sync. Latencies only the HTTP side sees (time to
 first token, inter-token latency, end-to-end latency) are observed by the
-handlers.
+handlers, and the outputs the handlers hold for their responses are counted at
+scrape time over the live generations.
 
 Each app gets its own `CollectorRegistry`: several servers in one process (tests)
 never share or clash.
@@ -13,15 +14,17 @@ never share or clash.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ..engine import AsyncEngine
+    from .generation import Generation
 
 PREFIX = "atom_trio:"
 
@@ -32,8 +35,10 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 
 # (metric name, EngineStats attribute, help); gauges then counters.
 _GAUGES = (
-    ("num_requests_running", "num_running", "Requests whose sequences are in the running batch."),
-    ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
+    ("num_requests_running", "num_running",
+     "Requests scheduled and not finished, whatever their n (while preempted too)."),
+    ("num_requests_waiting", "num_waiting",
+     "Requests admitted none of whose sequences has been scheduled yet, whatever their n."),
     ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV cache blocks in use (0..1)."),
 )
 _COUNTERS = (
@@ -96,6 +101,14 @@ class ServerMetrics:
             PREFIX + "e2e_request_latency_seconds", "Time from request arrival to its last token.",
             label, buckets=_LATENCY_BUCKETS, registry=self.registry,
         ).labels(model_name)
+        self.generations: weakref.WeakSet[Generation] = weakref.WeakSet()
+        """The API requests' generations while they live (`start_generation` adds each)."""
+        Gauge(
+            PREFIX + "http_pending_outputs",
+            "Outputs the engine produced that HTTP responses have not taken yet: at most one per prompt of a "
+            "running request, since later deltas merge into it.",
+            label, registry=self.registry,
+        ).labels(model_name).set_function(lambda: sum(g.buffered for g in list(self.generations)))
         self.registry.register(EngineStatsCollector(get_engine, model_name))
 
     def render(self) -> bytes:

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING
 import trio
 from quart import Response, current_app, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 from ..config import EngineConfig, ServerSettings
+from ..errors import EngineDeadError
 from .blueprints import error_response, openai_api, profiling, service, tokenizer_api
 from .errors import ApiError, from_exception, internal_error
+from .openapi import openapi_blueprint
 from .state import ServerState, current_state
 
 if TYPE_CHECKING:
@@ -58,20 +60,31 @@ def create_app(
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
-    for blueprint in (openai_api, tokenizer_api, service, profiling):
+    for blueprint in (openai_api, tokenizer_api, service, openapi_blueprint(guarded)):
         app.register_blueprint(blueprint)
+    if settings.profile_dir:  # the profiling routes exist only where traces have somewhere to go
+        app.register_blueprint(profiling)
     return app
 
 
+_GUARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/start_profile", "/stop_profile"})
+
+
+def guarded(path: str) -> bool:
+    """Whether ``path`` needs the API key, when the server has one (the OpenAPI document says so too)."""
+    return path.startswith("/v1/") or path in _GUARDED_PATHS
+
+
 async def _guard() -> Response | None:
-    """With an API key set, ``/v1/*`` and profiling need ``Authorization: Bearer <key>``."""
-    guarded = request.path.startswith("/v1/") or request.path in ("/start_profile", "/stop_profile")
+    """With an API key set, ``/v1/*``, the tokenizer routes and profiling need ``Authorization: Bearer <key>``
+    (as in vLLM); ``/health``, ``/version`` and ``/metrics`` stay open to load balancers and scrapers."""
     key = current_state().settings.api_key
-    if key and guarded:
+    if key and guarded(request.path):
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            # Refused before its body is read: the connection cannot carry another request.
             return error_response(ApiError(401, "Missing or invalid API key (Authorization: Bearer ...).",
-                                           code="invalid_api_key"))
+                                           code="invalid_api_key", headers={"Connection": "close"}))
     return None
 
 
@@ -85,7 +98,12 @@ async def _http_error(error: HTTPException) -> Response:
     if error.code == 413:
         limit = current_state().settings.max_request_bytes
         message = f"The request body is larger than the server's limit of {limit} bytes."
-    return error_response(ApiError(error.code or 500, message, code=code))
+    # An unknown route or a body over the limit is answered before the body is read, and hypercorn would
+    # then wait for it on the kept-alive connection: close it instead.
+    headers = {"Connection": "close"} if request.content_length or "Transfer-Encoding" in request.headers else {}
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        headers["Allow"] = ", ".join(error.valid_methods)  # RFC 9110 requires it with a 405
+    return error_response(ApiError(error.code or 500, message, code=code, headers=headers))
 
 
 async def _unexpected(error: Exception) -> Response:
@@ -111,15 +129,17 @@ async def _engine_lifespan() -> AsyncIterator[None]:
                 async with open_engine(srv.config) as engine:
                     task_status.started(engine)
                     started = True
-                    await trio.sleep_forever()
+                    raise await engine.wait_dead()
             except Exception as exc:
                 if not started:
                     raise
                 # Under hypercorn's lifespan an exception here would only be logged while the server kept
-                # answering; record it so /health and every request answer 503 instead.
+                # answering; record it so /health and every request answer 503 instead. A death the
+                # engine has logged already.
                 srv.engine_error = exc
                 srv.engine = None
-                log.error("the engine stopped: %r", exc)
+                if not isinstance(exc, EngineDeadError):
+                    log.error("the engine stopped: %r", exc)
 
     srv.engine = await app.nursery.start(run_engine)
     yield

@@ -8,6 +8,13 @@ Fields of the OpenAI (and vLLM) API that atom_trio does not implement are not
 declared on the classes: a request that sets one to anything but its neutral
 value is refused naming it (`UNSUPPORTED`), and a field nobody defines is
 refused as unrecognized, as OpenAI itself does. Nothing is ignored silently.
+
+A body comes in as bytes and leaves as a request class through `read_request`:
+a small one is decoded and structured on the event loop, a large one in the
+engine's `python_lane` worker thread (json_body.py says why and how), so no
+body, whatever its size or shape, holds the event loop for more than a few
+milliseconds. A chat's messages are counted before anything else is done with
+them (`MAX_CHAT_MESSAGES`).
 """
 
 from __future__ import annotations
@@ -20,8 +27,11 @@ from typing import Any, Literal, TypeVar
 import attrs
 import cattrs
 import cattrs.cols
+import trio
 from cattrs.errors import ForbiddenExtraKeysError
 
+from ..engine.input_processor import MAX_CHAT_MESSAGES, python_lane
+from . import json_body
 from .errors import ApiError, bad_request
 
 T = TypeVar("T")
@@ -305,6 +315,9 @@ def structure(cls: type[T], data: Any) -> T:
     """Structure a decoded JSON body into ``cls``, or raise one `ApiError` 400 listing every problem."""
     if not isinstance(data, dict):
         raise bad_request(f"the request body must be a JSON object, got {_json_type(type(data))}")
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > MAX_CHAT_MESSAGES:
+        raise bad_request(_too_many_messages(len(messages)), param="messages")
     problems: list[tuple[str | None, str]] = []
     checks = UNSUPPORTED.get(cls, {})
     data = dict(data)
@@ -344,8 +357,36 @@ def _extra_names(message: str) -> list[str]:
     return message.split(": ", 1)[1].split(", ")
 
 
+def _too_many_messages(count: int | None = None) -> str:
+    return f"messages may have at most {MAX_CHAT_MESSAGES} items" + (f", not {count}" if count is not None else "")
+
+
+async def read_request(cls: type[T], body: bytes) -> T:
+    """The body decoded and structured into ``cls``, off the event loop unless it is small.
+
+    Raises:
+        ApiError: 400 for a body that is not JSON this server takes or not a valid ``cls`` (every problem listed).
+    """
+    if json_body.fits_inline(body):
+        return _read_request(cls, body)
+    return await trio.to_thread.run_sync(
+        _read_request, cls, body, limiter=python_lane(), thread_name="atom-trio read request"
+    )
+
+
+def _read_request(cls: type[T], body: bytes) -> T:
+    return structure(cls, parse_json(body))
+
+
 def parse_json(body: bytes) -> Any:
+    """The JSON document in ``body``; an oversized ``messages`` array is refused before the rest is decoded.
+
+    Raises:
+        ApiError: 400 (``invalid_json``) with where and why.
+    """
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return json_body.decode(body, limits={"messages": MAX_CHAT_MESSAGES})
+    except json_body.TooManyItems:
+        raise bad_request(_too_many_messages(), param="messages") from None
+    except json_body.BodyError as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None

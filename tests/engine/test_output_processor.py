@@ -11,8 +11,8 @@ from atom_trio.engine.output_processor import OutputProcessor
 from atom_trio.errors import EngineDeadError
 from atom_trio.sampling_params import SamplingParams
 
-IDLE = SchedulerStats(num_running=0, num_waiting=0, kv_cache_usage=0.0, prefix_cache_queries=0,
-                      prefix_cache_hits=0, num_preemptions=0)
+IDLE = SchedulerStats(num_running=0, num_waiting=0, num_running_requests=0, num_waiting_requests=0,
+                      kv_cache_usage=0.0, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -225,16 +224,6 @@ async def test_metrics_count_what_was_served(http: httpx.AsyncClient) -> None:
     assert sample(after, "atom_trio:inter_token_latency_seconds_count") >= 2
     assert sample(after, "atom_trio:num_requests_running") == 0
     assert 'model_name="SmolLM2-135M-Instruct"' in after and "atom_trio:kv_cache_usage_perc" in after
-
-
-async def test_profile_writes_a_trace(http: httpx.AsyncClient) -> None:
-    assert (await http.post("/start_profile")).status_code == 200
-    assert (await http.post("/start_profile")).status_code == 409
-    await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
-    response = await http.post("/stop_profile")
-    assert response.status_code == 200
-    trace = Path(response.json()["trace"])
-    assert "traceEvents" in json.loads(trace.read_text())
 
 
 # ---- errors -----------------------------------------------------------------
