@@ -6,8 +6,10 @@
 
 Measured, all in one process on one card:
 
-- the device-to-device copy bandwidth, and from it the HBM floor of one
-  decode step: every weight byte read once, ``weight bytes / bandwidth``;
+- the device-to-device copy bandwidth, and from it the floor of a decode
+  step at each batch size: the bytes it must move (`benchmarks.roofline`:
+  the weights it uses, one embedding row per token, the KV cache at the
+  median timed step's context, the logits) over that bandwidth;
 - transformers (SDPA) on a model of the same shapes: the time per decode step
   of ``generate`` at batch 1 and its tokens/s at batch 32 (``(t(N tokens) -
   t(1 token)) / (N - 1)``, which takes the prefill out), and one forward of a
@@ -47,6 +49,7 @@ from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
 from atom_trio.testing import LLAMA_3_1_8B, write_model_dir
+from benchmarks.roofline import step_bytes
 
 BF16_PEAK_TFLOPS = 789.0  # dense bf16 matmul measured on the H100 of the device tool
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
@@ -302,9 +305,14 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
     results["graph_GiB"] = runner.graph_bytes / 2**30
     results["graph_GiB_set_aside"] = runner.graph_bytes_budgeted / 2**30
     results["kv_cache_tokens"] = runner.num_kv_blocks * runner.block_size
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    results["weight_GB"] = weight_bytes / 1e9
-    results["hbm_floor_ms"] = weight_bytes / bandwidth * 1e3
+    results["weight_GB"] = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 1e9
+    # Each timed decode step attends to the prompt, the prefill's token and the steps before it.
+    context = args.input_len + 1 + (args.steps + 2) // 2  # the median timed step's (decode_ms skips 3)
+    results["decode_floor_context"] = context
+    for batch in args.batch_sizes:
+        floor = step_bytes(LLAMA_3_1_8B, [context] * batch)
+        results[f"decode_b{batch}_floor_GB"] = floor.total / 1e9
+        results[f"decode_b{batch}_floor_ms"] = floor.floor_ms(bandwidth)
 
     rng = random.Random(0)
     driver = Driver(runner)
@@ -336,9 +344,10 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
         graphs, runner.decode_graphs = runner.decode_graphs, None
         results["decode_b1_eager_ms_per_step"] = decode_ms(driver, 1, args.input_len, args.steps, rng)
         runner.decode_graphs = graphs
-    if "decode_b1_ms_per_step" in results:
-        results["decode_b1_vs_floor"] = results["decode_b1_ms_per_step"] / results["hbm_floor_ms"]
-        results["decode_b1_async_vs_floor"] = results["decode_b1_async_ms_per_step"] / results["hbm_floor_ms"]
+    for batch in args.batch_sizes:
+        floor_ms = results[f"decode_b{batch}_floor_ms"]
+        results[f"decode_b{batch}_vs_floor"] = results[f"decode_b{batch}_ms_per_step"] / floor_ms
+        results[f"decode_b{batch}_async_vs_floor"] = results[f"decode_b{batch}_async_ms_per_step"] / floor_ms
     runner.close()
     del runner, driver
     gc.collect()

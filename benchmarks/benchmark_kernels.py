@@ -39,6 +39,8 @@ from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.ops import AttentionMetadata, TorchRefBackend
 from atom_trio.ops.triton import TritonBackend, launch_config, sample
 from atom_trio.ops.triton.attention import LaunchConfig, paged_attention
+from atom_trio.testing import LLAMA_3_1_8B
+from benchmarks.roofline import kv_cache_bytes
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 4096, 32, 8, 128, 14336
 VOCAB = 128256
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     copy_bw = copy_bandwidth(args.iters)
     print(f"device: {torch.cuda.get_device_name()}, dtype {args.dtype}")
     print(f"device-to-device copy (1 GiB, read+write): {copy_bw / 1e9:.0f} GB/s")
-    print(f"times: median device time per call from CUDA-graph replays (eager: launched from Python)\n")
+    print("times: median device time per call from CUDA-graph replays (eager: launched from Python)\n")
     rows: list[dict[str, Any]] = []
     if args.sampling_only:
         rows += sampling(copy_bw, args.iters)
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         splits = launch_config(num_tokens=batch, num_seqs=batch, max_query_len=1, max_context_len=context,
                                group=HEADS // KV_HEADS, head_dim=HEAD_DIM, num_kv_heads=KV_HEADS,
                                num_sms=triton_ops.num_sms, num_splits=None).num_splits
-        kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * element
+        kv_bytes = kv_cache_bytes(LLAMA_3_1_8B, batch * context, dtype_bytes=element, layers=1)
         layouts = cache_layouts(triton_ops, ref_ops, kc, vc)
         report("decode_attention", f"batch {batch} x ctx {context} ({splits} splits)",
                lambda ops: ops.paged_attention(qd, kd, vd, *layouts[ops], plans[ops], scale),
@@ -337,7 +339,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     layouts = cache_layouts(triton_ops, ref_ops, kc, vc)
     report("mixed_attention", "512-token chunk @1536 + 63 decodes @1024",
            lambda ops: ops.paged_attention(qm, km, vm, *layouts[ops], plans[ops], scale),
-           nbytes=2 * sum(n + c for n, c in mixed) * KV_HEADS * HEAD_DIM * element + 2 * qm.numel() * element)
+           nbytes=kv_cache_bytes(LLAMA_3_1_8B, sum(n + c for n, c in mixed), dtype_bytes=element, layers=1)
+           + 2 * qm.numel() * element)
 
     for prompt in (2048, 8192):
         qp, kp, vp, kc, vc, metadata = decode_step(1, [(prompt, 0)], dtype)
