@@ -9,6 +9,9 @@ answer (its dtype), raised before its weights load by either executor.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import attrs
 import pytest
 import torch
@@ -144,7 +147,16 @@ def test_the_device_check_counts_the_visible_gpus() -> None:
         check_device(EngineConfig(device=f"cuda:{visible}"))
     with pytest.raises(InvalidConfig, match="kernel backend 'cpu' is not available on 'cuda'"):
         check_device(EngineConfig(device="cuda", kernel_backend="cpu"))
-    assert not torch.cuda.is_initialized()  # no CUDA context in the process that checked
+    # No CUDA context in a process that only checked (this one may hold one from other tests).
+    probe = "\n".join([
+        "import torch",
+        "from atom_trio.config import EngineConfig",
+        "from atom_trio.executor import check_device",
+        f"check_device(EngineConfig(device='cuda', tensor_parallel_size={visible}))",
+        "print(torch.cuda.is_initialized())",
+    ])
+    checked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert checked.stdout.split() == ["False"], checked.stderr[-2000:]
 
 
 @pytest.mark.parametrize("executor", ["thread", "process"])

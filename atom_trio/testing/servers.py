@@ -79,7 +79,9 @@ def server_process(
     port = free_port()
     if command is None:
         command = [sys.executable, "-m", "atom_trio", "serve", "--host", "127.0.0.1", "--port", "{port}", *args]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}
+    # This checkout's package first; what else the path holds (dependencies installed with --target) stays.
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "PYTHONPATH": python_path, **(env or {})}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [part.replace("{port}", str(port)) for part in command], cwd=REPO_ROOT, env=full_env,
