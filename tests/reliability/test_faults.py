@@ -236,6 +236,7 @@ def test_burst_past_the_queue_gets_429_with_retry_after_and_all_succeed_on_retry
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(client, server.url) for _ in range(16)]
             answers = [future.result(timeout=BOUND * 4) for future in futures]  # none stuck, none failed
+        print(f"full queue: answers {dict(statuses)}")
         assert set(statuses) == {200, 429} and statuses[200] == 16, statuses
         assert all(a["usage"]["completion_tokens"] == 32 for a in answers)
         wait_drained(server.url)
