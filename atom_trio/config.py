@@ -191,6 +191,12 @@ class EngineConfig:
         aliases=("-tp",),
         section="Execution",
     )
+    enable_expert_parallel: bool = _field(
+        False,
+        "mixture-of-experts layers: each tensor-parallel rank holds whole experts (1/N of them) instead of 1/N of "
+        "every expert; attention and dense layers stay tensor-parallel. With one rank, or a model without experts, "
+        "the layout is the same either way",
+    )
     executor: str = _field(
         "auto",
         "`thread`: the model runs in this process (one rank: not with tensor parallelism); `process`: in worker "

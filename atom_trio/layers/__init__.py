@@ -5,21 +5,32 @@ from __future__ import annotations
 from .attention import Attention, ForwardContext, forward_context, get_forward_context
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .layernorm import RMSNorm
-from .linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from .linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from .moe import FusedMoE, select_experts, use_expert_parallel
 from .rotary import RotaryEmbedding, get_rope
 
 __all__ = [
     "Attention",
     "ColumnParallelLinear",
     "ForwardContext",
+    "FusedMoE",
     "MergedColumnParallelLinear",
     "ParallelLMHead",
     "QKVParallelLinear",
     "RMSNorm",
+    "ReplicatedLinear",
     "RotaryEmbedding",
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "forward_context",
     "get_forward_context",
     "get_rope",
+    "select_experts",
+    "use_expert_parallel",
 ]

@@ -186,6 +186,43 @@ class KernelBackend(abc.ABC):
         y = F.linear(x, weight, bias)
         return self.silu_and_mul(y) if silu_and_mul else y
 
+    def fused_experts(
+        self,
+        hidden: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        *,
+        expert_offset: int = 0,
+    ) -> torch.Tensor:
+        """The routed experts' weighted sum for each token: a mixture-of-experts layer's ``[tokens, hidden]`` output.
+
+        ``out[t] = sum_j topk_weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` over the experts
+        ``e = topk_ids[t, j]`` held here: ``w13`` ``[experts, 2 * inter, hidden]`` (gate rows, then up rows)
+        and ``w2`` ``[experts, hidden, inter]`` hold global experts ``[expert_offset, expert_offset +
+        experts)``; a choice outside them adds nothing (another rank of an expert-parallel group holds it).
+        Sums in float32 and returns ``hidden``'s dtype.
+
+        This default is the reference: every held expert runs on every token and
+        the routing weights (zero where a token did not choose the expert) mask
+        the sum. Wasteful, but no shape depends on device values, so it never
+        synchronises and traces whole under torch.compile; backends override it
+        with kernels that run each expert on its own tokens only.
+        """
+        num_tokens = hidden.shape[0]
+        num_experts = w13.shape[0]
+        local = topk_ids.long() - expert_offset
+        held = (local >= 0) & (local < num_experts)
+        # Column e: each token's weight for held expert e; the last column gathers the choices held elsewhere.
+        routing = torch.zeros(num_tokens, num_experts + 1, dtype=torch.float32, device=hidden.device)
+        routing.scatter_add_(1, torch.where(held, local, num_experts), topk_weights.float())
+        out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        for expert in range(num_experts):
+            y = F.linear(self.silu_and_mul(F.linear(hidden, w13[expert])), w2[expert])
+            out.addcmul_(routing[:, expert : expert + 1], y.float())
+        return out.to(hidden.dtype)
+
     def traced(self) -> KernelBackend:
         """The kernels for the layers of a model that torch.compile traces.
 

@@ -95,7 +95,14 @@ class ModelRunner:
         self.level = effective_level(config, self.device)
         torch.manual_seed(config.seed)
 
-        self.model = startup.build_model(resolved, self.device, self.backend, level=self.level, tp_group=self.tp_group)
+        self.model = startup.build_model(
+            resolved,
+            self.device,
+            self.backend,
+            level=self.level,
+            tp_group=self.tp_group,
+            expert_parallel=config.enable_expert_parallel,
+        )
         # Only now: a model that cannot be split fails on every rank at once instead of in the rendezvous.
         init_distributed(self.tp_group, self.device, timeout_s=config.worker_timeout)
         clock.lap("model build")

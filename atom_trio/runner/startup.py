@@ -24,6 +24,7 @@ from atom_trio.config import EngineConfig
 from atom_trio.core.plan import SeqChunk, StepPlan
 from atom_trio.distributed import TensorParallelGroup, use_tp_group
 from atom_trio.errors import ModelLoadError
+from atom_trio.layers.moe import use_expert_parallel
 from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.loader.weights import iter_weights
 from atom_trio.models import get_model_class
@@ -106,13 +107,20 @@ def build_model(
     *,
     level: int,
     tp_group: TensorParallelGroup,
+    expert_parallel: bool,
 ) -> torch.nn.Module:
     """The model's modules on ``device`` in the model's dtype, weights not loaded yet."""
     model_class = get_model_class(resolved.hf_config)
     # Layers of a model torch.compile traces call their elementwise kernels as ops dynamo does not trace into.
     layer_ops = backend.traced() if level > 0 else backend
     try:
-        with _default_dtype(resolved.dtype), device, use_backend(layer_ops), use_tp_group(tp_group):
+        with (
+            _default_dtype(resolved.dtype),
+            device,
+            use_backend(layer_ops),
+            use_tp_group(tp_group),
+            use_expert_parallel(expert_parallel),
+        ):
             return model_class(resolved.hf_config)
     except ValueError as exc:  # a config feature the implementation lacks (rope type, activation, a TP split...)
         raise ModelLoadError(f"cannot build {model_class.__name__} from {resolved.path}: {exc}") from exc
@@ -123,7 +131,8 @@ def load_weights(
 ) -> None:
     """Load the weights and put the model in eval mode, its weights laid out for the kernels that read them."""
     with torch.no_grad():
-        model.load_weights(iter_weights(resolved, seed=seed, device=device))
+        keep = getattr(model, "keep_in_float32", ())
+        model.load_weights(iter_weights(resolved, seed=seed, device=device, keep_in_float32=keep))
     model.eval()
     if not freezes_weights(device, level):  # Inductor packs frozen weights itself
         for module in model.modules():  # e.g. CPU matmul weight packing

@@ -5,7 +5,9 @@ take one call into the compiled library (`kernels`) instead of the
 reference's torch ops. Every op keeps the reference's torch code as its
 fallback: for other devices and dtypes, for layouts a kernel does not take,
 where no compiler builds the library, and under torch.compile (a graph can't
-hold a ctypes call). The library is built, or loaded from the cache, at the
+hold a ctypes call). Mixture-of-experts layers run each expert on its own
+tokens only (`moe`), where the reference runs every expert on every token.
+The library is built, or loaded from the cache, at the
 first op that can use it, not here: backends are made in places that never
 run a kernel.
 """
@@ -16,6 +18,7 @@ import torch
 
 from ..torch_ref import TorchAttentionPlan, TorchRefBackend
 from .kernels import SUPPORTED_DTYPES, CpuKernels, load_cpu_kernels
+from .moe import sorted_fused_experts
 
 
 class CpuBackend(TorchRefBackend):
@@ -52,6 +55,12 @@ class CpuBackend(TorchRefBackend):
         if kernels is not None and (done := kernels.silu_and_mul(x)) is not None:
             return done
         return super().silu_and_mul(x)
+
+    def fused_experts(self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0):
+        # Sorting by expert sizes each expert's matmul from the ids: a host read that no graph can hold.
+        if hidden.device.type != "cpu" or torch.compiler.is_compiling():
+            return super().fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
+        return sorted_fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset, self.silu_and_mul)
 
     def _attention_kernels(self, q, k_cache, v_cache) -> CpuKernels | None:
         """The kernels when they apply to a query (or key) and caches of one dtype, contiguous, else None."""

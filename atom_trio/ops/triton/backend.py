@@ -16,6 +16,7 @@ from .activation import silu_and_mul
 from .attention import TritonAttentionPlan, paged_attention
 from .cache import store_kv
 from .gemv import gemv, rms_norm_gemv
+from .moe import fused_experts
 from .norm import rms_norm
 from .rotary import rotary_embedding
 from .sampling import sample
@@ -82,6 +83,9 @@ class TritonBackend(KernelBackend):
 
     def silu_and_mul(self, x):
         return silu_and_mul(x)
+
+    def fused_experts(self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0):
+        return fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
 
     def traced(self):
         from .opaque import TracedTritonOps  # registers the custom ops: only for a model that is compiled

@@ -1,10 +1,13 @@
-"""The hand-fused elementwise kernels and the one-row GEMV as custom ops, for a forward that torch.compile traces.
+"""The hand-fused elementwise kernels, the one-row GEMV and the fused experts as custom ops, for a compiled forward.
 
 Dynamo records one opaque call per op instead of tracing into Triton's
 launcher, and Inductor schedules the matmuls and glue around it. Plain torch
 ops for Inductor to fuse itself were slower for long prompts: Inductor's own
 norm/rotary/SiLU kernels made a long prefill slower at ``--level 3`` than
 these eagerly (docs/compilation.md has the figures).
+The fused experts have no torch equivalent that Inductor could fuse: traced,
+a mixture-of-experts layer would fall back to the reference, which runs every
+expert on every token.
 Every op returns new tensors (never a view of an input), as custom ops must.
 `TracedTritonOps` is what `TritonBackend.traced` gives the layers: these ops
 where plain `TracedOps` has torch.
@@ -19,6 +22,7 @@ import torch
 from ..traced import TracedOps
 from .activation import silu_and_mul
 from .gemv import gemv, rms_norm_gemv
+from .moe import fused_experts
 from .norm import rms_norm
 
 if TYPE_CHECKING:
@@ -90,13 +94,30 @@ def _(x, residual, norm_weight, eps, weight, bias, silu_and_mul, num_sms) -> tup
     return _gemv_output(x, weight, silu_and_mul), x.new_empty(x.shape if residual is not None else 0)
 
 
+@torch.library.custom_op("atom_trio::fused_experts", mutates_args=())
+def fused_experts_op(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_offset: int,
+) -> torch.Tensor:
+    return fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
+
+
+@fused_experts_op.register_fake
+def _(hidden, w13, w2, topk_weights, topk_ids, expert_offset) -> torch.Tensor:
+    return hidden.new_empty(hidden.shape)
+
+
 def _gemv_output(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool) -> torch.Tensor:
     """An empty tensor shaped like a GEMV's output (half the rows of ``weight`` after SiLU-and-mul)."""
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if silu_and_mul else weight.shape[0])
 
 
 class TracedTritonOps(TracedOps):
-    """`TracedOps` with the Triton backend's norms, SiLU and one-row matmuls as the opaque ops above."""
+    """`TracedOps` with the Triton backend's norms, SiLU, one-row matmuls and fused experts as the opaque ops above."""
 
     device_backend: TritonBackend
 
@@ -113,6 +134,9 @@ class TracedTritonOps(TracedOps):
         if self.device_backend.uses_gemv(x, weight):
             return gemv_op(x, weight, bias, silu_and_mul, self.device_backend.num_sms)
         return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
+
+    def fused_experts(self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0):
+        return fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, expert_offset)
 
     def rms_norm_linear(self, x, residual, norm_weight, eps, weight, bias=None, *, silu_and_mul=False):
         if not self.device_backend.uses_gemv(x, weight):

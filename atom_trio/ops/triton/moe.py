@@ -1,0 +1,451 @@
+"""Fused mixture-of-experts: every token's chosen experts in two grouped GEMMs over the rows sorted by expert.
+
+A token ``t`` routed to experts ``topk_ids[t]`` with weights ``topk_weights[t]``
+is ``k`` rows of work, one per (token, choice) *entry* ``t * k + j``. The layer
+runs in four launches, each sized by host integers alone (the token count, the
+expert count, the tile), so a decode step of fixed batch size can be captured
+in a CUDA graph and replayed with new routing:
+
+1. `moe_align_block_size` (one program) lists the entries by expert, each
+   expert's list padded to a multiple of ``BLOCK_M``, and names the expert of
+   every ``BLOCK_M``-row block. Entries whose expert another rank holds (expert
+   parallelism: outside ``[expert_offset, expert_offset + E_local)``) are left
+   out, so they contribute nothing here. The list has a fixed length, the
+   bound ``T*k + min(E_local, T*k) * (BLOCK_M - 1)``; the padded length is a
+   device value that the GEMM programs read, and programs past it exit.
+2. The gate/up GEMM: a program owns one block of rows of one expert and
+   ``BLOCK_N`` columns of the intermediate; it streams the matching gate and up
+   rows of ``w13[e]`` and writes ``silu(gate) * up`` (fp32 accumulation, the
+   activation in the epilogue), so the ``[T*k, 2I]`` projection never exists.
+3. The down GEMM over that ``[T*k, I]`` activation, multiplying each row by
+   its routing weight in the epilogue.
+4. The sum over the ``k`` choices of each token, in fp32, with no atomics:
+   one program per (token, column tile) adds its token's rows whose expert is
+   local, so the output does not depend on which program finishes first.
+
+Rows are written at their entry index, not at their sorted position, so the
+order of entries inside an expert's list (the align kernel assigns slots with
+atomics) does not change any result: every row of a tile is computed by the
+same sequence of products.
+
+Tile sizes come per (local expert count, intermediate size, device) from the
+JSON tables in ``moe_configs/`` (written by ``benchmarks/tune_moe.py``; the
+batch-size key nearest the token count wins), else from `default_tile_config`.
+One ``BLOCK_M`` serves both GEMMs, since both walk the same aligned list.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import attrs
+import torch
+import triton
+import triton.language as tl
+
+CONFIG_DIR = Path(__file__).parent / "moe_configs"
+
+_ALIGN_CHUNK = 1024  # entries the align kernel takes per step of its loops
+_ALIGN_BLOCKS = 32  # blocks whose expert it decides per step
+_SUM_BLOCK_H = 1024
+
+
+@attrs.frozen
+class MoeTileConfig:
+    """The tiles of both expert GEMMs: ``block_m`` rows of one expert by ``block_n`` output columns, ``block_k`` deep.
+
+    ``group_m`` consecutive row blocks share a column tile before the grid
+    moves to the next one, so an expert's weight tile is read by neighbouring
+    programs while it is in L2.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def default_tile_config(num_experts: int, top_k: int, tokens: int) -> MoeTileConfig:
+    """Tiles for a shape with no tuned table, from the rows an expert gets on average (``tokens * top_k / E``).
+
+    Few rows (decode) make the GEMMs weight streams: the smallest row tile
+    ``tl.dot`` takes (16) and narrow column tiles, so that many programs stream
+    at once (at batch 1, Qwen3-30B-A3B's gate/up pass is 8 experts times
+    768 / 32 column tiles: 192 programs, where 64-column tiles would leave an
+    H100's 132 SMs partly idle). Many rows (prefill) make them compute-bound: large square tiles.
+    Every choice fits 160 KB of shared memory at three stages, the gate/up
+    pass's two weight tiles included.
+    """
+    rows_per_expert = tokens * top_k / max(num_experts, 1)
+    if rows_per_expert <= 16:
+        return MoeTileConfig(block_m=16, block_n=32, block_k=128, group_m=1, num_warps=4, num_stages=3)
+    if rows_per_expert <= 64:
+        return MoeTileConfig(block_m=32, block_n=64, block_k=64, group_m=8, num_warps=4, num_stages=3)
+    if rows_per_expert <= 256:
+        return MoeTileConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+    return MoeTileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
+
+
+def config_file_name(num_experts: int, intermediate: int, device_name: str) -> str:
+    """The table for ``num_experts`` local experts of ``intermediate`` columns on ``device_name`` (spaces as ``_``)."""
+    return f"E={num_experts},N={intermediate},device_name={device_name.replace(' ', '_')}.json"
+
+
+@functools.cache
+def tuned_configs(num_experts: int, intermediate: int, device_name: str) -> dict[int, MoeTileConfig]:
+    """The tuned table ``{batch size: tiles}`` for this shape and device; empty where none is stored."""
+    path = CONFIG_DIR / config_file_name(num_experts, intermediate, device_name)
+    if not path.is_file():
+        return {}
+    return {int(batch): MoeTileConfig(**tiles) for batch, tiles in json.loads(path.read_text()).items()}
+
+
+def tile_config(num_experts: int, intermediate: int, top_k: int, tokens: int, device_name: str) -> MoeTileConfig:
+    """The tiles for ``tokens`` tokens: the tuned entry of the nearest batch size, else `default_tile_config`."""
+    table = tuned_configs(num_experts, intermediate, device_name)
+    if not table:
+        return default_tile_config(num_experts, top_k, tokens)
+    return table[min(table, key=lambda batch: (abs(batch - tokens), batch))]
+
+
+@functools.cache
+def device_name(device: torch.device) -> str:
+    """What the tables are keyed by: the CUDA device's name, or the device type elsewhere (the interpreter)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@attrs.frozen
+class AlignedEntries:
+    """`moe_align_block_size`'s lists, on the device.
+
+    ``sorted_ids[p]`` is the entry (``t * k + j``) at sorted position ``p``, or
+    ``T*k`` in padding; ``expert_ids[b]`` is the local expert of the rows
+    ``[b * block_m, (b + 1) * block_m)``, or -1 past the padded length
+    ``num_padded[0]``.
+    """
+
+    sorted_ids: torch.Tensor  # [max_blocks * block_m] int32
+    expert_ids: torch.Tensor  # [max_blocks] int32
+    num_padded: torch.Tensor  # [1] int32
+    block_m: int
+
+    @property
+    def max_blocks(self) -> int:
+        return self.expert_ids.shape[0]
+
+
+# The entry and block counts change with every batch size: specialising on them (divisibility by 16)
+# would compile another variant for half the sizes a server captures.
+@triton.jit(do_not_specialize=["num_entries", "max_blocks"])
+def _align_kernel(
+    topk_ids_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    cursor_ptr,
+    num_entries,
+    expert_offset,
+    num_experts,
+    max_blocks,
+    BLOCK_M: tl.constexpr,
+    EXPERTS_P2: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCKS: tl.constexpr,
+):
+    # Pass 1: rows per local expert. Entries of other ranks' experts (and the tail of the last chunk)
+    # count in bin ``num_experts``, which gets no rows.
+    experts = tl.arange(0, EXPERTS_P2)
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros((EXPERTS_P2,), dtype=tl.int32)
+    for start in range(0, num_entries, CHUNK):
+        entry = start + offs
+        local = tl.load(topk_ids_ptr + entry, mask=entry < num_entries, other=-1).to(tl.int32) - expert_offset
+        local = tl.where((entry < num_entries) & (local >= 0) & (local < num_experts), local, num_experts)
+        counts += tl.histogram(local, EXPERTS_P2)
+    padded = tl.where(experts < num_experts, tl.cdiv(counts, BLOCK_M) * BLOCK_M, 0)
+    ends = tl.cumsum(padded, 0)
+    total = tl.sum(padded, 0)
+    # Each expert's next free slot, handed out by atomics below.
+    tl.store(cursor_ptr + experts, ends - padded)
+    tl.store(num_padded_ptr, total)
+    # A block belongs to the first expert whose rows end after the block starts.
+    for b0 in range(0, max_blocks, BLOCKS):
+        blocks = b0 + tl.arange(0, BLOCKS)
+        first_row = blocks * BLOCK_M
+        owner = tl.sum((ends[None, :] <= first_row[:, None]).to(tl.int32), 1)
+        tl.store(expert_ids_ptr + blocks, tl.where(first_row < total, owner, -1), mask=blocks < max_blocks)
+    for p0 in range(0, max_blocks * BLOCK_M, CHUNK):
+        tl.store(sorted_ids_ptr + p0 + offs, num_entries, mask=p0 + offs < max_blocks * BLOCK_M)
+    # The padding and the cursors must be in place before any entry takes its slot.
+    tl.debug_barrier()
+    # Pass 2: every local entry takes the next slot of its expert.
+    for start in range(0, num_entries, CHUNK):
+        entry = start + offs
+        local = tl.load(topk_ids_ptr + entry, mask=entry < num_entries, other=-1).to(tl.int32) - expert_offset
+        valid = (entry < num_entries) & (local >= 0) & (local < num_experts)
+        slot = tl.atomic_add(cursor_ptr + local, 1, mask=valid)
+        tl.store(sorted_ids_ptr + slot, entry, mask=valid)
+
+
+def max_padded_rows(num_entries: int, num_experts: int, block_m: int) -> int:
+    """The most rows the aligned list can need: every entry, plus padding for each expert that has any."""
+    return num_entries + min(num_experts, num_entries) * (block_m - 1)
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, block_m: int, *, expert_offset: int = 0, num_experts: int
+) -> AlignedEntries:
+    """The entries of ``topk_ids`` ``[T, k]`` grouped by local expert, each group padded to ``block_m`` rows.
+
+    Local expert ``e`` is global ``expert_offset + e`` for ``e < num_experts``;
+    entries of other experts are left out. Sizes follow from ``T``, ``k``,
+    ``num_experts`` and ``block_m`` alone, so the launch can be captured.
+    """
+    topk_ids = topk_ids.contiguous()
+    num_entries = topk_ids.numel()
+    max_blocks = triton.cdiv(max_padded_rows(num_entries, num_experts, block_m), block_m)
+    device = topk_ids.device
+    aligned = AlignedEntries(
+        sorted_ids=torch.empty(max_blocks * block_m, dtype=torch.int32, device=device),
+        expert_ids=torch.empty(max_blocks, dtype=torch.int32, device=device),
+        num_padded=torch.empty(1, dtype=torch.int32, device=device),
+        block_m=block_m,
+    )
+    experts_p2 = triton.next_power_of_2(num_experts + 1)
+    cursor = torch.empty(experts_p2, dtype=torch.int32, device=device)
+    _align_kernel[(1,)](
+        topk_ids,
+        aligned.sorted_ids,
+        aligned.expert_ids,
+        aligned.num_padded,
+        cursor,
+        num_entries,
+        expert_offset,
+        num_experts,
+        max_blocks,
+        BLOCK_M=block_m,
+        EXPERTS_P2=experts_p2,
+        CHUNK=_ALIGN_CHUNK,
+        BLOCKS=_ALIGN_BLOCKS,
+        num_warps=8,
+    )
+    return aligned
+
+
+@triton.jit(do_not_specialize=["num_entries", "max_blocks"])
+def _expert_gemm_kernel(
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    routing_weights_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    num_padded_ptr,
+    N,
+    K,
+    num_entries,
+    max_blocks,
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_om,
+    up_offset,
+    ENTRIES_PER_A_ROW: tl.constexpr,
+    SILU_AND_MUL: tl.constexpr,
+    ROUTING_WEIGHT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Grouped order: GROUP_M row blocks walk the column tiles together, sharing weight tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_pid_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(max_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    entries = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    row_valid = entries < num_entries
+    # Padding rows read row 0 (a load needs no mask then) and are never stored.
+    a_rows = tl.where(row_valid, entries // ENTRIES_PER_A_ROW, 0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Columns past N wrap to valid weight rows for the same reason.
+    w_cols = (cols % N).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
+    w_ptrs = w_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_in = ks < K - k0
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if SILU_AND_MUL:
+            if EVEN_K:
+                up = tl.load(w_ptrs + up_offset)
+            else:
+                up = tl.load(w_ptrs + up_offset, mask=k_in[:, None], other=0.0)
+            acc_up = tl.dot(a, up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SILU_AND_MUL:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if ROUTING_WEIGHT:
+        acc *= tl.load(routing_weights_ptr + entries, mask=row_valid, other=0.0)[:, None]
+    out_ptrs = out_ptr + entries.to(tl.int64)[:, None] * stride_om + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (cols[None, :] < N))
+
+
+def _expert_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    aligned: AlignedEntries,
+    config: MoeTileConfig,
+    *,
+    entries_per_a_row: int,
+    silu_and_mul: bool,
+    routing_weights: torch.Tensor | None,
+) -> None:
+    """``out[entry] = a[entry // entries_per_a_row] @ w[expert].T`` for every aligned entry, then the epilogues.
+
+    With ``silu_and_mul`` the output has half the weight's rows: gate rows
+    ``[0, N)`` and up rows ``[N, 2N)`` of each expert.
+    """
+    n = out.shape[1]
+    k = a.shape[1]
+    grid = (aligned.max_blocks * triton.cdiv(n, config.block_n),)
+    _expert_gemm_kernel[grid](
+        a,
+        w,
+        out,
+        routing_weights if routing_weights is not None else out,
+        aligned.sorted_ids,
+        aligned.expert_ids,
+        aligned.num_padded,
+        n,
+        k,
+        out.shape[0],
+        aligned.max_blocks,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        out.stride(0),
+        n * w.stride(1),
+        ENTRIES_PER_A_ROW=entries_per_a_row,
+        SILU_AND_MUL=silu_and_mul,
+        ROUTING_WEIGHT=routing_weights is not None,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        GROUP_M=config.group_m,
+        EVEN_K=k % config.block_k == 0,
+        # float32 (tests) stays exact; 16-bit inputs take the default, portable to ROCm.
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else None,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+
+
+@triton.jit
+def _sum_choices_kernel(
+    out_ptr,
+    rows_ptr,
+    topk_ids_ptr,
+    H,
+    expert_offset,
+    num_experts,
+    TOP_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_in = cols < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        # Rows of other ranks' experts were never written: skip them, never read them. (Compared as a
+        # vector: Triton's interpreter types a scalar condition and'ed into a vector mask as int32.)
+        local = tl.load(topk_ids_ptr + token * TOP_K + j).to(tl.int32) - expert_offset + tl.zeros_like(cols)
+        is_local = (local >= 0) & (local < num_experts)
+        acc += tl.load(rows_ptr + (token * TOP_K + j) * H + cols, mask=col_in & is_local, other=0.0).to(tl.float32)
+    tl.store(out_ptr + token * H + cols, acc.to(out_ptr.dtype.element_ty), mask=col_in)
+
+
+def fused_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    *,
+    expert_offset: int = 0,
+    config: MoeTileConfig | None = None,
+) -> torch.Tensor:
+    """``KernelBackend.fused_experts``: ``hidden`` ``[T, H]`` through its chosen local experts, weighted and summed.
+
+    ``w13`` ``[E_local, 2I, H]`` (gate rows, then up rows), ``w2`` ``[E_local,
+    H, I]``; ``topk_ids`` ``[T, k]`` are global expert ids, of which those in
+    ``[expert_offset, expert_offset + E_local)`` are computed here. ``config``
+    forces the tiles (the tuning script); otherwise `tile_config` picks them.
+    """
+    tokens, hidden_size = hidden.shape
+    num_experts, two_i, _ = w13.shape
+    intermediate = two_i // 2
+    top_k = topk_ids.shape[1]
+    expected_w2 = (num_experts, hidden_size, intermediate)
+    if w13.shape != (num_experts, 2 * intermediate, hidden_size) or w2.shape != expected_w2:
+        raise ValueError(
+            f"fused_experts: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden size {hidden_size}"
+        )
+    if topk_weights.shape != topk_ids.shape or topk_ids.shape[0] != tokens:
+        raise ValueError(
+            f"fused_experts: topk_weights {tuple(topk_weights.shape)} and topk_ids {tuple(topk_ids.shape)} "
+            f"must both be [{tokens}, k]"
+        )
+    out = torch.empty_like(hidden)
+    if tokens == 0 or top_k == 0:
+        return out.zero_()
+    if hidden.stride(-1) != 1:
+        hidden = hidden.contiguous()
+    w13 = w13 if w13.stride(-1) == 1 else w13.contiguous()
+    w2 = w2 if w2.stride(-1) == 1 else w2.contiguous()
+    topk_ids = topk_ids.contiguous()
+    if config is None:
+        config = tile_config(num_experts, intermediate, top_k, tokens, device_name(hidden.device))
+    aligned = moe_align_block_size(topk_ids, config.block_m, expert_offset=expert_offset, num_experts=num_experts)
+    num_entries = tokens * top_k
+    activation = torch.empty(num_entries, intermediate, dtype=hidden.dtype, device=hidden.device)
+    _expert_gemm(
+        hidden, w13, activation, aligned, config, entries_per_a_row=top_k, silu_and_mul=True, routing_weights=None
+    )
+    rows = torch.empty(num_entries, hidden_size, dtype=hidden.dtype, device=hidden.device)
+    _expert_gemm(
+        activation,
+        w2,
+        rows,
+        aligned,
+        config,
+        entries_per_a_row=1,
+        silu_and_mul=False,
+        routing_weights=topk_weights.to(torch.float32).contiguous(),
+    )
+    _sum_choices_kernel[(tokens, triton.cdiv(hidden_size, _SUM_BLOCK_H))](
+        out, rows, topk_ids, hidden_size, expert_offset, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H
+    )
+    return out
