@@ -89,16 +89,15 @@ class Attention(nn.Module):
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
         context = get_forward_context()
-        query, key = self.ops.rotary_store_kv(
-            positions,
-            query,
-            key,
-            value,
-            self.rotary_emb.cos_sin_cache,
-            self.k_cache,
-            self.v_cache,
-            context.metadata.slot_mapping,
-        )
+        cos_sin_cache, rotary_dim = self.rotary_emb.cos_sin_cache, self.rotary_emb.rotary_dim
+        if rotary_dim == self.head_dim:
+            query, key = self.ops.rotary_store_kv(
+                positions, query, key, value, cos_sin_cache, self.k_cache, self.v_cache, context.metadata.slot_mapping
+            )
+        else:  # partial rotary: the first rotary_dim features of each head turn, the others pass through
+            turned = self.ops.rotary_embedding(positions, query[..., :rotary_dim], key[..., :rotary_dim], cos_sin_cache)
+            query, key = (torch.cat((t, x[..., rotary_dim:]), dim=-1) for t, x in zip(turned, (query, key)))
+            self.ops.store_kv(key, value, self.k_cache, self.v_cache, context.metadata.slot_mapping)
         return self.ops.paged_attention(
             query, key, value, self.k_cache, self.v_cache, context.attn_plan, self.scale
         )

@@ -98,10 +98,15 @@ class ColumnParallelLinear(LinearBase):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks: each rank takes its slice of ``x``; the partial products are summed."""
+    """Input features split across ranks: each rank takes its slice of ``x``; the partial products are summed.
 
-    def __init__(self, input_size: int, output_size: int, *, bias: bool = False) -> None:
+    With ``reduce_results=False`` the layer returns this rank's partial sum, for a caller that adds other
+    partial sums first and all-reduces once (a shared expert beside routed ones).
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, bias: bool = False, reduce_results: bool = True) -> None:
         super().__init__(current_tp_group().divide(input_size, "input features"), output_size, bias=bias)
+        self.reduce_results = reduce_results
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.ndim == 1:  # the bias is whole on every rank
@@ -112,7 +117,18 @@ class RowParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias joins once, on rank 0, or the all-reduce would add it size times.
         bias = self.bias if self.tp.rank == 0 else None
-        return self.tp.all_reduce(self._linear(x, bias))
+        y = self._linear(x, bias)
+        return self.tp.all_reduce(y) if self.reduce_results else y
+
+
+class ReplicatedLinear(LinearBase):
+    """The whole matrix on every rank, for a small layer whose whole output every rank needs.
+
+    A mixture-of-experts router is one: every rank must pick the same experts for a token.
+    """
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        _copy_shard(param.data, loaded, dim=0, index=0, parts=1)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

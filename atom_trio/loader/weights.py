@@ -23,11 +23,17 @@ DUMMY_WEIGHT_RANGE = 1e-3
 
 
 def iter_weights(
-    resolved: ResolvedModel, *, seed: int = 0, device: torch.device | str = "cpu"
+    resolved: ResolvedModel,
+    *,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    keep_in_float32: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the model, one at a time, in Hugging Face names and ``resolved.dtype``.
 
-    ``seed`` and ``device`` matter only for dummy weights (see `iter_dummy_weights`).
+    ``seed`` and ``device`` matter only for dummy weights (see `iter_dummy_weights`). A safetensors
+    tensor whose name ends with one of ``keep_in_float32`` comes in float32 instead, so that a value the
+    checkpoint stores in float32 reaches a float32 parameter unrounded (GLM-4-MoE's router).
     """
     if resolved.load_format == "dummy":
         yield from iter_dummy_weights(resolved.hf_config, dtype=resolved.dtype, seed=seed, device=device)
@@ -37,7 +43,8 @@ def iter_weights(
         for file in safetensors_files(resolved.path):
             with safetensors.safe_open(file, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name).to(resolved.dtype)
+                    dtype = torch.float32 if keep_in_float32 and name.endswith(keep_in_float32) else resolved.dtype
+                    yield name, f.get_tensor(name).to(dtype)
     else:
         raise ValueError(f"unknown load_format {resolved.load_format!r}")
 

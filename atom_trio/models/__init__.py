@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from .glm4_moe import Glm4MoeForCausalLM
 from .llama import LlamaForCausalLM
+from .mixtral import MixtralForCausalLM
 from .qwen3 import Qwen3ForCausalLM
+from .qwen3_moe import Qwen3MoeForCausalLM
 from .registry import MODEL_REGISTRY, get_model_class
 
-__all__ = ["MODEL_REGISTRY", "LlamaForCausalLM", "Qwen3ForCausalLM", "get_model_class"]
+__all__ = [
+    "MODEL_REGISTRY",
+    "Glm4MoeForCausalLM",
+    "LlamaForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "get_model_class",
+]
 

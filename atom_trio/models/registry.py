@@ -6,12 +6,18 @@ from torch import nn
 
 from atom_trio.errors import ModelLoadError
 
+from .glm4_moe import Glm4MoeForCausalLM
 from .llama import LlamaForCausalLM
+from .mixtral import MixtralForCausalLM
 from .qwen3 import Qwen3ForCausalLM
+from .qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
 }
 
 # Configs built from GGUF metadata may name only the model type.

@@ -7,10 +7,18 @@ no torch (the helpers that need torch or transformers import them when called).
 from __future__ import annotations
 
 from atom_trio._net import free_port as free_port
+from atom_trio.testing.models import GLM_4_5_AIR as GLM_4_5_AIR
 from atom_trio.testing.models import LLAMA_3_1_8B as LLAMA_3_1_8B
+from atom_trio.testing.models import MIXTRAL_8X7B as MIXTRAL_8X7B
 from atom_trio.testing.models import QWEN3_0_6B as QWEN3_0_6B
+from atom_trio.testing.models import QWEN3_30B_A3B as QWEN3_30B_A3B
+from atom_trio.testing.models import REAL_CONFIGS as REAL_CONFIGS
+from atom_trio.testing.models import ROUTER_GAIN as ROUTER_GAIN
 from atom_trio.testing.models import TINY_CONFIGS as TINY_CONFIGS
+from atom_trio.testing.models import TINY_MOE_CONFIGS as TINY_MOE_CONFIGS
+from atom_trio.testing.models import sharpen_routers as sharpen_routers
 from atom_trio.testing.models import transformers_config as transformers_config
+from atom_trio.testing.models import transformers_greedy as transformers_greedy
 from atom_trio.testing.models import write_model_dir as write_model_dir
 from atom_trio.testing.models import write_tiny_model_dir as write_tiny_model_dir
 from atom_trio.testing.servers import ServerProcess as ServerProcess

@@ -2,13 +2,15 @@
 
 Each configuration is the contents of a Hugging Face ``config.json``:
 
-- Real models' shapes (``LLAMA_3_1_8B``, ``QWEN3_0_6B``: ``configs/*.json``), for dummy-weight runs at their
-  true sizes: real weights can't travel to the GPU machine, and ``--load-format dummy`` with one of these
-  gives the same shapes, bytes and FLOPs. The GPU tests and the recorded benchmark figures depend on these
+- Real models' shapes (``LLAMA_3_1_8B``, ``QWEN3_0_6B``, and the mixture-of-experts ``QWEN3_30B_A3B``,
+  ``MIXTRAL_8X7B``, ``GLM_4_5_AIR``: ``configs/*.json``), for dummy-weight runs at their true sizes: real
+  weights can't travel to the GPU machine, and ``--load-format dummy`` with one of these gives the same
+  shapes, bytes and FLOPs. The GPU tests and the recorded benchmark figures depend on these
   exact values.
-- Tiny models (``TINY_CONFIGS``), written with random weights by transformers itself and the default model's
-  tokenizer, so every path a user's model takes (config.json, safetensors, tokenizer files) runs on the CPU
-  in seconds, with transformers' own implementation as the reference.
+- Tiny models (``TINY_CONFIGS``, and the mixture-of-experts ones in ``TINY_MOE_CONFIGS``), written with random
+  weights by transformers itself and the default model's tokenizer, so every path a user's model takes
+  (config.json, safetensors, tokenizer files) runs on the CPU in seconds, with transformers' own
+  implementation as the reference.
 """
 
 from __future__ import annotations
@@ -26,6 +28,17 @@ def _real_config(name: str) -> dict[str, Any]:
 
 LLAMA_3_1_8B = _real_config("llama-3.1-8b")
 QWEN3_0_6B = _real_config("qwen3-0.6b")
+QWEN3_30B_A3B = _real_config("qwen3-30b-a3b")
+MIXTRAL_8X7B = _real_config("mixtral-8x7b")
+GLM_4_5_AIR = _real_config("glm-4.5-air")
+REAL_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama-3.1-8b": LLAMA_3_1_8B,
+    "qwen3-0.6b": QWEN3_0_6B,
+    "qwen3-30b-a3b": QWEN3_30B_A3B,
+    "mixtral-8x7b": MIXTRAL_8X7B,
+    "glm-4.5-air": GLM_4_5_AIR,
+}
+"""The real models' shapes by name (their file in ``configs/``): what a benchmark's ``--config`` picks."""
 
 _TINY_LLAMA = dict(
     architectures=["LlamaForCausalLM"],
@@ -60,6 +73,46 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
 }
 """Tiny random-weight models by name; vocabulary and special tokens come from the tokenizer they are saved with."""
 
+_TINY_MOE = dict(_TINY_LLAMA, num_hidden_layers=3, num_experts_per_tok=2, moe_intermediate_size=32)
+TINY_MOE_CONFIGS: dict[str, dict[str, Any]] = {
+    # Sparse layers 0 and 2, a dense one between (mlp_only_layers); softmax top-2 of 8, renormalized.
+    "qwen3_moe": dict(
+        _TINY_MOE,
+        architectures=["Qwen3MoeForCausalLM"],
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        num_experts=8,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    ),
+    # Every layer sparse, top-2 of 8 experts of intermediate_size.
+    "mixtral": dict(_TINY_LLAMA, architectures=["MixtralForCausalLM"], num_local_experts=8, num_experts_per_tok=2),
+    # One dense layer first, then sigmoid routing over 4 groups of 2 experts (the best 2 groups compete),
+    # a shared expert, a routed scaling factor; q/k/v biases, q/k norms, rotary on half of each head.
+    "glm4_moe": dict(
+        _TINY_MOE,
+        architectures=["Glm4MoeForCausalLM"],
+        head_dim=32,
+        n_routed_experts=8,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        attention_bias=True,
+        use_qk_norm=True,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+    ),
+}
+"""Tiny mixture-of-experts models (see `write_tiny_model_dir` for their routers); kept apart from ``TINY_CONFIGS``,
+whose dense architectures other tests and the byte-count checks iterate over."""
+
+ROUTER_GAIN = 10.0
+"""Tiny MoE models' router weights are scaled by this, so that a token's chosen experts win by margins far above
+float32 rounding and the choice is the same whatever the order of the arithmetic (see `write_tiny_model_dir`)."""
+
 
 def transformers_config(hf_config: dict[str, Any], **overrides: Any):
     """``hf_config`` with ``overrides`` as the transformers config class of its architecture."""
@@ -69,14 +122,36 @@ def transformers_config(hf_config: dict[str, Any], **overrides: Any):
     return getattr(transformers, values["architectures"][0]).config_class(**values)
 
 
+def sharpen_routers(model):
+    """``model`` (transformers', random weights) with decisive expert choices; returned for chaining.
+
+    Its routers' weights are multiplied by `ROUTER_GAIN` (at transformers' initial scale the top-k margins
+    are small enough for rounding to swap experts between two correct implementations), and GLM-4-MoE's
+    ``e_score_correction_bias`` (zeros at initialisation) is drawn, so that it takes part in the choice.
+    A dense model is returned unchanged.
+    """
+    import torch
+
+    with torch.no_grad():
+        for param_name, tensor in model.state_dict(keep_vars=True).items():
+            if param_name.endswith("mlp.gate.weight"):
+                tensor.mul_(ROUTER_GAIN)
+            elif param_name.endswith("e_score_correction_bias"):
+                tensor.normal_(0.0, 0.1)
+    return model
+
+
 def write_tiny_model_dir(name: str, root: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
-    """``root/name``: the tiny model ``name``, random weights drawn from ``seed``, ``tokenizer_dir``'s tokenizer."""
+    """``root/name``: the tiny model ``name``, random weights drawn from ``seed``, ``tokenizer_dir``'s tokenizer.
+
+    A mixture-of-experts model's routers are sharpened (`sharpen_routers`).
+    """
     import torch
     import transformers
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     config = transformers_config(
-        TINY_CONFIGS[name],
+        {**TINY_CONFIGS, **TINY_MOE_CONFIGS}[name],
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -84,7 +159,7 @@ def write_tiny_model_dir(name: str, root: Path, tokenizer_dir: Path, *, seed: in
         dtype="float32",
     )
     torch.manual_seed(seed)
-    model = getattr(transformers, config.architectures[0])(config).eval()
+    model = sharpen_routers(getattr(transformers, config.architectures[0])(config).eval())
     out = root / name
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -92,6 +167,24 @@ def write_tiny_model_dir(name: str, root: Path, tokenizer_dir: Path, *, seed: in
     if generation_config.exists() and not (out / generation_config.name).exists():
         shutil.copy(generation_config, out / generation_config.name)
     return out
+
+
+def transformers_greedy(model, prompt: list[int], max_tokens: int, repetition_penalty: float = 1.0) -> list[int]:
+    """Transformers' greedy ``generate`` of ``prompt`` alone: the reference our greedy tokens must equal.
+
+    It stops at the model's EOS, so it may return fewer than ``max_tokens`` tokens.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            repetition_penalty=repetition_penalty,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def write_model_dir(path: Path, hf_config: dict[str, Any], tokenizer_from: Path | None = None) -> Path:

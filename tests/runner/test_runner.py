@@ -19,6 +19,7 @@ from atom_trio.config import EngineConfig
 from atom_trio.core.plan import SeqChunk, StepPlan
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
+from atom_trio.testing import transformers_greedy
 
 
 @attrs.define
@@ -122,18 +123,6 @@ def run_to_completion(runner: ModelRunner, requests: list[Request], *, num_block
     return [scheduler.done[i].output for i in range(len(requests))]
 
 
-def hf_greedy(model, prompt: list[int], max_tokens: int, repetition_penalty: float = 1.0) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_tokens,
-            do_sample=False,
-            repetition_penalty=repetition_penalty,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def mixed_requests(prompts: list[list[int]], max_tokens: int, repetition_penalty: float = 1.0) -> list[Request]:
     """Batched whole prompts, chunked prefills, late arrivals and early finishers, all overlapping."""
     shapes = [
@@ -167,7 +156,7 @@ def check_greedy_matches_transformers(
         runner.close()
     distinct = set()
     for request, output in zip(requests, outputs):
-        expected = hf_greedy(hf, request.prompt, request.params.max_tokens, repetition_penalty)
+        expected = transformers_greedy(hf, request.prompt, request.params.max_tokens, repetition_penalty)
         # transformers stops at EOS; the runner (max_tokens only) must agree up to there
         assert output[: len(expected)] == expected
         distinct.update(expected)
