@@ -3,29 +3,45 @@
     python3 -m benchmarks.benchmark_gpu                    # Llama-3.1-8B shapes, bf16, dummy weights
     python3 -m benchmarks.benchmark_gpu --json out.json
     for l in 0 1 2 3; do python3 -m benchmarks.benchmark_gpu --level $l --skip-transformers; done   # compare levels
+    python3 -m benchmarks.benchmark_gpu --config qwen3-30b-a3b --batch-sizes 1 8 32 128 \
+        --transformers-batch-sizes 1 --gpu-memory-utilization 0.95      # a mixture of experts
 
-Measured, all in one process on one card:
+``--config`` picks the model's shapes (``atom_trio.testing.REAL_CONFIGS``). Measured, all in one process on
+one card:
 
 - the device-to-device copy bandwidth, and from it the floor of a decode
   step at each batch size: the bytes it must move (`benchmarks.roofline`:
   the weights it uses, one embedding row per token, the KV cache at the
-  median timed step's context, the logits) over that bandwidth;
-- transformers (SDPA) on a model of the same shapes: the time per decode step
-  of ``generate`` at batch 1 and its tokens/s at batch 32 (``(t(N tokens) -
-  t(1 token)) / (N - 1)``, which takes the prefill out), and one forward of a
-  2048-token prompt; it is then freed, and the runner takes the card;
+  median timed step's context, the logits) over that bandwidth. For a
+  mixture of experts, the routed experts it reads are those its router
+  chose: counted per sparse layer over a few decode steps of each batch size
+  (``decode_bN_distinct_experts``, the mean over layers), run eagerly at
+  the end so that a hook sees the router's ids; ``decode_bN_floor_uniform_ms``
+  is the floor for uniform random routing instead;
+- transformers (SDPA) on a model of the same shapes and the same dummy
+  weights (drawn as ``--load-format dummy`` draws them): the time per decode
+  step of ``generate`` at each ``--transformers-batch-sizes`` (``(t(N
+  tokens) - t(1 token)) / (N - 1)``, which takes the prefill out), and one
+  forward of a 2048-token prompt; a mixture of experts is timed with each of
+  ``--transformers-experts`` (``hf_eager_...``: its per-expert loop;
+  ``hf_grouped_mm_...``: its default, a grouped GEMM, which its
+  ``generate`` swaps for ``batched_mm`` while decoding on a GPU). It is then
+  freed, and the runner takes the card;
 - the runner (Triton kernels, KV cache sized by ``gpu_memory_utilization``)
   at ``--level`` (results under ``level_N``): its start-up time by phase and
   the decode graphs' memory;
-  prefill of one 2048-token prompt (time, TFLOP/s against the bf16 peak);
-  time per decode step at batch 1, with CUDA graphs and, on the same runner,
-  eagerly; decode tokens/s at batch 32 and 128 with 1024 tokens of context;
-  the same decode steps pipelined as async scheduling runs them (``async``:
-  the next step launched before the host reads this one's tokens, which
-  then feed it on the device).
+  prefill of one 2048-token prompt (time, TFLOP/s of the parameters each
+  token multiplies, a mixture's active experts only, against the bf16
+  peak); time per decode step at batch 1, with CUDA graphs and, on the same
+  runner, eagerly; decode tokens/s at each batch size with 1024 tokens of
+  context; the same decode steps pipelined as async scheduling runs them
+  (``async``: the next step launched before the host reads this one's
+  tokens, which then feed it on the device).
 
 Steps are timed from the host around ``execute`` (which returns sampled
 tokens, so the device has finished); figures are medians after warm-up.
+The JSON is written after transformers and again at the end, so a run cut
+off by a time limit keeps the first half.
 """
 
 from __future__ import annotations
@@ -46,13 +62,16 @@ import torch
 
 from atom_trio.config import EngineConfig
 from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
+from atom_trio.layers import FusedMoE
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
-from atom_trio.testing import LLAMA_3_1_8B, write_model_dir
-from benchmarks.roofline import step_bytes
+from atom_trio.testing import REAL_CONFIGS, write_model_dir
+from benchmarks.roofline import expected_distinct_experts, moe_shape, prefill_flops, step_bytes
 
 BF16_PEAK_TFLOPS = 789.0  # dense bf16 matmul measured on the H100 of the device tool
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
+DUMMY_SEED = 0  # of the runner's dummy weights, and of the same weights in transformers' model
+ROUTING_STEPS = 8  # decode steps whose routing is counted, per batch size
 
 
 def median_ms(fn: Callable[[], object], iters: int, warmup: int = 2) -> float:
@@ -84,32 +103,42 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
-def prefill_flops(config: dict, tokens: int) -> float:
-    """Matmul FLOPs of one causal prefill of ``tokens`` (projections, MLP, attention, one row of LM head)."""
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    head_dim = hidden // config["num_attention_heads"]
-    kv = config["num_key_value_heads"] * head_dim
-    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * config["intermediate_size"]
-    attention = 2 * 2 * hidden * tokens * (tokens + 1) / 2  # QK^T and PV over the causal half
-    return layers * (2 * per_layer * tokens + attention) + 2 * hidden * config["vocab_size"]
-
-
 # -- transformers -----------------------------------------------------------------------------------
 
 
-def transformers_baseline(model_dir: Path, input_len: int, prefill_len: int, steps: int) -> dict:
+def transformers_baseline(
+    model_dir: Path,
+    input_len: int,
+    prefill_len: int,
+    steps: int,
+    *,
+    batch_sizes: list[int],
+    experts_implementations: list[str | None],
+) -> dict:
+    """transformers' figures (keys ``hf_...``), each of ``experts_implementations`` in turn (``None``: dense).
+
+    The model is freed before this returns, and what the card still holds is checked: the runner sizes its
+    KV cache from the free memory.
+    """
     import transformers
+
+    from atom_trio.loader.weights import iter_dummy_weights
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the card: no fp32 copy of 8B weights
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the card: no fp32 copy of the weights
     try:
         with torch.device("cuda"):
             model = transformers.AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(previous)
     model = model.to(torch.bfloat16).eval()
+    state = model.state_dict()
+    with torch.no_grad():  # the runner's weights: its router then picks the same experts for the same tokens
+        for name, tensor in iter_dummy_weights(config, dtype=torch.bfloat16, seed=DUMMY_SEED, device="cuda"):
+            state[name].copy_(tensor)
+    del state
     rng = random.Random(0)
     out = {}
 
@@ -131,17 +160,26 @@ def transformers_baseline(model_dir: Path, input_len: int, prefill_len: int, ste
 
         return run
 
-    for batch in (1, 32):
-        first = median_ms(generate(batch, 1), iters=3, warmup=1)
-        full = median_ms(generate(batch, steps), iters=2, warmup=1)
-        step_ms = (full - first) / (steps - 1)
-        out[f"hf_decode_b{batch}_ms_per_step"] = step_ms
-        out[f"hf_decode_b{batch}_tok_s"] = batch * 1e3 / step_ms
     prompt = torch.tensor([[rng.randrange(1000, config.vocab_size) for _ in range(prefill_len)]], device="cuda")
-    with torch.inference_mode():
-        out["hf_prefill_ms"] = median_ms(lambda: model(prompt, logits_to_keep=1), iters=5)
+    for implementation in experts_implementations:
+        tag = "hf" if implementation is None else f"hf_{implementation}"
+        if implementation is not None:
+            model.set_experts_implementation(implementation)
+        for batch in batch_sizes:
+            first = median_ms(generate(batch, 1), iters=3, warmup=1)
+            full = median_ms(generate(batch, steps), iters=2, warmup=1)
+            step_ms = (full - first) / (steps - 1)
+            out[f"{tag}_decode_b{batch}_ms_per_step"] = step_ms
+            out[f"{tag}_decode_b{batch}_tok_s"] = batch * 1e3 / step_ms
+        with torch.inference_mode():
+            out[f"{tag}_prefill_ms"] = median_ms(lambda: model(prompt, logits_to_keep=1), iters=5)
+        print(json.dumps(out, indent=1), flush=True)
     del model
+    gc.collect()
     torch.cuda.empty_cache()
+    out["hf_left_allocated_GiB"] = torch.cuda.memory_allocated() / 2**30
+    if out["hf_left_allocated_GiB"] > 1:
+        raise RuntimeError(f"transformers' model still holds {out['hf_left_allocated_GiB']:.1f} GiB after it was freed")
     return out
 
 
@@ -177,6 +215,11 @@ class Driver:
                 )
             )
             self.next_seq += 1
+        if self.next_block > self.runner.num_kv_blocks:
+            raise SystemExit(
+                f"{len(prompts)} sequences of {max_len} tokens need {self.next_block} KV blocks; the cache has "
+                f"{self.runner.num_kv_blocks}: raise --gpu-memory-utilization or lower --input-len"
+            )
         per_step = max(1, chunk_tokens // len(prompts[0]))
         decode = []
         for i in range(0, len(chunks), per_step):
@@ -245,6 +288,37 @@ def decode_async_ms(
     return statistics.median(times) * 1e3
 
 
+def routed_experts(driver: Driver, batch: int, input_len: int, steps: int, rng: random.Random) -> list[float]:
+    """How many distinct experts each sparse layer's router chose in a decode step of ``batch``, on average.
+
+    ``steps`` decode steps after prompts of ``input_len`` random tokens, as `decode_ms` runs them, but
+    through the model itself instead of its compiled forward and graphs, so that a hook on each `FusedMoE`
+    sees the ids its router passes (hooks are on only for those steps: compiled code never meets them).
+    One count per sparse layer in layer order, as `benchmarks.roofline.step_bytes` takes them.
+    """
+    runner = driver.runner
+    layers = [m for m in runner.model.modules() if isinstance(m, FusedMoE)]
+    prompts = [[rng.randrange(1000, runner.vocab_size) for _ in range(input_len)] for _ in range(batch)]
+    chunks = driver.start(prompts, input_len + steps + 8, runner.config.max_num_batched_tokens)
+    counts: dict[FusedMoE, list[int]] = {layer: [] for layer in layers}
+
+    def count(layer: FusedMoE, args: tuple) -> None:  # args: (hidden, topk_weights, topk_ids)
+        counts[layer].append(args[2].unique().numel())
+
+    hooks = [layer.register_forward_pre_hook(count) for layer in layers]
+    graphs, forward = runner.decode_graphs, runner.model_forward
+    runner.decode_graphs, runner.model_forward = None, runner.model
+    try:
+        for _ in range(steps):
+            chunks = driver.advance(chunks)
+    finally:
+        runner.decode_graphs, runner.model_forward = graphs, forward
+        for hook in hooks:
+            hook.remove()
+    driver.finish(chunks)
+    return [statistics.mean(counts[layer]) for layer in layers]
+
+
 def graph_replay_ms(runner: ModelRunner, size: int, iters: int = 50) -> float:
     """Device time of one replay of the decode graph of ``size`` (its inputs as the last step left them)."""
     graph = runner.decode_graphs._graphs[size]
@@ -288,11 +362,13 @@ def kernel_rows(prof, iters: int, what: str, top: int = 25) -> list[dict]:
 
 def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argparse.Namespace) -> dict:
     """The runner's figures at compile ``level``; the runner is closed afterwards."""
+    hf_config = REAL_CONFIGS[args.config]
     results: dict = {}
     start = time.perf_counter()
     config = EngineConfig(
         model=str(model_dir),
         load_format="dummy",
+        seed=DUMMY_SEED,
         dtype="bfloat16",
         max_num_seqs=max(args.batch_sizes),
         max_num_batched_tokens=args.prefill_len,
@@ -309,10 +385,6 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
     # Each timed decode step attends to the prompt, the prefill's token and the steps before it.
     context = args.input_len + 1 + (args.steps + 2) // 2  # the median timed step's (decode_ms skips 3)
     results["decode_floor_context"] = context
-    for batch in args.batch_sizes:
-        floor = step_bytes(LLAMA_3_1_8B, [context] * batch)
-        results[f"decode_b{batch}_floor_GB"] = floor.total / 1e9
-        results[f"decode_b{batch}_floor_ms"] = floor.floor_ms(bandwidth)
 
     rng = random.Random(0)
     driver = Driver(runner)
@@ -323,7 +395,7 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
 
     prefill_ms = median_ms(prefill, iters=5)
     results["prefill_ms"] = prefill_ms
-    results["prefill_tflops"] = prefill_flops(LLAMA_3_1_8B, args.prefill_len) / (prefill_ms * 1e-3) / 1e12
+    results["prefill_tflops"] = prefill_flops(hf_config, args.prefill_len) / (prefill_ms * 1e-3) / 1e12
     results["prefill_share_of_peak"] = results["prefill_tflops"] / BF16_PEAK_TFLOPS
 
     for batch in args.batch_sizes:
@@ -344,8 +416,18 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
         graphs, runner.decode_graphs = runner.decode_graphs, None
         results["decode_b1_eager_ms_per_step"] = decode_ms(driver, 1, args.input_len, args.steps, rng)
         runner.decode_graphs = graphs
-    for batch in args.batch_sizes:
-        floor_ms = results[f"decode_b{batch}_floor_ms"]
+    moe = moe_shape(hf_config)
+    for batch in args.batch_sizes:  # last: the routing is counted eagerly, after every compiled and graphed step
+        distinct = routed_experts(driver, batch, args.input_len, ROUTING_STEPS, rng) if moe else None
+        floor = step_bytes(hf_config, [context] * batch, distinct_experts=distinct)
+        results[f"decode_b{batch}_floor_GB"] = floor.total / 1e9
+        results[f"decode_b{batch}_floor_ms"] = floor_ms = floor.floor_ms(bandwidth)
+        if moe:
+            results[f"decode_b{batch}_distinct_experts"] = statistics.mean(distinct)
+            results[f"decode_b{batch}_distinct_experts_uniform"] = expected_distinct_experts(
+                moe.num_experts, moe.top_k, batch
+            )
+            results[f"decode_b{batch}_floor_uniform_ms"] = step_bytes(hf_config, [context] * batch).floor_ms(bandwidth)
         results[f"decode_b{batch}_vs_floor"] = results[f"decode_b{batch}_ms_per_step"] / floor_ms
         results[f"decode_b{batch}_async_vs_floor"] = results[f"decode_b{batch}_async_ms_per_step"] / floor_ms
     runner.close()
@@ -357,12 +439,20 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(REAL_CONFIGS), default="llama-3.1-8b", help="the model's shapes")
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--prefill-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 128])
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--transformers-batch-sizes", type=int, nargs="+", default=[1, 32])
+    parser.add_argument(
+        "--transformers-experts",
+        nargs="+",
+        default=["eager", "grouped_mm"],
+        help="transformers' experts implementations to time a mixture of experts with",
+    )
     parser.add_argument(
         "--level",
         type=int,
@@ -378,11 +468,25 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_GB_s"] = bandwidth / 1e9
-    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix="llama-3.1-8b-shapes-")), LLAMA_3_1_8B)
+    results["config"] = args.config
+    hf_config = REAL_CONFIGS[args.config]
+    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix=f"{args.config}-shapes-")), hf_config)
 
     if not args.skip_transformers:
-        results.update(transformers_baseline(model_dir, args.input_len, args.prefill_len, args.steps))
+        implementations = args.transformers_experts if moe_shape(hf_config) else [None]
+        results.update(
+            transformers_baseline(
+                model_dir,
+                args.input_len,
+                args.prefill_len,
+                args.steps,
+                batch_sizes=args.transformers_batch_sizes,
+                experts_implementations=implementations,
+            )
+        )
         print(json.dumps(results, indent=1), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
 
     results[f"level_{args.level}"] = runner_benchmark(model_dir, args.level, bandwidth, args)
     print(json.dumps(results, indent=1), flush=True)

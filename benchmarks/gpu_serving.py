@@ -1,19 +1,23 @@
 """The scripted GPU serving run: dummy-weight Llama-3.1-8B behind ``atom-trio serve``, and nano-vllm's workload.
 
     python3 -m benchmarks.gpu_serving --tokenizer-from DIR --out RESULTS_DIR
+    python3 -m benchmarks.gpu_serving --tokenizer-from DIR --out RESULTS_DIR --config qwen3-30b-a3b \
+        --input-len 2048 --output-len 1024 --thread-runs "" --process-runs 10:100 --skip-nano-vllm
 
 On one GPU, in one go, with random bf16 weights of real shapes (``--load-format dummy``):
 
-1. ``atom-trio serve`` with Llama-3.1-8B shapes, loaded by ``benchmarks.benchmark_serving`` with random
-   1024-token prompts and 256 output tokens (``--ignore-eos``): first with ``--executor thread`` at
+1. ``atom-trio serve`` with Llama-3.1-8B shapes (or ``--config``'s, ``atom_trio.testing.REAL_CONFIGS``),
+   loaded by ``benchmarks.benchmark_serving`` with random prompts of ``--input-len`` tokens (1024) and
+   ``--output-len`` output tokens (256, ``--ignore-eos``): first with ``--executor thread`` at
    concurrency 16, then with the process executor (the CUDA default) at concurrency 1, 16 and 64; the two
-   runs at 16 (same prompts, same seed) are the thread-against-process comparison.
+   runs at 16 (same prompts, same seed) are the thread-against-process comparison. ``--serve-args`` adds
+   flags to both servers' command lines (``--enable-expert-parallel``, ``--max-num-batched-tokens 8192``...).
 2. nano-vllm's offline workload with Qwen3-0.6B shapes through ``benchmarks.benchmark_throughput``
    (``--max-model-len 4096``).
 
-Every server gets one unrecorded warm-up load first (``--max-num-seqs`` prompts of 1024 tokens, 32 out, at
-full concurrency), and the nano-vllm run a 16-prompt warm-up run: Triton compiles each new kernel variant
-(mixed prefill+decode batches, every decode batch size) on first use, which otherwise stalls the first
+Every server gets one unrecorded warm-up load first (``--max-num-seqs`` prompts of ``--input-len`` tokens,
+32 out, at full concurrency), and the nano-vllm run a 16-prompt warm-up run: Triton compiles each new kernel
+variant (mixed prefill+decode batches, every decode batch size) on first use, which otherwise stalls the first
 measured requests for seconds and favours whichever server starts second (the compile cache is on disk).
 Each step writes its JSON into ``--out`` as it finishes and the server logs go there too, so a run cut off
 by a time limit still returns what it measured. The exact commands are printed before they run (a server's
@@ -30,12 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from atom_trio.testing import LLAMA_3_1_8B, QWEN3_0_6B, server_process, write_model_dir
+from atom_trio.testing import QWEN3_0_6B, REAL_CONFIGS, server_process, write_model_dir
 
 ENGINE_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096"]
 
@@ -53,9 +58,11 @@ def run_logged(cmd: list[str], *, timeout: float) -> int:
         return 124
 
 
-def serving_cmd(url: str, model_dir: Path, *, concurrency: int, prompts: int, output_len: int, seed: int) -> list[str]:
+def serving_cmd(
+    url: str, model_dir: Path, *, concurrency: int, prompts: int, input_len: int, output_len: int, seed: int
+) -> list[str]:
     return [sys.executable, "-m", "benchmarks.benchmark_serving", "--base-url", url, "--tokenizer", str(model_dir),
-            "--dataset-name", "random", "--random-input-len", "1024", "--random-output-len", str(output_len),
+            "--dataset-name", "random", "--random-input-len", str(input_len), "--random-output-len", str(output_len),
             "--ignore-eos", "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),
             "--metric-percentiles", "50,90,99", "--seed", str(seed), "--disable-tqdm"]
 
@@ -67,7 +74,7 @@ def serving_runs(args: argparse.Namespace, model_dir: Path, executor: str, runs:
     with SIGTERM (its drain path).
     """
     serve = [sys.executable, "-m", "atom_trio", "serve", "--model", str(model_dir.resolve()), *ENGINE_FLAGS,
-             "--executor", executor, "--max-num-seqs", str(args.max_num_seqs),
+             "--executor", executor, "--max-num-seqs", str(args.max_num_seqs), *shlex.split(args.serve_args),
              "--host", "127.0.0.1", "--port", "{port}"]
     summary = []
     print(f"\n$ {show(serve)}", flush=True)
@@ -78,12 +85,13 @@ def serving_runs(args: argparse.Namespace, model_dir: Path, executor: str, runs:
             startup = time.perf_counter() - started
             print(f"server ready on {server.url} in {startup:.1f} s", flush=True)
             warmup = serving_cmd(server.url, model_dir, concurrency=args.max_num_seqs, prompts=args.max_num_seqs,
-                                 output_len=32, seed=1)  # another seed: no prefix-cache hits on the measured prompts
+                                 input_len=args.input_len, output_len=32,
+                                 seed=1)  # another seed: no prefix-cache hits on the measured prompts
             run_logged(warmup, timeout=args.step_timeout)
             for concurrency, prompts in runs:
                 name = f"serving-{executor}-c{concurrency}.json"
-                cmd = serving_cmd(server.url, model_dir, concurrency=concurrency, prompts=prompts, output_len=256,
-                                  seed=0)
+                cmd = serving_cmd(server.url, model_dir, concurrency=concurrency, prompts=prompts,
+                                  input_len=args.input_len, output_len=args.output_len, seed=0)
                 cmd += ["--save-result", "--result-dir", str(args.out), "--result-filename", name]
                 rc = run_logged(cmd, timeout=args.step_timeout)
                 summary.append(dict(executor=executor, concurrency=concurrency, num_prompts=prompts, rc=rc,
@@ -119,6 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-from", type=Path, required=True, help="dir with tokenizer.json + tokenizer_config.json")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serving-results")))
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/atom_trio_dummy_models"))
+    parser.add_argument("--config", choices=sorted(REAL_CONFIGS), default="llama-3.1-8b", help="the model's shapes")
+    parser.add_argument("--input-len", type=int, default=1024, help="random prompt tokens")
+    parser.add_argument("--output-len", type=int, default=256, help="output tokens of each measured request")
+    parser.add_argument(
+        "--serve-args",
+        default="",
+        help='more flags for atom-trio serve, as one string: --serve-args="--max-num-batched-tokens 8192"',
+    )
     parser.add_argument("--startup-timeout", type=float, default=240)
     parser.add_argument("--step-timeout", type=float, default=150)
     parser.add_argument("--max-num-seqs", type=int, default=64, help="of both servers (the largest concurrency)")
@@ -130,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    llama = write_model_dir(args.models_dir / "llama-3.1-8b-dummy", LLAMA_3_1_8B, args.tokenizer_from)
+    served = write_model_dir(args.models_dir / f"{args.config}-dummy", REAL_CONFIGS[args.config], args.tokenizer_from)
     qwen = write_model_dir(args.models_dir / "qwen3-0.6b-dummy", QWEN3_0_6B, args.tokenizer_from)
     began = time.perf_counter()
     summary: list[dict] = []
     for executor, runs in (("thread", args.thread_runs), ("process", args.process_runs)):
         if runs:
-            summary += serving_runs(args, llama, executor, runs)
+            summary += serving_runs(args, served, executor, runs)
     if not args.skip_nano_vllm:
         cmd = [sys.executable, "-m", "benchmarks.benchmark_throughput", "--dataset", "nano-vllm", "--model", str(qwen),
                *ENGINE_FLAGS]

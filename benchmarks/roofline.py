@@ -5,15 +5,21 @@ A memory-bound step (decode) can be no faster than moving, once each, the bytes 
 - **weights used**: every linear (the LM head included), every norm's weight, any biases, and one row of the
   embedding table per token (the lookup gathers rows; it does not read the table). With tied embeddings the LM
   head reads the whole table, which then covers the lookup's rows;
+- **routed experts** (mixture-of-experts models): in each sparse layer, the gate, up and down weights of the
+  distinct experts the step's tokens are routed to, never all of them (a decode step of one token reads its
+  ``top_k``; a large batch reads nearly all). Either the count a real router gave, or the expected count for
+  uniform random routing (`expected_distinct_experts`). The router and any shared experts are weights used;
 - **KV cache**: the keys and values of every position each sequence attends to, in every layer: those already
   cached are read, the step's new ones written;
 - **logits**: one row of the vocabulary per sampled sequence, written in float32 (what the runner returns).
 
 Left out, as negligible next to these (kilobytes per token against gigabytes): activations between kernels,
-the rotary table's rows, and the step's metadata (token ids, positions, block tables).
+the rotary table's rows, the routing ids and weights, and the step's metadata (token ids, positions, block
+tables).
 
 Every floor and roofline the benchmarks and docs quote comes from `step_bytes`; the decode-attention rows of
-`benchmark_kernels` use `kv_cache_bytes` for their share of it.
+`benchmark_kernels` use `kv_cache_bytes` for their share of it. `prefill_flops` counts the matmul work of a
+prefill from the same shapes, for TFLOP/s figures.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from typing import Any
 import attrs
 
 LOGITS_BYTES = 4  # float32, as the runner hands logits to the sampler
+FLOAT32_BYTES = 4
 
 
 @attrs.frozen
@@ -31,52 +38,175 @@ class StepBytes:
     """What one step moves, by kind, in bytes."""
 
     weights: int
+    """Every weight the step reads but the routed experts."""
     kv_cache: int
     logits: int
+    experts: int = 0
+    """The routed experts' weights the step's tokens select (0 for a dense model)."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.logits
+        return self.weights + self.experts + self.kv_cache + self.logits
 
     def floor_ms(self, bandwidth: float) -> float:
         """Milliseconds to move `total` at ``bandwidth`` bytes per second."""
         return self.total / bandwidth * 1e3
 
 
+@attrs.frozen
+class MoeShape:
+    """How a mixture-of-experts model's layers hold their experts (`moe_shape` reads it from a config)."""
+
+    num_experts: int
+    """Routed experts per sparse layer."""
+    top_k: int
+    expert_intermediate: int
+    sparse_layers: frozenset[int]
+    """Layers with experts; the others have a dense MLP of ``intermediate_size``."""
+    shared_intermediate: int = 0
+    """The always-on shared experts' intermediate size, all of them together (0: none)."""
+    router_float32: bool = False
+    """The router's weight (and bias) stay float32 whatever the model's dtype (GLM-4-MoE)."""
+    router_bias: bool = False
+    """A per-expert score correction bias next to the router's weight (GLM-4-MoE)."""
+
+    def expert_params(self, hidden: int) -> int:
+        """One routed expert's gate, up and down weights, in elements."""
+        return 3 * hidden * self.expert_intermediate
+
+
+def moe_shape(config: Mapping[str, Any]) -> MoeShape | None:
+    """The experts of a Qwen3-MoE, Mixtral or GLM-4-MoE ``config.json``; ``None`` for a dense model.
+
+    Which layers are sparse follows each family's rule, as its model file builds it.
+    """
+    architecture = (config.get("architectures") or [""])[0]
+    layers = range(config["num_hidden_layers"])
+    if architecture == "Qwen3MoeForCausalLM":
+        dense = set(config.get("mlp_only_layers") or ())
+        step = config.get("decoder_sparse_step", 1)
+        return MoeShape(
+            num_experts=config["num_experts"],
+            top_k=config["num_experts_per_tok"],
+            expert_intermediate=config["moe_intermediate_size"],
+            sparse_layers=frozenset(
+                i for i in layers if i not in dense and config["num_experts"] > 0 and (i + 1) % step == 0
+            ),
+        )
+    if architecture == "MixtralForCausalLM":
+        return MoeShape(
+            num_experts=config["num_local_experts"],
+            top_k=config["num_experts_per_tok"],
+            expert_intermediate=config["intermediate_size"],
+            sparse_layers=frozenset(layers),
+        )
+    if architecture == "Glm4MoeForCausalLM":
+        return MoeShape(
+            num_experts=config["n_routed_experts"],
+            top_k=config["num_experts_per_tok"],
+            expert_intermediate=config["moe_intermediate_size"],
+            sparse_layers=frozenset(i for i in layers if i >= config.get("first_k_dense_replace", 0)),
+            shared_intermediate=config["moe_intermediate_size"] * config.get("n_shared_experts", 0),
+            router_float32=True,
+            router_bias=True,
+        )
+    return None
+
+
+def expected_distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """How many distinct experts ``tokens`` tokens touch, on average, each routed to ``top_k`` of ``num_experts``.
+
+    For uniform random routing (each token's experts a random ``top_k``-subset, tokens independent) an expert
+    is missed by one token with probability ``1 - top_k / num_experts``, so by all of them with that to the
+    power ``tokens``: ``num_experts * (1 - (1 - top_k / num_experts) ** tokens)``, exactly.
+    """
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
 def head_dim(config: Mapping[str, Any]) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
-def weight_bytes(config: Mapping[str, Any], *, tokens: int, dtype_bytes: int = 2) -> int:
-    """Bytes of weights a step of ``tokens`` tokens reads: all but the embedding rows it does not look up.
-
-    ``config`` is a Hugging Face ``config.json`` of a Llama or Qwen3 model (the architectures atom_trio runs).
-    """
-    hidden, vocab = config["hidden_size"], config["vocab_size"]
-    heads, kv_heads, dim = config["num_attention_heads"], config["num_key_value_heads"], head_dim(config)
-    intermediate = config["intermediate_size"]
-    q_size, kv_size = heads * dim, kv_heads * dim
-    per_layer = (
-        hidden * (q_size + 2 * kv_size)  # qkv_proj
-        + q_size * hidden  # o_proj
-        + hidden * 2 * intermediate  # gate_up_proj
-        + intermediate * hidden  # down_proj
-        + 2 * hidden  # input and post-attention RMSNorm
-    )
+def _attention_params(config: Mapping[str, Any]) -> int:
+    """One layer's attention: the q, k, v and o projections, their biases, the per-head q/k norms."""
+    hidden, dim = config["hidden_size"], head_dim(config)
+    q_size, kv_size = config["num_attention_heads"] * dim, config["num_key_value_heads"] * dim
+    params = hidden * (q_size + 2 * kv_size) + q_size * hidden
     if config.get("attention_bias"):
-        per_layer += q_size + 2 * kv_size + hidden
-    if config.get("mlp_bias"):
-        per_layer += 2 * intermediate + hidden
+        o_bias = (config.get("architectures") or [""])[0] != "Glm4MoeForCausalLM"  # GLM biases q, k, v only
+        params += q_size + 2 * kv_size + (hidden if o_bias else 0)
     if _has_qk_norm(config):
-        per_layer += 2 * dim  # the per-head q and k RMSNorms
-    lm_head = vocab * hidden
-    embedding_rows = 0 if config.get("tie_word_embeddings") else min(tokens, vocab) * hidden
-    return (config["num_hidden_layers"] * per_layer + hidden + lm_head + embedding_rows) * dtype_bytes
+        params += 2 * dim
+    return params
+
+
+def _mlp_params(config: Mapping[str, Any], intermediate: int) -> int:
+    """A gated MLP (gate, up, down) of ``intermediate``, with its biases if ``mlp_bias``."""
+    hidden = config["hidden_size"]
+    params = 3 * hidden * intermediate
+    if config.get("mlp_bias"):
+        params += 2 * intermediate + hidden
+    return params
 
 
 def _has_qk_norm(config: Mapping[str, Any]) -> bool:
-    """Qwen3 normalises each query and key head (by architecture, or model type for configs read from GGUF)."""
-    return any(a.startswith("Qwen3") for a in config.get("architectures") or ()) or config.get("model_type") == "qwen3"
+    """Qwen3 normalises each query and key head (by architecture, or model type for configs read from GGUF);
+    GLM-4-MoE when ``use_qk_norm``."""
+    return (
+        any(a.startswith("Qwen3") for a in config.get("architectures") or ())
+        or config.get("model_type") == "qwen3"
+        or bool(config.get("use_qk_norm"))
+    )
+
+
+def weight_bytes(config: Mapping[str, Any], *, tokens: int, dtype_bytes: int = 2) -> int:
+    """Bytes of weights a step of ``tokens`` tokens reads, the routed experts aside (`expert_bytes`).
+
+    That is all of them but the embedding rows it does not look up. ``config`` is a Hugging Face
+    ``config.json`` of an architecture atom_trio runs (Llama, Qwen3, Qwen3-MoE, Mixtral, GLM-4-MoE).
+    """
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    moe = moe_shape(config)
+    params = float32_params = 0
+    for layer in range(config["num_hidden_layers"]):
+        params += _attention_params(config) + 2 * hidden  # and the input and post-attention RMSNorms
+        if moe is None or layer not in moe.sparse_layers:
+            params += _mlp_params(config, config["intermediate_size"])
+            continue
+        router = moe.num_experts * hidden + (moe.num_experts if moe.router_bias else 0)
+        if moe.router_float32:
+            float32_params += router
+        else:
+            params += router
+        if moe.shared_intermediate:
+            params += _mlp_params(config, moe.shared_intermediate)
+    lm_head = vocab * hidden
+    embedding_rows = 0 if config.get("tie_word_embeddings") else min(tokens, vocab) * hidden
+    return (params + hidden + lm_head + embedding_rows) * dtype_bytes + float32_params * FLOAT32_BYTES
+
+
+def expert_bytes(
+    config: Mapping[str, Any],
+    *,
+    tokens: int,
+    distinct_experts: Sequence[float] | None = None,
+    dtype_bytes: int = 2,
+) -> int:
+    """Bytes of routed experts a step of ``tokens`` tokens reads: the distinct experts of each sparse layer.
+
+    ``distinct_experts``: how many each sparse layer's router chose (in layer order; a mean over steps may be
+    fractional), as measured; by default the expected count for uniform random routing. 0 for a dense model.
+    """
+    moe = moe_shape(config)
+    if moe is None:
+        return 0
+    if distinct_experts is None:
+        distinct_experts = [expected_distinct_experts(moe.num_experts, moe.top_k, tokens)] * len(moe.sparse_layers)
+    if len(distinct_experts) != len(moe.sparse_layers):
+        raise ValueError(f"{len(distinct_experts)} expert counts for {len(moe.sparse_layers)} sparse layers")
+    if any(not 0 <= n <= moe.num_experts for n in distinct_experts):
+        raise ValueError(f"each sparse layer has {moe.num_experts} experts; got counts {list(distinct_experts)}")
+    return round(sum(distinct_experts) * moe.expert_params(config["hidden_size"]) * dtype_bytes)
 
 
 def kv_cache_bytes(
@@ -92,36 +222,76 @@ def step_bytes(
     context_lens: Sequence[int],
     *,
     query_lens: Sequence[int] | None = None,
+    distinct_experts: Sequence[float] | None = None,
     dtype_bytes: int = 2,
     logits_bytes: int = LOGITS_BYTES,
 ) -> StepBytes:
     """What a step moves when sequence ``i`` attends to ``context_lens[i]`` positions, ``query_lens[i]`` of them new.
 
     ``query_lens`` defaults to one new token per sequence (a decode step); every sequence samples once.
+    ``distinct_experts``: see `expert_bytes`.
     """
     query_lens = [1] * len(context_lens) if query_lens is None else query_lens
     if len(query_lens) != len(context_lens) or any(not 0 < q <= c for q, c in zip(query_lens, context_lens)):
         raise ValueError("each sequence needs 0 < query_len <= context_len")
+    tokens = sum(query_lens)
     return StepBytes(
-        weights=weight_bytes(config, tokens=sum(query_lens), dtype_bytes=dtype_bytes),
+        weights=weight_bytes(config, tokens=tokens, dtype_bytes=dtype_bytes),
+        experts=expert_bytes(config, tokens=tokens, distinct_experts=distinct_experts, dtype_bytes=dtype_bytes),
         kv_cache=kv_cache_bytes(config, sum(context_lens), dtype_bytes=dtype_bytes),
         logits=len(context_lens) * config["vocab_size"] * logits_bytes,
     )
 
 
+def active_params_per_token(config: Mapping[str, Any]) -> int:
+    """The matrix elements one token multiplies through the decoder layers (the LM head aside).
+
+    Each layer's q, k, v and o projections, and its dense MLP, or its router, shared experts and the
+    ``top_k`` routed experts the token goes to. Biases and norms are left out (no matmul).
+    """
+    hidden, dim = config["hidden_size"], head_dim(config)
+    q_size, kv_size = config["num_attention_heads"] * dim, config["num_key_value_heads"] * dim
+    moe = moe_shape(config)
+    params = 0
+    for layer in range(config["num_hidden_layers"]):
+        params += hidden * (q_size + 2 * kv_size) + q_size * hidden
+        if moe is None or layer not in moe.sparse_layers:
+            params += 3 * hidden * config["intermediate_size"]
+        else:
+            params += moe.num_experts * hidden + 3 * hidden * moe.shared_intermediate
+            params += moe.top_k * moe.expert_params(hidden)
+    return params
+
+
+def prefill_flops(config: Mapping[str, Any], tokens: int) -> float:
+    """Matmul FLOPs of one causal prefill of ``tokens``: the active parameters, attention, one row of LM head.
+
+    Attention counts QK^T and PV over the causal half (``tokens * (tokens + 1) / 2`` pairs per head).
+    """
+    q_size = config["num_attention_heads"] * head_dim(config)
+    attention = 2 * 2 * q_size * tokens * (tokens + 1) / 2
+    return (
+        2 * active_params_per_token(config) * tokens
+        + config["num_hidden_layers"] * attention
+        + 2 * config["hidden_size"] * config["vocab_size"]
+    )
+
+
 def main() -> None:
-    """Print the decode floor of Llama-3.1-8B shapes at a bandwidth, batch and context given on the command line."""
+    """Print the decode floor of a model's shapes at a bandwidth, batch and context given on the command line."""
     import argparse
 
-    from atom_trio.testing import LLAMA_3_1_8B
+    from atom_trio.testing import REAL_CONFIGS
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--bandwidth-gb-s", type=float, required=True, help="measured copy bandwidth, GB/s")
+    parser.add_argument("--config", choices=sorted(REAL_CONFIGS), default="llama-3.1-8b", help="the model's shapes")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=1024, help="positions each sequence attends to")
     args = parser.parse_args()
-    parts = step_bytes(LLAMA_3_1_8B, [args.context] * args.batch)
-    print(f"weights {parts.weights / 1e9:.4f} GB, KV cache {parts.kv_cache / 1e9:.4f} GB, "
+    parts = step_bytes(REAL_CONFIGS[args.config], [args.context] * args.batch)
+    experts = f"routed experts {parts.experts / 1e9:.4f} GB (uniform routing), " if parts.experts else ""
+    print(f"weights {parts.weights / 1e9:.4f} GB, {experts}KV cache {parts.kv_cache / 1e9:.4f} GB, "
           f"logits {parts.logits / 1e9:.4f} GB: floor {parts.floor_ms(args.bandwidth_gb_s * 1e9):.3f} ms")
 
 

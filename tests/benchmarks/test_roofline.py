@@ -1,11 +1,25 @@
-"""The bytes behind every floor and roofline: a small config counted by hand, and the models' own parameters."""
+"""The bytes behind every floor and roofline: small configs counted by hand, and the models' own parameters."""
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from atom_trio.testing import LLAMA_3_1_8B, TINY_CONFIGS, transformers_config
-from benchmarks.roofline import StepBytes, kv_cache_bytes, step_bytes, weight_bytes
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from atom_trio.testing import LLAMA_3_1_8B, QWEN3_30B_A3B, TINY_CONFIGS, TINY_MOE_CONFIGS, transformers_config
+from benchmarks.roofline import (
+    StepBytes,
+    active_params_per_token,
+    expected_distinct_experts,
+    expert_bytes,
+    kv_cache_bytes,
+    moe_shape,
+    prefill_flops,
+    step_bytes,
+    weight_bytes,
+)
 
 # hidden 8, MLP 16, 2 layers, 2 query heads and 1 KV head of 4, a vocabulary of 10.
 SMALL = dict(
@@ -76,3 +90,172 @@ def test_kv_bytes_per_layer_and_bad_lengths() -> None:
     assert StepBytes(weights=1, kv_cache=2, logits=3).total == 6
     with pytest.raises(ValueError, match="query_len"):
         step_bytes(SMALL, [4], query_lens=[5])
+
+
+# SMALL's attention and sizes, 3 layers; layer 1 dense (MLP 16), layers 0 and 2 with 4 experts of MLP 4, top-2.
+SMALL_MOE = dict(
+    SMALL,
+    architectures=["Qwen3MoeForCausalLM"],
+    num_hidden_layers=3,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=4,
+    decoder_sparse_step=1,
+    mlp_only_layers=[1],
+)
+
+
+def test_a_small_moe_step_counted_by_hand() -> None:
+    # Three tokens (decodes of 3 sequences with 5, 6, 7 positions).
+    parts = step_bytes(SMALL_MOE, [5, 6, 7], distinct_experts=[2, 3])
+    # Every layer: qkv 128 + o 64 + q/k norms 8 + two RMSNorms 16 = 216. Sparse layers: router 4*8 = 32 each.
+    # Dense layer: 3*8*16 = 384. Final norm 8, LM head 80, 3 embedding rows 24.
+    assert parts.weights == (3 * 216 + 2 * 32 + 384 + 8 + 80 + 24) * 2 == 2416
+    # An expert is 3*8*4 = 96 weights; the router chose 2 in layer 0 and 3 in layer 2.
+    assert parts.experts == 5 * 96 * 2 == 960
+    assert parts.kv_cache == 2 * 3 * 1 * 4 * 18 * 2
+    assert parts.total == 2416 + 960 + 864 + 3 * 10 * 4
+    # Uniform routing of 3 tokens to 2 of 4 experts misses each expert with probability (1/2)^3: 3.5 expected.
+    assert step_bytes(SMALL_MOE, [5, 6, 7]).experts == round(2 * 3.5 * 96 * 2) == 1344
+
+
+def test_glm4_moe_router_shared_expert_and_dense_layers_by_hand() -> None:
+    glm = dict(
+        SMALL,
+        architectures=["Glm4MoeForCausalLM"],
+        num_hidden_layers=3,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=4,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        attention_bias=True,
+        use_qk_norm=True,
+    )
+    assert moe_shape(glm).sparse_layers == {1, 2}
+    # A layer's attention 192, q/k/v biases 8+4+4 (o has none), q/k norms 8, two RMSNorms 16: 232.
+    # Sparse layers: the shared experts are one MLP of 2*4 (3*8*8 = 192); the float32 router 4*8 + bias 4.
+    bf16 = 3 * 232 + 384 + 2 * 192 + 8 + 80 + 8  # dense layer 0, one token's embedding row
+    assert weight_bytes(glm, tokens=1) == bf16 * 2 + 2 * (32 + 4) * 4
+    assert expert_bytes(glm, tokens=1) == 2 * 2 * 96 * 2  # one token: its top-2 in each sparse layer
+    # One token multiplies attention 192, the dense MLP 384, and per sparse layer router 32 + shared 192 + 2 * 96.
+    assert active_params_per_token(glm) == 3 * 192 + 384 + 2 * (32 + 192 + 2 * 96)
+
+
+def test_expert_counts_are_checked() -> None:
+    with pytest.raises(ValueError, match="2 sparse layers"):
+        expert_bytes(SMALL_MOE, tokens=1, distinct_experts=[2])
+    with pytest.raises(ValueError, match="4 experts"):
+        expert_bytes(SMALL_MOE, tokens=1, distinct_experts=[2, 5])
+    assert expert_bytes(SMALL, tokens=8) == 0  # a dense model has none
+
+
+@given(
+    num_experts=st.integers(1, 256),
+    top_k=st.integers(1, 16),
+    tokens=st.integers(1, 4096),
+)
+def test_expected_distinct_experts_bounds(num_experts: int, top_k: int, tokens: int) -> None:
+    top_k = min(top_k, num_experts)
+    count = expected_distinct_experts(num_experts, top_k, tokens)
+    # One token touches exactly its top_k; more tokens never fewer, never more than there are, or than they chose.
+    assert top_k - 1e-9 <= count <= min(num_experts, tokens * top_k) + 1e-9
+    assert count <= expected_distinct_experts(num_experts, top_k, tokens + 1) + 1e-9
+    assert expected_distinct_experts(num_experts, top_k, 1) == pytest.approx(top_k)
+
+
+@pytest.mark.parametrize("tokens", [1, 8, 32, 128])
+def test_expected_distinct_experts_against_sampled_routing(tokens: int) -> None:
+    """Qwen3-30B-A3B's routing (8 of 128) drawn at random: the mean count of distinct experts is the formula's."""
+    rng = random.Random(tokens)
+    trials = 400
+    counts = [len({e for _ in range(tokens) for e in rng.sample(range(128), 8)}) for _ in range(trials)]
+    mean = sum(counts) / trials
+    spread = (sum((c - mean) ** 2 for c in counts) / trials) ** 0.5
+    # Within 4 standard errors (a sample of one token has no spread: exactly 8).
+    assert abs(mean - expected_distinct_experts(128, 8, tokens)) <= 4 * spread / trials**0.5 + 1e-9
+
+
+def test_qwen3_30b_a3b_decode_reads_a_tenth_of_its_weights_at_batch_1() -> None:
+    """The MoE floor the docs quote: attention, routers and LM head, and batch-1 decode's 8 experts of 128."""
+    one = step_bytes(QWEN3_30B_A3B, [1024])
+    assert one.weights == 2_459_860_992
+    assert one.experts == 48 * 8 * 3 * 2048 * 768 * 2 == 3_623_878_656
+    every_expert = expert_bytes(QWEN3_30B_A3B, tokens=1, distinct_experts=[128] * 48)
+    whole = one.weights + every_expert + (151936 - 1) * 2048 * 2
+    assert whole == 61_064_245_248  # every parameter: 30.5B in bf16
+    # A batch of 128 touches almost every expert: 127.97 of 128 expected in each layer.
+    assert step_bytes(QWEN3_30B_A3B, [1024] * 128).experts == pytest.approx(every_expert, rel=3e-4)
+
+
+def test_prefill_flops_count_the_active_parameters() -> None:
+    hidden, layers, kv, inter, vocab, tokens = 4096, 32, 8 * 128, 14336, 128256, 2048
+    # Llama-3.1-8B: every projection and the MLP, attention over the causal half, one row of LM head.
+    per_layer = hidden * (hidden + 2 * kv) + hidden * hidden + 3 * hidden * inter
+    attention = 2 * 2 * hidden * tokens * (tokens + 1) / 2
+    assert prefill_flops(LLAMA_3_1_8B, tokens) == layers * (2 * per_layer * tokens + attention) + 2 * hidden * vocab
+    # Qwen3-30B-A3B: 32 query heads of 128 (4096 wide on a 2048 residual), and per token the router and 8 experts.
+    q, kv = 32 * 128, 4 * 128
+    active = 48 * (2048 * (q + 2 * kv) + q * 2048 + 128 * 2048 + 8 * 3 * 2048 * 768)
+    assert active_params_per_token(QWEN3_30B_A3B) == active
+    assert prefill_flops(QWEN3_30B_A3B, tokens) == (
+        2 * active * tokens + 48 * 2 * 2 * q * tokens * (tokens + 1) / 2 + 2 * 2048 * 151936
+    )
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_MOE_CONFIGS))
+def test_moe_counts_agree_with_the_models_parameters(arch: str) -> None:
+    """Built in bf16 (GLM-4-MoE's router stays float32): the count of every byte, and of the active weights."""
+    import torch
+
+    from atom_trio.layers import FusedMoE
+    from atom_trio.models import get_model_class
+
+    config = dict(TINY_MOE_CONFIGS[arch], vocab_size=300)
+    hf_config = transformers_config(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = get_model_class(hf_config)(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    moe = moe_shape(config)
+    layers = model.model.layers
+    assert {i for i, layer in enumerate(layers) if any(isinstance(m, FusedMoE) for m in layer.modules())} == (
+        moe.sparse_layers
+    )
+    # Every byte, when the step's tokens touch every expert of every sparse layer; less the unread embedding rows.
+    tokens = 7
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    unread = 0 if config["tie_word_embeddings"] else (300 - tokens) * config["hidden_size"] * 2
+    every_expert = [moe.num_experts] * len(moe.sparse_layers)
+    counted = weight_bytes(config, tokens=tokens) + expert_bytes(config, tokens=tokens, distinct_experts=every_expert)
+    assert counted == parameter_bytes - unread
+    # The matrices of the decoder layers, less the experts a token does not go to.
+    matrices = sum(p.numel() for p in layers.parameters() if p.ndim >= 2)
+    unchosen = len(moe.sparse_layers) * (moe.num_experts - moe.top_k) * moe.expert_params(config["hidden_size"])
+    assert active_params_per_token(config) == matrices - unchosen
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "glm-4.5-air"])
+def test_real_moe_shapes_agree_with_the_models_parameters(name: str) -> None:
+    """At real sizes, built on the meta device (no memory): every expert read makes every parameter's byte."""
+    import torch
+
+    from atom_trio.models import get_model_class
+    from atom_trio.testing import REAL_CONFIGS
+
+    config = REAL_CONFIGS[name]
+    hf_config = transformers_config(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = get_model_class(hf_config)(hf_config)
+    finally:
+        torch.set_default_dtype(previous)
+    moe = moe_shape(config)
+    every_expert = [moe.num_experts] * len(moe.sparse_layers)
+    whole_table = config["vocab_size"]  # a step of as many tokens as the vocabulary reads every embedding row
+    counted = weight_bytes(config, tokens=whole_table) + expert_bytes(config, tokens=1, distinct_experts=every_expert)
+    assert counted == sum(p.numel() * p.element_size() for p in model.parameters())
