@@ -85,7 +85,8 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, dtype_name: str) -> No
     import safetensors.torch
     import torch
 
-    from atom_trio.loader.gguf_file import iter_gguf_tensors, load_gguf_config, load_gguf_tokenizer
+    from atom_trio.loader.gguf_file import load_gguf_config, load_gguf_tokenizer
+    from atom_trio.loader.weights import iter_gguf_tensors
     from atom_trio.loader.resolve import generation_config_from
 
     out_dir.mkdir(parents=True)

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from atom_trio.config import EngineConfig
-from atom_trio.loader import default_gguf_path, load_tokenizer
+from atom_trio.loader import default_gguf_path, default_model_path, load_tokenizer
 from atom_trio.loader.resolve import resolve_model
 from atom_trio.loader.weights import iter_weights
 from atom_trio.loader.gguf_file import hf_tensor_name
@@ -91,6 +91,18 @@ def test_default_model_dir_holds_the_gguf_tensors_losslessly(default_model_dir, 
     resolved = resolve_model(EngineConfig(dtype="float32"))
     assert resolved.path == default_model_dir
     converted = dict(iter_weights(resolved))
+    assert converted.keys() == gguf_weights.keys()
+    for name, tensor in converted.items():
+        assert torch.equal(tensor, gguf_weights[name]), name
+
+
+@pytest.mark.slow
+def test_a_fresh_cache_converts_the_gguf(tmp_path, monkeypatch, gguf_path, gguf_weights):
+    monkeypatch.setenv("ATOM_TRIO_CACHE", str(tmp_path))
+    (tmp_path / gguf_path.name).symlink_to(gguf_path)  # the download is not what this test is about
+    converted_dir = default_model_path()
+    assert converted_dir == tmp_path / "SmolLM2-135M-Instruct"
+    converted = dict(iter_weights(resolve_model(EngineConfig(model=str(converted_dir), dtype="float32"))))
     assert converted.keys() == gguf_weights.keys()
     for name, tensor in converted.items():
         assert torch.equal(tensor, gguf_weights[name]), name
