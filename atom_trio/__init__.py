@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from atom_trio import _logging
 from atom_trio.config import EngineConfig as EngineConfig
 from atom_trio.engine import LLM as LLM
 from atom_trio.engine import AsyncEngine as AsyncEngine
@@ -34,3 +35,5 @@ try:  # pyproject.toml's version, as installed
     __version__ = importlib.metadata.version("atom-trio")
 except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
     __version__ = "0+unknown"
+
+_logging.install_default_handler()  # start-up progress for library users (see atom_trio._logging)

@@ -71,7 +71,8 @@ class LLM:
         """Generate for each prompt (text or token ids); one complete `RequestOutput` per prompt, in order.
 
         ``params`` is one `SamplingParams` for all prompts or one per prompt.
-        A progress bar is shown for more than one prompt unless ``use_tqdm=False``.
+        A progress bar (requests finished, prompt and output tokens per second)
+        is shown for more than one prompt unless ``use_tqdm=False``.
         """
         if isinstance(prompts, str) or (isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -110,12 +111,13 @@ async def _generate_all(
     results: list[RequestOutput | None] = [None] * len(prompts)
     # Keep at most max_queued_requests outstanding, so a big batch queues here instead of being refused.
     limiter = trio.CapacityLimiter(engine.config.max_queued_requests)
-    with tqdm(total=len(prompts), desc="generate", unit="req", disable=not show_progress) as bar:
+    with TokenSpeedBar(len(prompts), show=show_progress) as bar:
 
         async def run_one(i: int) -> None:
             async with limiter:
                 async with engine.generate(prompts[i], params[i]) as stream:
                     async for delta in stream:
+                        bar.count(delta, first=results[i] is None)
                         if results[i] is None:
                             results[i] = delta
                         else:
@@ -127,3 +129,35 @@ async def _generate_all(
                 for i in range(len(prompts)):
                     nursery.start_soon(run_one, i)
     return results  # type: ignore[return-value]
+
+
+class TokenSpeedBar(tqdm):
+    """Finished requests out of a batch, with the prompt and output tokens per second so far (vLLM's wording).
+
+    The speeds change with every delta, so a batch whose requests all finish
+    together still shows its progress while it generates; tqdm redraws at
+    most every ``mininterval`` seconds however often they change.
+    """
+
+    def __init__(self, total: int, *, show: bool, **bar_options: Any) -> None:
+        super().__init__(total=total, desc="Processed prompts", unit="req", disable=not show, **bar_options)
+        self.prompt_tokens = self.output_tokens = 0
+        if not self.disable:  # a disabled tqdm has no clock
+            self.set_postfix_str(self._speeds(), refresh=False)
+
+    def count(self, delta: RequestOutput, *, first: bool) -> None:
+        """Count ``delta``'s new tokens (and its prompt's, on a request's ``first`` delta) and show the speeds."""
+        if self.disable:
+            return
+        if first:
+            self.prompt_tokens += len(delta.prompt_token_ids)
+        self.output_tokens += sum(len(c.token_ids) for c in delta.outputs)
+        self.set_postfix_str(self._speeds(), refresh=False)
+        self.update(0)  # redraws when mininterval has passed
+
+    def _speeds(self) -> str:
+        elapsed = max(self.format_dict["elapsed"], 1e-9)
+        return (
+            f"est. speed input: {self.prompt_tokens / elapsed:.2f} toks/s, "
+            f"output: {self.output_tokens / elapsed:.2f} toks/s"
+        )

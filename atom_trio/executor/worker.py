@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format=f"%(asctime)s %(levelname)s %(name)s[worker {os.getpid()}]: %(message)s"
     )
+    logging.getLogger("atom_trio").setLevel(args.log_level)  # over the library default (atom_trio._logging)
     exit_with_parent(args.parent_pid)
     # Ctrl-C reaches the whole process group; the engine decides how its workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

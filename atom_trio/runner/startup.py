@@ -4,7 +4,7 @@ Build the model, load its weights, compile the forward (``level`` 1-3, see
 `atom_trio.runner.compile`), profile the largest step and capture the largest
 decode graph once (on CUDA: both are subtracted from the KV cache's budget,
 see `atom_trio.runner.kv_cache`), allocate the KV cache, warm the kernels up
-(CUDA) and capture the decode graphs. `ModelRunner.__init__` runs them in
+and capture the decode graphs (CUDA). `ModelRunner.__init__` runs them in
 that order; one log line reports the seconds of each at the end.
 """
 
@@ -29,7 +29,7 @@ from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.loader.weights import iter_weights
 from atom_trio.models import get_model_class
 from atom_trio.ops import KernelBackend, use_backend
-from atom_trio.runner.compile import freezes_weights, warmup_steps
+from atom_trio.runner.compile import freezes_weights, steps_within, warmup_steps
 from atom_trio.runner.cuda_graphs import DecodeGraphs, decode_batch_sizes
 from atom_trio.runner.kv_cache import cpu_budget, gpu_budget
 from atom_trio.sampling_params import SamplingParams
@@ -56,6 +56,8 @@ class StartupClock:
             torch.cuda.synchronize(self.device)  # the phase's device work counts as the phase's
         now = time.perf_counter()
         self.seconds[phase] += now - self._last
+        if now - self._last > 1.0:  # a long phase says so as it ends, not only in the summary
+            logger.info("%s took %.1f s", phase, now - self._last)
         self._last = now
 
     def __str__(self) -> str:
@@ -127,12 +129,16 @@ def build_model(
 
 
 def load_weights(
-    model: torch.nn.Module, resolved: ResolvedModel, *, seed: int, device: torch.device, level: int
+    model: torch.nn.Module, resolved: ResolvedModel, *, seed: int, device: torch.device, level: int, progress: bool
 ) -> None:
-    """Load the weights and put the model in eval mode, its weights laid out for the kernels that read them."""
+    """Load the weights and put the model in eval mode, its weights laid out for the kernels that read them.
+
+    ``progress``: show a progress bar on a terminal (one rank's).
+    """
     with torch.no_grad():
         keep = getattr(model, "keep_in_float32", ())
-        model.load_weights(iter_weights(resolved, seed=seed, device=device, keep_in_float32=keep))
+        weights = iter_weights(resolved, seed=seed, device=device, keep_in_float32=keep, progress=progress)
+        model.load_weights(weights)
     model.eval()
     if not freezes_weights(device, level):  # Inductor packs frozen weights itself
         for module in model.modules():  # e.g. CPU matmul weight packing
@@ -241,22 +247,33 @@ def profile_peak_memory(runner: ModelRunner) -> int:
     return peak
 
 
-def warm_up(runner: ModelRunner) -> None:
-    """Run `warmup_steps`, so that the kernels' first-use compiles happen now rather than in a request.
+CPU_WARMUP_STEPS = [[(4, 4)], [(1, 5), (1, 8)]]
+"""A prompt, then decodes: every CPU kernel runs once (the first builds or loads the compiled library)."""
 
-    Every step's sequences read and write block 0 only (their block
-    tables repeat it), so any KV cache of one block or more will do; the
-    runner forgets the sequences afterwards.
+
+def warm_up(runner: ModelRunner) -> None:
+    """Run warm-up steps, so that the kernels' first-use compiles happen now rather than in a request.
+
+    On CUDA `warmup_steps`, one per Triton kernel variant; on the CPU
+    `CPU_WARMUP_STEPS`. Every step's sequences read and write block 0 only
+    (their block tables repeat it), so any KV cache of one block or more
+    will do; the runner forgets the sequences afterwards.
     """
     layer = runner.kv_layout.layers[0]
-    steps = warmup_steps(
-        block_size=runner.block_size,
+    limits = dict(
         max_model_len=runner.max_model_len,
         max_num_seqs=runner.config.max_num_seqs,
         max_num_batched_tokens=runner.config.max_num_batched_tokens,
-        query_group=layer.num_heads // layer.num_kv_heads,
-        decodes=not uses_decode_graphs(runner),
     )
+    if runner.device.type != "cuda":
+        steps = steps_within(CPU_WARMUP_STEPS, **limits)
+    else:
+        steps = warmup_steps(
+            block_size=runner.block_size,
+            query_group=layer.num_heads // layer.num_kv_heads,
+            decodes=not uses_decode_graphs(runner),
+            **limits,
+        )
     greedy = SamplingParams(temperature=0.0)
     random = SamplingParams(temperature=1.0, top_k=50, top_p=0.9)
     seq_ids = itertools.count()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import attrs
 import numpy as np
 import pytest
+import safetensors
 import torch
 import transformers
 from hypothesis import given
@@ -87,25 +89,28 @@ def test_gguf_in_bfloat16_is_the_float32_tensors_rounded(resolved_gguf, gguf_wei
         assert torch.equal(tensor, gguf_weights[name].to(torch.bfloat16)), name
 
 
-def test_default_model_dir_holds_the_gguf_tensors_losslessly(default_model_dir, gguf_weights):
+def test_default_model_dir_holds_the_gguf_tensors_in_its_config_dtype(default_model_dir, gguf_weights):
     resolved = resolve_model(EngineConfig(dtype="float32"))
     assert resolved.path == default_model_dir
     converted = dict(iter_weights(resolved))
     assert converted.keys() == gguf_weights.keys()
     for name, tensor in converted.items():
-        assert torch.equal(tensor, gguf_weights[name]), name
+        assert torch.equal(tensor, gguf_weights[name].to(torch.bfloat16).float()), name
+    with safetensors.safe_open(default_model_dir / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
 
 
 @pytest.mark.slow
-def test_a_fresh_cache_converts_the_gguf(tmp_path, monkeypatch, gguf_path, gguf_weights):
+def test_a_fresh_cache_converts_the_gguf_in_its_config_dtype(tmp_path, monkeypatch, gguf_path, gguf_weights):
     monkeypatch.setenv("ATOM_TRIO_CACHE", str(tmp_path))
     (tmp_path / gguf_path.name).symlink_to(gguf_path)  # the download is not what this test is about
     converted_dir = default_model_path()
     assert converted_dir == tmp_path / "SmolLM2-135M-Instruct"
-    converted = dict(iter_weights(resolve_model(EngineConfig(model=str(converted_dir), dtype="float32"))))
-    assert converted.keys() == gguf_weights.keys()
-    for name, tensor in converted.items():
-        assert torch.equal(tensor, gguf_weights[name]), name
+    assert json.loads((converted_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    with safetensors.safe_open(converted_dir / "model.safetensors", framework="pt") as f:
+        assert set(f.keys()) == gguf_weights.keys()
+        for name in f.keys():
+            assert torch.equal(f.get_tensor(name), gguf_weights[name].to(torch.bfloat16)), name
 
 
 def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:

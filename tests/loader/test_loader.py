@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -43,6 +44,24 @@ def test_default_model_is_served_from_cache(default_model_dir, dead_pip):
     tokenizer_config = json.loads((default_model_dir / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in tokenizer_config["chat_template"]
     assert tokenizer_config["eos_token"] == "<|im_end|>"
+
+
+def test_a_cached_default_model_in_float32_is_rewritten_in_its_config_dtype(tmp_path, monkeypatch, dead_pip):
+    monkeypatch.setenv("ATOM_TRIO_CACHE", str(tmp_path))
+    model_dir = tmp_path / "SmolLM2-135M-Instruct"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    float32 = {"a": torch.randn(4, 3), "b": torch.randn(5)}
+    safetensors.torch.save_file(float32, model_dir / "model.safetensors")
+    assert default_model_path() == model_dir
+    rewritten = safetensors.torch.load_file(model_dir / "model.safetensors")
+    assert rewritten.keys() == float32.keys()
+    for name, tensor in rewritten.items():
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, float32[name].to(torch.bfloat16))
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "model.safetensors"]
+    modified = (model_dir / "model.safetensors").stat().st_mtime_ns
+    default_model_path()  # already in its dtype: left alone
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == modified
 
 
 def test_default_model_offline_and_not_cached_says_what_to_do(tmp_path, monkeypatch, dead_pip):

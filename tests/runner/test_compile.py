@@ -192,10 +192,11 @@ def test_warm_up_runs_and_forgets_its_sequences(tiny_llama_dir, tiny_prompts, ti
     runner = start_runner(tiny_llama_dir, 0)
     try:
         runner.warm_up()
-        assert decode(runner, tiny_prompts) == tiny_eager_tokens
-        later = SeqChunk(seq_id=10, token_ids=[1], start_pos=5, block_table=[0], prompt_len=5, sample=False)
-        with pytest.raises(ValueError, match="starts at position"):  # warm-up sequence 10 is forgotten
+        # The CPU warm-up's last sequence (2) ended at position 8: it is forgotten, so it cannot go on from there.
+        later = SeqChunk(seq_id=2, token_ids=[1], start_pos=8, block_table=[0], prompt_len=8, sample=False)
+        with pytest.raises(ValueError, match="starts at position"):
             runner.execute(StepPlan(step_id=0, chunks=[later]))
+        assert decode(runner, tiny_prompts) == tiny_eager_tokens
     finally:
         runner.close()
 

@@ -8,8 +8,8 @@ where no compiler builds the library, and under torch.compile (a graph can't
 hold a ctypes call). Mixture-of-experts layers run each expert on its own
 tokens only (`moe`), where the reference runs every expert on every token.
 The library is built, or loaded from the cache, at the
-first op that can use it, not here: backends are made in places that never
-run a kernel.
+first op that can use it (a runner's warm-up, at start-up), not here:
+backends are made in places that never run a kernel.
 """
 
 from __future__ import annotations
