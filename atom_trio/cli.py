@@ -36,7 +36,7 @@ log = logging.getLogger("atom_trio")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="atom-trio", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="atom-trio", description=__doc__.split("\n")[0].replace("``", ""))
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve the OpenAI-compatible API (Ctrl-C or SIGTERM drains and exits)")
@@ -46,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("prompt", help="the prompt text")
     generate.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
-    generate.add_argument("--max-tokens", "--max_tokens", dest="gen_max_tokens", type=int, default=64)
-    generate.add_argument("--temperature", dest="gen_temperature", type=float, default=0.0)
+    generate.add_argument("--max-tokens", "--max_tokens", dest="gen_max_tokens", type=int, default=64,
+                          help="most tokens to generate [default: 64]")
+    generate.add_argument("--temperature", dest="gen_temperature", type=float, default=0.0,
+                          help="sampling temperature; 0 is greedy [default: 0.0]")
     add_arguments(generate, "generate")
     return parser
 
@@ -81,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"atom-trio {command}: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(settings.log_level.upper())  # over the library default (atom_trio._logging)
     try:
         if command == "serve":
             from .server import serve

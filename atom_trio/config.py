@@ -189,7 +189,7 @@ class EngineConfig:
         "with `device` cuda or auto (rank r on GPU r)",
         validator=_POSITIVE,
         aliases=("-tp",),
-        section="Execution",
+        section="Parallelism",
     )
     enable_expert_parallel: bool = _field(
         False,
@@ -203,10 +203,17 @@ class EngineConfig:
         "processes, one per rank; `auto`: processes on a GPU or with tensor parallelism, else a thread",
         choices=("auto", "thread", "process"),
     )
+    worker_timeout: float = _field(
+        120.0,
+        "seconds a worker process gets to answer (and torch.distributed to connect) before it counts as dead",
+        validator=_POSITIVE,
+    )
+
     kernel_backend: str = _field(
         "auto",
         "kernel implementation (`auto`: the fastest available on the device; `triton` needs a GPU, `cpu` the CPU)",
         choices=("auto", "torch", "cpu", "triton"),
+        section="Compilation",
     )
     enforce_eager: bool = _field(
         False, "no torch.compile and no CUDA graphs: level 0 (with `--level` 1-3 it is an error, not an override)"
@@ -223,11 +230,6 @@ class EngineConfig:
         None,
         "plan and prepare step N+1 while the device runs step N, reading sampled tokens a step late "
         "(vLLM's `--async-scheduling`). None: on where the model runs on a GPU",
-    )
-    worker_timeout: float = _field(
-        120.0,
-        "seconds a worker process gets to answer (and torch.distributed to connect) before it counts as dead",
-        validator=_POSITIVE,
     )
 
     def __attrs_post_init__(self) -> None:
@@ -298,7 +300,9 @@ class ServerSettings:
         commands=("serve",), hypercorn="--bind HOST:PORT",
     )
     api_key: str | None = _field(
-        None, "require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize and the profiling routes"
+        None,
+        "require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize, /tokenizer_info and the profiling "
+        "routes",
     )
     max_request_bytes: int = _field(
         16 * 1024 * 1024, "larger request bodies are refused with 413", validator=_POSITIVE
@@ -327,6 +331,22 @@ class ServerSettings:
         section="Logging",
         commands=("serve", "generate"),
         hypercorn="--log-level",
+    )
+    disable_log_requests: bool = _field(
+        False,
+        "no access log: without it, hypercorn logs one line per HTTP request (client, request line, status, "
+        "seconds)",
+        aliases=("--disable-uvicorn-access-log",),
+        commands=("serve",),
+        hypercorn="--access-logfile",
+    )
+    disable_log_stats: bool = _field(
+        False,
+        "no periodic stats line (prompt and generation tokens/s, running and waiting requests, KV cache usage, "
+        "prefix cache hit rate), which is otherwise logged every `log_stats_interval` seconds while the engine works",
+    )
+    log_stats_interval: float = _field(
+        5.0, "seconds between two stats lines (none is logged while the engine is idle)", validator=_POSITIVE
     )
 
 

@@ -145,15 +145,19 @@ class _NotHere(argparse.Action):
 def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> None:
     """Add one argument per option ``command`` reads, grouped by section; the other options' flags are errors.
 
-    Defaults are suppressed so env vars can fill the gaps. Choices are shown,
-    not enforced, here: a wrong value fails in `load` with the same message
-    whether it came from a flag or an env var.
+    Defaults are suppressed so env vars can fill the gaps; each help line
+    states its default instead (a None default is explained by the help
+    itself). Choices are shown, not enforced, here: a wrong value fails in
+    `load` with the same message whether it came from a flag or an env var.
+    The backticks that mark code in docs/configuration.md are dropped: a
+    terminal shows them as they are.
     """
     wanted = options_of(command)
     groups = {section: parser.add_argument_group(section) for section in dict.fromkeys(o.section for o in wanted)}
     for opt in wanted:
         group = groups[opt.section]
-        help_text = f"{opt.full_help} [env {opt.env_var}]".replace("%", "%%")
+        default = "" if opt.default is None else f"default: {_shown(opt.default)}; "
+        help_text = f"{opt.full_help} [{default}env {opt.env_var}]".replace("`", "").replace("%", "%%")
         if opt.kind is bool:
             group.add_argument(
                 *opt.flags, dest=opt.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,

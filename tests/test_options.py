@@ -113,17 +113,26 @@ def test_the_app_logs_each_variable_it_cannot_honour() -> None:
     assert "ATOM_TRIO_KEEP_ALIVE_TIMEOUT=5" in lines[1] and "--keep-alive" in lines[1]
 
 
-def test_help_shows_every_option_with_its_env_var_and_section() -> None:
+def test_help_shows_every_option_with_its_default_env_var_and_section() -> None:
     parser = argparse.ArgumentParser(prog="atom-trio serve")
     add_arguments(parser)
     shown = " ".join(parser.format_help().split())
     unwrapped = "".join(shown.split())  # argparse wraps lines at spaces and after hyphens
     for opt in OPTIONS:
-        assert "".join(f"{opt.full_help} [env {opt.env_var}]".split()) in unwrapped, opt.name
+        shown_default = str(opt.default).lower() if isinstance(opt.default, bool) else opt.default
+        default = "" if opt.default is None else f"default: {shown_default}; "
+        line = f"{opt.full_help} [{default}env {opt.env_var}]".replace("`", "")
+        assert "".join(line.split()) in unwrapped, opt.name
+        assert len(opt.help.split()) >= 4, f"{opt.name}: the help only names the option"
         assert all(flag in shown for flag in opt.flags), opt.name
         assert f"{opt.section}:" in shown
-    assert "--dtype {auto,float32,bfloat16,float16}" in shown
-    assert "hypercorn's `--bind HOST:PORT` does its job" in shown
+    assert [section for section in dict.fromkeys(o.section for o in OPTIONS)] == [
+        "Model", "KV cache", "Scheduling", "Parallelism", "Compilation", "Server", "Logging"]
+    assert "--dtype {auto,float32,bfloat16,float16}" in shown and "[default: auto; env ATOM_TRIO_DTYPE]" in shown
+    assert "--executor {auto,thread,process}" in shown and "--kernel-backend {auto,torch,cpu,triton}" in shown
+    assert "[default: 16; env ATOM_TRIO_BLOCK_SIZE]" in shown
+    assert "hypercorn's --bind HOST:PORT does its job" in shown
+    assert "`" not in shown and "``" not in shown  # the docs' code marks stay in the docs
 
 
 def test_generate_help_shows_no_server_option() -> None:

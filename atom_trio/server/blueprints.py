@@ -1,7 +1,7 @@
 """The routes, by what they serve; `create_app` registers each blueprint.
 
 - `openai_api`: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``;
-- `tokenizer_api`: ``/tokenize`` and ``/detokenize`` (vLLM's shapes);
+- `tokenizer_api`: ``/tokenize``, ``/detokenize`` and ``/tokenizer_info`` (vLLM's shapes);
 - `service`: ``/health``, ``/version``, ``/metrics``, for load balancers and scrapers;
 - `profiling`: ``/start_profile`` and ``/stop_profile``, registered only with ``--profile-dir``.
 
@@ -116,6 +116,35 @@ async def detokenize() -> Response:
     text = await engine.detokenize(req.tokens)
     large = len(text) > json_body.INLINE_MAX_BYTES
     return await _large_json_response({"prompt": text}) if large else json_response({"prompt": text})
+
+
+@tokenizer_api.get("/tokenizer_info")
+async def tokenizer_info() -> Response:
+    """The tokenizer's configuration and chat template, as vLLM serves them.
+
+    Clients that tokenize on their side through the server (lm-eval's
+    ``local-completions`` with its remote tokenizer) read the special tokens
+    and the chat template here instead of fetching the model's files from the
+    hub, which fails offline and for a local model.
+    """
+    tokenizer = current_state().require_engine().tokenizer
+    info = {key: _plain(value) for key, value in tokenizer.init_kwargs.items()
+            if key not in ("vocab_file", "merges_file")}  # paths on the server's disk
+    info["tokenizer_class"] = type(tokenizer).__name__
+    if tokenizer.chat_template:
+        info["chat_template"] = tokenizer.chat_template
+    return json_response(info)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON: a special token (tokenizers' ``AddedToken``) as its text, containers item by item."""
+    if hasattr(value, "content"):
+        return value.content
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 # ---- health, version, metrics ----------------------------------------------------

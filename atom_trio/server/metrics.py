@@ -10,21 +10,30 @@ scrape time over the live generations.
 
 Each app gets its own `CollectorRegistry`: several servers in one process (tests)
 never share or clash.
+
+The same counters feed the stats line that `log_stats` writes every few
+seconds while the engine works (vLLM's "Avg prompt throughput..." line), for
+whoever watches the log rather than a dashboard.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import trio
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from ..engine import AsyncEngine
+    from ..outputs import EngineStats
     from .generation import Generation
+
+stats_log = logging.getLogger("atom_trio.stats")
 
 PREFIX = "atom_trio:"
 
@@ -113,3 +122,31 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def stats_line(before: EngineStats, after: EngineStats, seconds: float) -> str | None:
+    """What the engine did between two snapshots ``seconds`` apart, as one line; None if it ran no step."""
+    if after.num_steps == before.num_steps:
+        return None
+    queries = after.prefix_cache_queries - before.prefix_cache_queries
+    hits = after.prefix_cache_hits - before.prefix_cache_hits
+    return (
+        f"prompt throughput: {(after.prompt_tokens_total - before.prompt_tokens_total) / seconds:.1f} tokens/s, "
+        f"generation throughput: {(after.generation_tokens_total - before.generation_tokens_total) / seconds:.1f} "
+        f"tokens/s, running: {after.num_running} reqs, waiting: {after.num_waiting} reqs, "
+        f"KV cache usage: {after.kv_cache_usage:.1%}, prefix cache hit rate: {hits / queries if queries else 0:.1%}"
+    )
+
+
+async def log_stats(get_engine: Callable[[], AsyncEngine | None], interval: float) -> None:
+    """Log a `stats_line` every ``interval`` seconds in which the engine ran a step; silent while it idles."""
+    before: EngineStats | None = None
+    since = trio.current_time()
+    while True:
+        engine = get_engine()
+        after, now = (engine.stats(), trio.current_time()) if engine is not None else (None, since)
+        line = stats_line(before, after, now - since) if before is not None and after is not None else None
+        if line is not None:
+            stats_log.info("%s", line)
+        before, since = after, now
+        await trio.sleep(interval)

@@ -138,6 +138,8 @@ _OPERATIONS: tuple[tuple[str, str, type | None, tuple[str, ...], str], ...] = (
     ("post", "/tokenize", TokenizeRequest, ("application/json",),
      "Token ids of a prompt or of chat messages rendered through the chat template."),
     ("post", "/detokenize", DetokenizeRequest, ("application/json",), "The text of token ids."),
+    ("get", "/tokenizer_info", None, ("application/json",),
+     "The tokenizer's configuration (special tokens, class) and chat template, as vLLM serves them."),
     ("get", "/health", None, (), "200 (no body) while the engine runs, 503 otherwise."),
     ("get", "/version", None, ("application/json",), "The server's version."),
     ("get", "/metrics", None, ("text/plain",), "Prometheus metrics."),

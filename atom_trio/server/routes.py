@@ -30,6 +30,7 @@ from ..config import EngineConfig, ServerSettings
 from ..errors import EngineDeadError
 from .blueprints import error_response, openai_api, profiling, service, tokenizer_api
 from .errors import ApiError, from_exception, internal_error
+from .metrics import log_stats
 from .openapi import openapi_blueprint
 from .state import ServerState, current_state
 
@@ -56,6 +57,8 @@ def create_app(
 
     if engine is None:
         app.while_serving(_engine_lifespan)
+    if not settings.disable_log_stats:
+        app.while_serving(_stats_lifespan)  # after the engine's: it reads the engine that one opens
     app.before_request(_guard)
     app.register_error_handler(ApiError, _api_error)
     app.register_error_handler(HTTPException, _http_error)
@@ -67,7 +70,7 @@ def create_app(
     return app
 
 
-_GUARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/start_profile", "/stop_profile"})
+_GUARDED_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info", "/start_profile", "/stop_profile"})
 
 
 def guarded(path: str) -> bool:
@@ -149,6 +152,21 @@ async def _engine_lifespan() -> AsyncIterator[None]:
         with trio.move_on_after(srv.settings.shutdown_timeout):
             await srv.activity.wait_idle()
         stop.cancel()
+
+
+async def _stats_lifespan() -> AsyncIterator[None]:
+    """Log the engine's stats line while the app serves (`metrics.log_stats`), a task of the app's nursery."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    srv: ServerState = app.extensions["atom_trio"]
+    stop = trio.CancelScope()
+
+    async def run() -> None:
+        with stop:
+            await log_stats(lambda: srv.engine, srv.settings.log_stats_interval)
+
+    app.nursery.start_soon(run)
+    yield
+    stop.cancel()
 
 
 __all__ = ["create_app"]

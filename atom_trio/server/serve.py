@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import signal
+
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -26,6 +27,8 @@ from .state import ServerState
 log = logging.getLogger("atom_trio.server")
 
 
+# One access log line: client, request line, status, seconds (as uvicorn's, with the time taken).
+ACCESS_LOG_FORMAT = '%(h)s "%(m)s %(Uq)s HTTP/%(H)s" %(s)s %(st)s %(L)ss'
 # After the drain, how long hypercorn waits for connections to finish sending.
 FLUSH_TIMEOUT_S = 3.0
 # After the engine died, how long the handlers get to write each stream's error event before the
@@ -52,8 +55,11 @@ def hypercorn_config(settings: ServerSettings) -> HypercornConfig:
     # Hypercorn's default of 1,000 requests per connection broke HTTP/2 load tests.
     config.keep_alive_max_requests = 1_000_000
     config.h2_max_concurrent_streams = 1_000
-    config.accesslog = None
-    config.errorlog = "-"
+    # Loggers, not "-": hypercorn would give each a handler of its own on top of the root's, and print every
+    # line ("Running on ...") twice.
+    config.accesslog = None if settings.disable_log_requests else logging.getLogger("atom_trio.access")
+    config.access_log_format = ACCESS_LOG_FORMAT
+    config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.log_level.upper()
     return config
 

@@ -7,6 +7,7 @@ missing model, not with status 2 and the option's message.
 
 from __future__ import annotations
 
+import logging
 import socket
 import subprocess
 import sys
@@ -17,6 +18,9 @@ import pytest
 import torch
 
 from atom_trio.cli import _parser, main
+from atom_trio.config import ServerSettings
+from atom_trio.options import parse_args
+from atom_trio.server import hypercorn_config
 from atom_trio.testing import server_process
 
 NOWHERE = ["--model", "/nonexistent/model"]
@@ -127,6 +131,25 @@ def test_hypercorn_refuses_a_device_it_cannot_use_at_import(tmp_path: Path) -> N
     assert ("atom_trio.errors.InvalidConfig: kernel backend 'triton' is not available on 'cpu': it needs a CUDA or "
             "ROCm GPU") in result.stderr
     assert "Running on" not in result.stderr + result.stdout
+
+
+def test_help_is_plain_text_and_generate_explains_its_own_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    assert "``" not in top and "serve an OpenAI-compatible server" in top
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "most tokens to generate [default: 64]" in shown and "0 is greedy [default: 0.0]" in shown
+    assert "--port" not in shown and "--disable-log-requests" not in shown and "Server:" not in shown
+
+
+def test_disable_log_requests_turns_the_access_log_off() -> None:
+    _, settings = parse_args(["--disable-uvicorn-access-log"])
+    assert settings.disable_log_requests
+    assert hypercorn_config(settings).accesslog is None
+    assert hypercorn_config(ServerSettings()).accesslog is logging.getLogger("atom_trio.access")
 
 
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:

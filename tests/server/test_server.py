@@ -7,12 +7,15 @@ the last test drains it with SIGTERM.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
+import transformers
 import trio
 
 from atom_trio.config import DEFAULT_MODEL_NAME
@@ -22,6 +25,7 @@ KEY = "test-key"
 MAX_MODEL_LEN = 256
 MAX_REQUEST_BYTES = 65536
 PROMPT = "The capital of France is"
+STATS_INTERVAL = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--api-key", KEY,
             "--max-request-bytes", str(MAX_REQUEST_BYTES), "--shutdown-timeout", "60",
-            "--profile-dir", str(log.parent / "profiles")]
+            "--profile-dir", str(log.parent / "profiles"), "--log-stats-interval", str(STATS_INTERVAL)]
     with server_process(args, log_path=log) as proc:
         yield proc
 
@@ -282,6 +286,57 @@ async def test_api_key_guards_v1_only(server: ServerProcess) -> None:
         assert (await anonymous.get("/health")).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         await openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+async def test_tokenizer_info_is_the_tokenizers_config_as_vllm_serves_it(
+    server: ServerProcess, http: httpx.AsyncClient, default_model_dir: Path
+) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(default_model_dir)
+    info = (await http.get("/tokenizer_info")).json()
+    assert info["tokenizer_class"] == type(tokenizer).__name__
+    assert info["chat_template"] == tokenizer.chat_template
+    assert (info["eos_token"], info["bos_token"], info["pad_token"]) == (
+        tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)
+    assert info["model_max_length"] == tokenizer.model_max_length
+    assert "vocab_file" not in info and "merges_file" not in info
+    # What lm-eval's remote tokenizer derives from it: the special tokens' ids, through /tokenize.
+    eos = await http.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False})
+    assert eos.json()["tokens"] == [tokenizer.eos_token_id]
+    async with httpx.AsyncClient(base_url=server.url) as anonymous:
+        assert_error(await anonymous.get("/tokenizer_info"), 401)
+    document = (await http.get("/openapi.json")).json()
+    assert document["paths"]["/tokenizer_info"]["get"]["security"] == [{"apiKey": []}]
+
+
+async def test_access_log_has_a_line_per_request_and_hypercorn_says_where_once(
+    server: ServerProcess, http: httpx.AsyncClient
+) -> None:
+    assert (await http.get("/version?probe=access-log")).status_code == 200
+    await trio.sleep(0.5)
+    log = server.log()
+    assert re.search(r'127\.0\.0\.1:\d+ "GET /version\?probe=access-log HTTP/1\.1" 200 OK \d+\.\d+s', log), log[-3000:]
+    assert log.count("Running on http://") == 1, log[-3000:]
+
+
+def stats_lines(server: ServerProcess) -> list[str]:
+    return [line for line in server.log().splitlines() if "generation throughput" in line]
+
+
+async def test_stats_line_while_busy_and_none_while_idle(server: ServerProcess, client: openai.AsyncOpenAI) -> None:
+    await trio.sleep(2.5 * STATS_INTERVAL)  # the line of the earlier tests' work comes out
+    idle = len(stats_lines(server))
+    await trio.sleep(4 * STATS_INTERVAL)
+    assert len(stats_lines(server)) == idle, stats_lines(server)[idle:]
+    await client.completions.create(model=DEFAULT_MODEL_NAME, prompt=PROMPT, max_tokens=48, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    await trio.sleep(2.5 * STATS_INTERVAL)
+    busy = stats_lines(server)[idle:]
+    assert busy, server.log()[-3000:]
+    numbers = [re.search(r"prompt throughput: ([\d.]+) tokens/s, generation throughput: ([\d.]+) tokens/s, "
+                         r"running: (\d+) reqs, waiting: (\d+) reqs, KV cache usage: [\d.]+%, "
+                         r"prefix cache hit rate: [\d.]+%", line) for line in busy]
+    assert all(numbers), busy
+    assert sum(float(m[2]) for m in numbers) > 0 and sum(float(m[1]) for m in numbers) > 0
 
 
 # ---- last: SIGTERM drains the server ------------------------------------------
