@@ -18,6 +18,7 @@ import signal
 import attrs
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.logging import Logger as HypercornLogger
 from hypercorn.trio import serve as hypercorn_serve
 
 from ..config import EngineConfig, ServerSettings
@@ -35,6 +36,56 @@ FLUSH_TIMEOUT_S = 3.0
 # connections close: a few scheduler ticks, with margin for a loaded box. No more, because a supervisor
 # restarts the server only once the process has exited.
 DEAD_ENGINE_GRACE_S = 0.25
+
+
+# Set in a request's ASGI scope once the app has sent the last of its response.
+_RESPONSE_SENT = "atom_trio.response_sent"
+
+
+class AccessLogger(HypercornLogger):
+    """Hypercorn's logger, less a second, status-less access line for a request that was answered in full.
+
+    When a client closes its connection the moment the response ends (as
+    curl does), hypercorn may see the close while it still sends the last
+    body chunk, and log the request twice: once as if the client had left
+    ("-" for the status), then with the status it got. A request whose
+    app sent its whole response keeps only the second line; one whose
+    client did leave early still gets its "-" line.
+    """
+
+    async def access(self, request, response, request_time) -> None:
+        if response is None and request.get(_RESPONSE_SENT):
+            return
+        await super().access(request, response, request_time)
+
+
+def mark_responses_sent(app):
+    """``app`` with `_RESPONSE_SENT` set in each request's scope once the app has sent its whole response.
+
+    Whole: the last body message, or as many body bytes as the response's
+    content-length, after which a client may close before that last message.
+    """
+
+    async def marked(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        remaining = None  # body bytes still owed, where the response says how many
+
+        async def marking_send(message) -> None:
+            nonlocal remaining
+            if message["type"] == "http.response.start":
+                lengths = [value for name, value in message.get("headers", ()) if name.lower() == b"content-length"]
+                remaining = int(lengths[0]) if lengths else None
+            elif message["type"] == "http.response.body":
+                if remaining is not None:
+                    remaining -= len(message.get("body", b""))
+                if not message.get("more_body", False) or (remaining is not None and remaining <= 0):
+                    scope[_RESPONSE_SENT] = True
+            await send(message)
+
+        return await app(scope, receive, marking_send)
+
+    return marked
 
 
 @attrs.frozen
@@ -59,6 +110,7 @@ def hypercorn_config(settings: ServerSettings) -> HypercornConfig:
     # line ("Running on ...") twice.
     config.accesslog = None if settings.disable_log_requests else logging.getLogger("atom_trio.access")
     config.access_log_format = ACCESS_LOG_FORMAT
+    config.logger_class = AccessLogger
     config.errorlog = logging.getLogger("hypercorn.error")
     config.loglevel = settings.log_level.upper()
     return config
@@ -109,7 +161,8 @@ async def serve(
                 raise error
 
             async def run_http(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-                await hypercorn_serve(app, hypercorn_config(settings), shutdown_trigger=shutdown_trigger,
+                await hypercorn_serve(mark_responses_sent(app), hypercorn_config(settings),
+                                      shutdown_trigger=shutdown_trigger,
                                       task_status=task_status)
                 root.cancel_scope.cancel()  # drained: stop the watchdog; then the engine closes
 

@@ -190,10 +190,11 @@ def _runner_logits(config: EngineConfig, rank: int, world_size: int) -> list[tor
 def _check_runner_logits(rank: int, world_size: int, model_dirs: list[str], load_format: str) -> None:
     for model_dir in model_dirs:
         config = EngineConfig(model=model_dir, dtype="float32", device="cpu", num_kv_blocks=4, load_format=load_format)
-        sharded = _runner_logits(config, rank, world_size)
-        if rank == 0:
-            for got, expected in zip(sharded, _runner_logits(config, 0, 1)):
-                torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        # Every rank builds the one-rank reference too: a rank that went on alone would wait in the next
+        # sharded runner's first collective for as long as the other's build took, and could time out.
+        expected = _runner_logits(config, 0, 1)
+        for got, want in zip(_runner_logits(config, rank, world_size), expected):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("load_format", ["safetensors", "dummy"])

@@ -31,3 +31,6 @@ def test_serve_builds_the_cpu_kernels_at_start_up_not_at_the_first_request(tmp_p
     assert started.index(BUILD_LINE) < started.index("start-up took")  # built during the warm-up
     assert after_request.count(BUILD_LINE) == 1  # and the request built nothing
     assert list((cache / "cpu_kernels").glob("*.so"))
+    # The access log has one line per request, with its status (written once the response is out).
+    (access,) = [line for line in server.log().splitlines() if "atom_trio.access" in line and "/v1/completions" in line]
+    assert '"POST /v1/completions HTTP/1.1" 200 OK' in access

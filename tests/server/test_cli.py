@@ -21,6 +21,7 @@ from atom_trio.cli import _parser, main
 from atom_trio.config import ServerSettings
 from atom_trio.options import parse_args
 from atom_trio.server import hypercorn_config
+from atom_trio.server.serve import mark_responses_sent
 from atom_trio.testing import server_process
 
 NOWHERE = ["--model", "/nonexistent/model"]
@@ -150,6 +151,34 @@ def test_disable_log_requests_turns_the_access_log_off() -> None:
     assert settings.disable_log_requests
     assert hypercorn_config(settings).accesslog is None
     assert hypercorn_config(ServerSettings()).accesslog is logging.getLogger("atom_trio.access")
+
+
+async def test_a_response_counts_as_sent_once_its_content_length_is_out() -> None:
+    """The access log's duplicate filter: the scope is marked when the body is whole, before the app's last message."""
+    marks = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 404, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"no", "more_body": True})
+        marks.append(scope.get("atom_trio.response_sent"))
+        await send({"type": "http.response.body", "body": b""})
+
+    async def send(message) -> None:
+        marks.append(message["type"])
+
+    scope = {"type": "http"}
+    await mark_responses_sent(app)(scope, None, send)
+    assert marks == ["http.response.start", "http.response.body", True, "http.response.body"]
+    streamed = {"type": "http"}
+    await mark_responses_sent(_streaming_app)(streamed, None, send)
+    assert streamed["atom_trio.response_sent"]
+
+
+async def _streaming_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+    assert "atom_trio.response_sent" not in scope  # no length: only the last message ends it
+    await send({"type": "http.response.body", "body": b""})
 
 
 def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
