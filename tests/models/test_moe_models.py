@@ -172,12 +172,11 @@ def test_a_sliding_window_wider_than_the_context_is_accepted(moe_dirs, tmp_path)
     ModelRunner(EngineConfig(model=str(model_dir), num_kv_blocks=4)).close()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "glm4_moe"])
 def test_tensor_and_expert_parallel_give_the_tokens_of_one_rank(moe_dirs, prompts, arch):
     """Over gloo in worker processes: TP=2 slices every expert, EP=2 gives each rank four whole experts.
 
     GLM-4-MoE's shared expert joins the routed experts' partial sums before the one all-reduce.
-    (Mixtral's block is Qwen3-MoE's; its worker start-ups would add half a minute and no new path.)
     """
     single = engine_greedy(moe_dirs[arch], prompts[:3])
     assert engine_greedy(moe_dirs[arch], prompts[:3], tensor_parallel_size=2) == single
