@@ -10,12 +10,9 @@ processes and libraries hold. The CPU's is ``cpu_kv_cache_space_gb``.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import mmap
-import sys
-import threading
 
 import attrs
 import torch
@@ -26,9 +23,6 @@ from atom_trio.layers import Attention
 from atom_trio.ops import KernelBackend
 
 logger = logging.getLogger("atom_trio.runner")
-
-_MADV_POPULATE_WRITE = 23
-"""Linux's madvise advice (linux/mman.h) that faults pages in writable; Python's mmap names it only from 3.13."""
 
 
 def kv_cache_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
@@ -84,28 +78,6 @@ class KVCacheLayout:
         for i, attn in enumerate(self.layers):
             attn.k_cache, attn.v_cache = kv[0, i], kv[1, i]
         return kv
-
-    def prefault_in_background(self, kv: torch.Tensor) -> None:
-        """Have the kernel fault in every page of a CPU cache now, on a thread, instead of at each page's first write.
-
-        The lazily zeroed mapping keeps start-up fast, but its pages would
-        then become resident one by one as blocks are first used: memory that
-        climbs for hours under load looks like a leak and makes a server's
-        footprint unpredictable. ``MADV_POPULATE_WRITE`` (Linux 5.14; an older kernel refuses it) zeroes
-        them all in one call without touching their contents, so it may run
-        while steps write the cache; ctypes drops the GIL for the call's
-        length, and where the call is missing the pages fault in as used.
-        """
-        if kv.device.type != "cpu" or not sys.platform.startswith("linux"):
-            return
-        libc = ctypes.CDLL(None, use_errno=True)
-        address, length = kv.data_ptr(), kv.numel() * kv.element_size()
-        threading.Thread(
-            target=libc.madvise,
-            args=(ctypes.c_void_p(address), ctypes.c_size_t(length), _MADV_POPULATE_WRITE),
-            name="atom_trio KV prefault",
-            daemon=True,
-        ).start()
 
     def unbind(self) -> None:
         """Take the layers' views away, so that a temporary cache is freed with its last reference."""

@@ -139,7 +139,6 @@ class ModelRunner:
         clock.lap("KV allocation")
         self.warm_up()
         clock.lap("warm-up")
-        self.kv_layout.prefault_in_background(self.kv_cache)  # after warm-up, which it would slow
         self.graph_bytes = 0
         """Device memory the decode graphs hold (``graph_bytes_budgeted``: what sizing the KV cache set aside)."""
         if startup.uses_decode_graphs(self):
