@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .attention import Attention, ForwardContext, forward_context, get_forward_context
+from .attention import Attention, CachedAttention, ForwardContext, forward_context, get_forward_context
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .layernorm import RMSNorm
 from .linear import (
@@ -12,14 +12,17 @@ from .linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
+from .mla import MLAAttention
 from .moe import FusedMoE, select_experts, use_expert_parallel
 from .rotary import RotaryEmbedding, get_rope
 
 __all__ = [
     "Attention",
+    "CachedAttention",
     "ColumnParallelLinear",
     "ForwardContext",
     "FusedMoE",
+    "MLAAttention",
     "MergedColumnParallelLinear",
     "ParallelLMHead",
     "QKVParallelLinear",

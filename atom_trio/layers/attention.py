@@ -46,7 +46,31 @@ def get_forward_context() -> ForwardContext:
     return context
 
 
-class Attention(nn.Module):
+class CachedAttention(nn.Module):
+    """An attention layer with a paged cache: it declares the tensors a block holds, the runner allocates them.
+
+    The runner sizes and allocates the cache in whatever units the layer
+    declares (per-head keys and values, or one latent vector a token), so a
+    new kind of attention needs no change to the runner.
+
+    Each gets a ``layer_id``, by which a compiled graph's opaque attention op finds it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_id = next(_layer_ids)
+        _layers[self.layer_id] = self
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
+        """The shapes of the cache tensors this layer keeps for ``num_blocks`` blocks, in its backend's layout."""
+        raise NotImplementedError
+
+    def bind_kv_cache(self, *caches: torch.Tensor) -> None:
+        """Take the cache tensors (views the runner allocated, shaped as `kv_cache_shapes` says; empty to unbind)."""
+        raise NotImplementedError
+
+
+class Attention(CachedAttention):
     """Rotates this step's queries and keys, stores keys and values in the paged cache, then attends.
 
     The rotation happens here, not in the model, so that a backend can rotate
@@ -70,8 +94,13 @@ class Attention(nn.Module):
         self.rotary_emb = rotary_emb
         self.k_cache = self.v_cache = torch.empty(0)
         self.ops = current_backend()
-        self.layer_id = next(_layer_ids)
-        _layers[self.layer_id] = self
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
+        shape = self.ops.kv_cache_shape(num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return (shape, shape)
+
+    def bind_kv_cache(self, *caches: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = caches
 
     def forward(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
@@ -104,8 +133,8 @@ class Attention(nn.Module):
 
 
 _layer_ids = itertools.count()
-_layers: weakref.WeakValueDictionary[int, Attention] = weakref.WeakValueDictionary()
-"""Every live `Attention` by ``layer_id``: the custom op gets the layer as an integer, which a graph can hold."""
+_layers: weakref.WeakValueDictionary[int, CachedAttention] = weakref.WeakValueDictionary()
+"""Every live attention layer by ``layer_id``: the custom ops get the layer as an integer, which a graph can hold."""
 
 
 @torch.library.custom_op("atom_trio::paged_attention", mutates_args=())

@@ -53,9 +53,11 @@ def select_experts(
     computed in float32, with the operations of the Hugging Face models in
     their order, so that float32 routing matches theirs bit for bit.
 
-    - ``softmax`` (Qwen3-MoE, Mixtral): the top-k of the softmax over all
-      experts, renormalized to sum to one if asked (Mixtral always,
-      Qwen3-MoE with ``norm_topk_prob``).
+    - ``softmax`` (Qwen3-MoE, Mixtral, DeepSeek-V2): the top-k of the softmax
+      over all experts, renormalized to sum to one if asked (Mixtral always,
+      Qwen3-MoE with ``norm_topk_prob``). With ``num_expert_group`` groups
+      (DeepSeek-V2's group-limited greedy), each group is rated by its best
+      score and only the experts of the ``topk_group`` best groups compete.
     - ``sigmoid`` (GLM-4-MoE, DeepSeek-V3): scores ``sigmoid(logits)``; the
       choice ranks ``scores + correction_bias``. With ``num_expert_group``
       groups of consecutive experts, each group is rated by the sum of its
@@ -75,7 +77,10 @@ def select_experts(
     """
     if scoring_func == "softmax":
         scores = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-        ids = _top_k_lowest_id(scores, top_k)
+        choice = scores
+        if num_expert_group is not None and num_expert_group > 1:
+            choice = _keep_best_groups(scores, num_expert_group, topk_group or num_expert_group, rated_by=1)
+        ids = _top_k_lowest_id(choice, top_k)
         weights = scores.gather(1, ids)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -95,15 +100,15 @@ def select_experts(
     return weights, ids.to(torch.int32)
 
 
-def _keep_best_groups(choice: torch.Tensor, num_groups: int, keep: int) -> torch.Tensor:
+def _keep_best_groups(choice: torch.Tensor, num_groups: int, keep: int, *, rated_by: int = 2) -> torch.Tensor:
     """``choice`` with the experts outside each token's ``keep`` best groups set to -inf.
 
-    A group's rating is the sum of its two best scores (DeepSeek-V3's rule,
-    which GLM-4-MoE shares).
+    A group's rating is the sum of its ``rated_by`` best scores: two for
+    DeepSeek-V3's rule (which GLM-4-MoE shares), one for DeepSeek-V2's.
     """
     tokens, num_experts = choice.shape
     groups = choice.view(tokens, num_groups, num_experts // num_groups)
-    rating = groups.topk(2, dim=-1).values.sum(dim=-1)
+    rating = groups.topk(rated_by, dim=-1).values.sum(dim=-1)
     kept = torch.zeros(tokens, num_groups, dtype=torch.bool, device=choice.device)
     kept.scatter_(1, _top_k_lowest_id(rating, keep), True)
     return groups.masked_fill(~kept.unsqueeze(-1), float("-inf")).view(tokens, num_experts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from .glm4_moe import Glm4MoeForCausalLM
 from .llama import LlamaForCausalLM
 from .mixtral import MixtralForCausalLM
@@ -11,6 +12,8 @@ from .registry import MODEL_REGISTRY, get_model_class
 
 __all__ = [
     "MODEL_REGISTRY",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
     "Glm4MoeForCausalLM",
     "LlamaForCausalLM",
     "MixtralForCausalLM",

@@ -6,6 +6,7 @@ from torch import nn
 
 from atom_trio.errors import ModelLoadError
 
+from .deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from .glm4_moe import Glm4MoeForCausalLM
 from .llama import LlamaForCausalLM
 from .mixtral import MixtralForCausalLM
@@ -18,6 +19,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 
 # Configs built from GGUF metadata may name only the model type.

@@ -123,6 +123,51 @@ class KernelBackend(abc.ABC):
         ``h // (num_heads // num_kv_heads)``. Returns ``[num_tokens, num_heads, head_dim]``.
         """
 
+    def latent_cache_shape(self, num_blocks: int, block_size: int, latent_dim: int) -> tuple[int, ...]:
+        """The shape of one layer's latent cache (multi-head latent attention): ``latent_dim`` features a token.
+
+        One vector per token, whatever the number of heads: the compressed
+        key/value and the shared rotary key side by side.
+        """
+        return (num_blocks, block_size, latent_dim)
+
+    def store_latent(self, latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write this step's latent vectors ``[num_tokens, latent_dim]`` to their slots (as `store_kv` does)."""
+        cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent)
+
+    def mla_attention(
+        self,
+        query: torch.Tensor,
+        latent: torch.Tensor,
+        cache: torch.Tensor,
+        kv_b: torch.Tensor,
+        plan: Any,
+        scale: float,
+    ) -> torch.Tensor:
+        """Multi-head latent attention of every query token over its sequence's latent context.
+
+        ``query`` ``[num_tokens, heads, nope + rope]`` (rotated); ``latent``
+        ``[num_tokens, latent + rope]`` this step's vectors, already stored in
+        ``cache`` (laid out as `latent_cache_shape` says); ``kv_b`` ``[heads, nope + v, latent]``,
+        the up-projection of the latent to each head's key (its first
+        ``nope`` rows, ``W_UK``) and value (``W_UV``). Returns ``[num_tokens,
+        heads, v]``. Prefill chunks expand their context to per-head keys and
+        values; decode tokens attend in the latent space (`mla_decode`).
+        """
+        raise NotImplementedError(f"kernel backend {self.name!r} has no multi-head latent attention")
+
+    def mla_decode(
+        self, query: torch.Tensor, cache: torch.Tensor, plan: Any, scale: float, value_dim: int
+    ) -> torch.Tensor:
+        """Decode attention in the latent space: one query ``[seqs, heads, latent + rope]`` per decode sequence.
+
+        Every head reads the same cached vectors: scores against all
+        ``latent + rope`` features, values the first ``value_dim``
+        (the latent). Returns ``[seqs, heads, value_dim]``, still in the
+        latent space (the caller projects it through ``W_UV``).
+        """
+        raise NotImplementedError(f"kernel backend {self.name!r} has no latent decode attention")
+
     @abc.abstractmethod
     def rms_norm(
         self,

@@ -17,6 +17,8 @@ a copy (several times faster on CPU than the token-major layout).
 
 from __future__ import annotations
 
+import functools
+
 import attrs
 import torch
 import torch.nn.functional as F
@@ -141,30 +143,20 @@ class TorchRefBackend(KernelBackend):
         v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, value.transpose(0, 1))
 
     def paged_attention(self, query, key, value, k_cache, v_cache, plan: TorchAttentionPlan, scale):
-        if plan.only_decodes:
-            return self._decode_attention(query, k_cache, v_cache, plan, scale)
-        out = torch.empty_like(query)
-        if plan.decode_token_idx is not None:
-            q = query.index_select(0, plan.decode_token_idx)
-            out.index_copy_(0, plan.decode_token_idx, self._decode_attention(q, k_cache, v_cache, plan, scale))
-        for chunk in plan.prefills:
-            # [sequences, heads, tokens, dim] views of the flat batch: the 4-D layout takes the CPU flash kernel
-            tokens = (chunk.end - chunk.start) // chunk.num_seqs
-            q = query[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
+        def keys_values(chunk: PrefillChunk, tokens: int):
             if chunk.block_table is None:  # nothing cached: plain causal attention over the chunk's own tokens
-                k = key[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
-                v = value[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
-                mask = None
-            else:
-                rows = _head_rows(chunk.block_table, *k_cache.shape[:2])
-                k = _gather_rows(k_cache, rows)[None, :, : chunk.context_len]
-                v = _gather_rows(v_cache, rows)[None, :, : chunk.context_len]
-                mask = _causal_mask(tokens, chunk.context_len, query.device)
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-            )
-            out[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).copy_(o.transpose(1, 2))
-        return out
+                k, v = (
+                    x[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
+                    for x in (key, value)
+                )
+                return k, v, None
+            rows = _head_rows(chunk.block_table, *k_cache.shape[:2])
+            k = _gather_rows(k_cache, rows)[None, :, : chunk.context_len]
+            v = _gather_rows(v_cache, rows)[None, :, : chunk.context_len]
+            return k, v, _causal_mask(tokens, chunk.context_len, query.device)
+
+        decode = functools.partial(self._decode_attention, k_cache=k_cache, v_cache=v_cache, plan=plan, scale=scale)
+        return _attend_by_kind(query, query.shape[-1], plan, scale, decode, keys_values)
 
     def _decode_attention(self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float) -> torch.Tensor:
         """One query per sequence over its padded context.
@@ -196,6 +188,44 @@ class TorchRefBackend(KernelBackend):
         probs = torch.softmax(torch.add(memo[4], scores, alpha=scale), dim=-1).to(q.dtype)
         out = torch.matmul(probs, v)  # [kv_heads, seqs, group, dim]
         return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
+
+    def mla_attention(self, query, latent, cache, kv_b, plan: TorchAttentionPlan, scale):
+        def keys_values(chunk: PrefillChunk, tokens: int):
+            if chunk.block_table is None:  # nothing cached: the chunk's own latents, causal
+                context, mask = latent[chunk.start : chunk.end], None
+            else:
+                blocks = cache.index_select(0, chunk.block_table.long())
+                context = blocks.view(-1, cache.shape[-1])[: chunk.context_len]
+                mask = _causal_mask(tokens, chunk.context_len, query.device)
+            k, v = _expand_latent(context, kv_b, query.shape[-1])
+            return *(x.unflatten(0, (chunk.num_seqs, -1)).transpose(1, 2) for x in (k, v)), mask
+
+        nope = query.shape[-1] - (cache.shape[-1] - kv_b.shape[-1])
+        decode = functools.partial(self._absorbed_decode, cache=cache, kv_b=kv_b, plan=plan, scale=scale)
+        return _attend_by_kind(query, kv_b.shape[1] - nope, plan, scale, decode, keys_values)
+
+    def _absorbed_decode(self, query, cache, kv_b, plan: TorchAttentionPlan, scale):
+        """Decode tokens with the up-projection absorbed: ``W_UK`` into the query, ``W_UV`` after the latent output.
+
+        Each head's score ``q_nope . (W_UK c)`` equals ``(W_UK^T q_nope) . c``, so the query moves into the
+        latent space and attends over the cached vectors as they are; the output is weighted latents, which
+        ``W_UV`` turns into the head's value. No per-head key or value is ever built for the context.
+        """
+        latent_dim = kv_b.shape[-1]
+        nope = query.shape[-1] - (cache.shape[-1] - latent_dim)
+        w_uk, w_uv = kv_b[:, :nope], kv_b[:, nope:]  # [heads, nope, latent], [heads, v, latent]
+        q_latent = torch.bmm(query[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [seqs, heads, latent]
+        q = torch.cat((q_latent, query[..., nope:]), dim=-1)
+        out_latent = self.mla_decode(q, cache, plan, scale, latent_dim)
+        return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [seqs, heads, v]
+
+    def mla_decode(self, query, cache, plan: TorchAttentionPlan, scale, value_dim):
+        tables = plan.decode_block_tables.long()
+        context = cache.index_select(0, tables.reshape(-1)).view(tables.shape[0], -1, cache.shape[-1])
+        hidden = torch.arange(context.shape[1], device=query.device)[None, :] >= plan.decode_context_lens[:, None]
+        scores = torch.matmul(query, context.transpose(1, 2)).float() * scale  # [seqs, heads, len]
+        probs = torch.softmax(scores.masked_fill_(hidden[:, None, :], float("-inf")), dim=-1).to(query.dtype)
+        return torch.matmul(probs, context[..., :value_dim])
 
     def rms_norm(self, x, weight, eps, residual=None):
         if residual is not None:
@@ -237,6 +267,39 @@ def _gather_rows(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """
     num_kv_heads, num_blocks, _, head_dim = cache.shape
     return cache.view(num_kv_heads * num_blocks, -1).index_select(0, rows).view(num_kv_heads, -1, head_dim)
+
+
+def _attend_by_kind(query, out_dim: int, plan: TorchAttentionPlan, scale: float, decode, keys_values) -> torch.Tensor:
+    """A step's attention ``[tokens, heads, out_dim]``: its decode tokens through ``decode`` as one batch, each
+    prefill chunk by one `scaled_dot_product_attention` over what ``keys_values(chunk, tokens_per_seq)`` gives
+    (keys and values ``[sequences, heads, len, dim]`` and a mask, None for causal over the chunk alone)."""
+    if plan.only_decodes:
+        return decode(query)
+    out = query.new_empty(*query.shape[:2], out_dim)
+    if plan.decode_token_idx is not None:
+        out.index_copy_(0, plan.decode_token_idx, decode(query.index_select(0, plan.decode_token_idx)))
+    for chunk in plan.prefills:
+        # [sequences, heads, tokens, dim] views of the flat batch: the 4-D layout takes the CPU flash kernel
+        tokens = (chunk.end - chunk.start) // chunk.num_seqs
+        q = query[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
+        k, v, mask = keys_values(chunk, tokens)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+        )
+        out[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).copy_(o.transpose(1, 2))
+    return out
+
+
+def _expand_latent(context: torch.Tensor, kv_b: torch.Tensor, qk_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head keys ``[tokens, heads, qk_dim]`` and values ``[tokens, heads, v]`` of latents ``[tokens, latent+rope]``.
+
+    A key is the head's up-projection of the latent (its first ``nope`` features) then the shared rotary key.
+    """
+    heads, nope_v, latent_dim = kv_b.shape
+    kv = F.linear(context[:, :latent_dim], kv_b.reshape(-1, latent_dim)).view(-1, heads, nope_v)
+    nope = qk_dim - (context.shape[-1] - latent_dim)
+    rope = context[:, None, latent_dim:].expand(-1, heads, -1)
+    return torch.cat((kv[..., :nope], rope), dim=-1), kv[..., nope:]
 
 
 def _causal_mask(num_queries: int, context_len: int, device: torch.device) -> torch.Tensor:

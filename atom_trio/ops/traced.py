@@ -7,7 +7,7 @@ from .torch_ref import TorchRefBackend
 
 
 class TracedOps(KernelBackend):
-    """The device backend's attention, rotary embedding and KV store; plain torch for the rest.
+    """The device backend's attention (latent attention too), rotary embedding and KV store; plain torch for the rest.
 
     The attention-side ops run behind the opaque attention op, outside the
     graph, so they keep the device backend's kernels. The norms, SiLU and
@@ -32,6 +32,15 @@ class TracedOps(KernelBackend):
 
     def paged_attention(self, query, key, value, k_cache, v_cache, plan, scale):
         return self.device_backend.paged_attention(query, key, value, k_cache, v_cache, plan, scale)
+
+    def latent_cache_shape(self, num_blocks, block_size, latent_dim):
+        return self.device_backend.latent_cache_shape(num_blocks, block_size, latent_dim)
+
+    def store_latent(self, latent, cache, slot_mapping) -> None:
+        self.device_backend.store_latent(latent, cache, slot_mapping)
+
+    def mla_attention(self, query, latent, cache, kv_b, plan, scale):
+        return self.device_backend.mla_attention(query, latent, cache, kv_b, plan, scale)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return self._torch.rms_norm(x, weight, eps, residual)

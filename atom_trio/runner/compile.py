@@ -162,8 +162,8 @@ def _move_attributes_into_pieces(split: torch.fx.GraphModule) -> None:
 
 
 def _is_attention(node: torch.fx.Node) -> bool:
-    op = torch.ops.atom_trio.paged_attention
-    return node.op == "call_function" and node.target in (op, op.default)
+    ops = (torch.ops.atom_trio.paged_attention, torch.ops.atom_trio.mla_attention)
+    return node.op == "call_function" and node.target in (*ops, *(op.default for op in ops))
 
 
 def _holds_attention(piece: torch.nn.Module) -> bool:

@@ -1,7 +1,12 @@
 """The paged KV cache: what a block costs, how many blocks a memory budget holds, and the cache's allocation.
 
-One tensor ``[2, layers, *backend layout]`` holds every attention layer's K
-and V; each layer gets views of its own. A GPU's budget is
+One tensor ``[tensors, layers, *layout]`` holds every attention layer's
+cache, each layer's tensors as the layer declares them
+(`CachedAttention.kv_cache_shapes`): K and V per head, ``[2, layers,
+*backend layout]``, or one latent vector a token for multi-head latent
+attention, ``[1, layers, *latent layout]``; each layer gets views of its own.
+A block's bytes follow from the same declaration, so the budget is counted in
+the units the model caches. A GPU's budget is
 ``gpu_memory_utilization`` of the card less everything else: the weights,
 the peak activations of the largest step and the decode CUDA graphs (both
 measured at start-up, see `atom_trio.runner.startup`), and memory other
@@ -19,8 +24,7 @@ import torch
 
 from atom_trio.config import EngineConfig
 from atom_trio.errors import ModelLoadError
-from atom_trio.layers import Attention
-from atom_trio.ops import KernelBackend
+from atom_trio.layers import CachedAttention
 
 logger = logging.getLogger("atom_trio.runner")
 
@@ -42,23 +46,28 @@ def kv_cache_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtyp
 
 @attrs.define(kw_only=True)
 class KVCacheLayout:
-    """Allocates the KV cache of a model's attention ``layers`` in ``backend``'s layout and binds each layer's views."""
+    """Allocates the KV cache of a model's attention ``layers``, as they declare it, and binds each layer's views."""
 
-    layers: list[Attention]
-    backend: KernelBackend
+    layers: list[CachedAttention]
     block_size: int
     dtype: torch.dtype
     device: torch.device
 
+    def layer_shapes(self, num_blocks: int) -> tuple[tuple[int, ...], ...]:
+        """The cache tensors each layer keeps for ``num_blocks`` blocks; every layer must declare the same."""
+        shapes = {layer.kv_cache_shapes(num_blocks, self.block_size) for layer in self.layers}
+        if len(shapes) != 1:
+            raise ModelLoadError(f"attention layers with different caches ({sorted(shapes)}) are not supported")
+        return shapes.pop()
+
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block: K and V of ``block_size`` tokens in every layer."""
-        layer = self.layers[0]
-        element = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * len(self.layers) * self.block_size * layer.num_kv_heads * layer.head_dim * element
+        """Bytes of one block: what every layer caches for ``block_size`` tokens."""
+        per_layer = sum(math.prod(shape) for shape in self.layer_shapes(1))
+        return len(self.layers) * per_layer * self.dtype.itemsize
 
     def allocate(self, num_blocks: int) -> torch.Tensor:
-        """One tensor ``[2, layers, *backend layout]``; each layer gets views of its K and V.
+        """One tensor ``[tensors, layers, *layout]``; each layer gets views of its own.
 
         Zeroed, because the decode path reads whole blocks, and a never-written
         slot must be finite for its (masked, zero-weight) value row to vanish.
@@ -67,22 +76,23 @@ class KVCacheLayout:
         anonymous mapping reads as zeros and takes memory only for the pages
         the cache writes.
         """
-        layer = self.layers[0]
-        layout = self.backend.kv_cache_shape(num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
-        shape = (2, len(self.layers), *layout)
+        tensors = self.layer_shapes(num_blocks)
+        shape = (len(tensors), len(self.layers), *tensors[0])
+        if any(t != tensors[0] for t in tensors):
+            raise ModelLoadError(f"an attention layer's cache tensors differ in shape: {tensors}")
         if self.device.type == "cpu":
             pages = mmap.mmap(-1, math.prod(shape) * self.dtype.itemsize)  # the tensor keeps the mapping alive
             kv = torch.frombuffer(pages, dtype=self.dtype).view(shape)
         else:
             kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.layers):
-            attn.k_cache, attn.v_cache = kv[0, i], kv[1, i]
+            attn.bind_kv_cache(*kv[:, i])
         return kv
 
     def unbind(self) -> None:
         """Take the layers' views away, so that a temporary cache is freed with its last reference."""
         for attn in self.layers:
-            attn.k_cache = attn.v_cache = torch.empty(0)
+            attn.bind_kv_cache(*(torch.empty(0) for _ in self.layer_shapes(1)))
 
     def blocks_within(self, budget: float, where: str) -> int:
         """How many blocks ``budget`` bytes hold (``where`` says where the budget came from, for the log and errors)."""

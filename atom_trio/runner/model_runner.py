@@ -34,7 +34,7 @@ from atom_trio.config import EngineConfig
 from atom_trio.core.facts import ModelFacts
 from atom_trio.core.plan import PREVIOUS_TOKEN, StepPlan, StepResult, TokenLogprobs
 from atom_trio.distributed import TensorParallelGroup, destroy_distributed, init_distributed
-from atom_trio.layers import Attention, ForwardContext, forward_context
+from atom_trio.layers import CachedAttention, ForwardContext, forward_context
 from atom_trio.layers.sampler import Sampler
 from atom_trio.loader.resolve import resolve_model
 from atom_trio.ops import AttentionMetadata, get_backend
@@ -117,8 +117,7 @@ class ModelRunner:
         self._unread: deque[LaunchedStep] = deque()
         """Launched steps whose tokens the host has not read, oldest first."""
         self.kv_layout = KVCacheLayout(
-            layers=[m for m in self.model.modules() if isinstance(m, Attention)],
-            backend=self.backend,
+            layers=[m for m in self.model.modules() if isinstance(m, CachedAttention)],
             block_size=self.block_size,
             dtype=kv_dtype,
             device=self.device,

@@ -15,6 +15,7 @@ from atom_trio.testing.models import QWEN3_30B_A3B as QWEN3_30B_A3B
 from atom_trio.testing.models import REAL_CONFIGS as REAL_CONFIGS
 from atom_trio.testing.models import ROUTER_GAIN as ROUTER_GAIN
 from atom_trio.testing.models import TINY_CONFIGS as TINY_CONFIGS
+from atom_trio.testing.models import TINY_MLA_CONFIGS as TINY_MLA_CONFIGS
 from atom_trio.testing.models import TINY_MOE_CONFIGS as TINY_MOE_CONFIGS
 from atom_trio.testing.models import sharpen_routers as sharpen_routers
 from atom_trio.testing.models import transformers_config as transformers_config

@@ -109,6 +109,63 @@ TINY_MOE_CONFIGS: dict[str, dict[str, Any]] = {
 """Tiny mixture-of-experts models (see `write_tiny_model_dir` for their routers); kept apart from ``TINY_CONFIGS``,
 whose dense architectures other tests and the byte-count checks iterate over."""
 
+_TINY_MLA = dict(
+    _TINY_MOE,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=24,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    rms_norm_eps=1e-6,
+)
+TINY_MLA_CONFIGS: dict[str, dict[str, Any]] = {
+    # Queries straight from q_proj; greedy softmax top-2 of 8, scaled; a dense first layer.
+    "deepseek_v2": dict(
+        _TINY_MLA,
+        architectures=["DeepseekV2ForCausalLM"],
+        q_lora_rank=None,
+        topk_method="greedy",
+        routed_scaling_factor=1.5,
+    ),
+    # Low-rank queries; group-limited greedy: the best 2 of 4 groups (rated by their best expert) compete.
+    "deepseek_v2_lora": dict(
+        _TINY_MLA,
+        architectures=["DeepseekV2ForCausalLM"],
+        q_lora_rank=24,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=1.0,
+    ),
+    # Low-rank queries; YaRN over an original context of 64 positions with DeepSeek's mscale / mscale_all_dim;
+    # noaux_tc routing (sigmoid, biased choice, 2 of 4 groups), renormalized and scaled; a dense first layer.
+    "deepseek_v3": dict(
+        _TINY_MLA,
+        architectures=["DeepseekV3ForCausalLM"],
+        q_lora_rank=24,
+        n_group=4,
+        topk_group=2,
+        max_position_embeddings=256,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=4.0,
+            original_max_position_embeddings=64,
+            mscale=1.0,
+            mscale_all_dim=0.8,
+            beta_fast=32,
+            beta_slow=1,
+        ),
+    ),
+}
+"""Tiny multi-head latent attention models (DeepSeek-V2/V3); their routers are sharpened as ``TINY_MOE_CONFIGS``'."""
+
 ROUTER_GAIN = 10.0
 """Tiny MoE models' router weights are scaled by this, so that a token's chosen experts win by margins far above
 float32 rounding and the choice is the same whatever the order of the arithmetic (see `write_tiny_model_dir`)."""
@@ -151,7 +208,7 @@ def write_tiny_model_dir(name: str, root: Path, tokenizer_dir: Path, *, seed: in
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     config = transformers_config(
-        {**TINY_CONFIGS, **TINY_MOE_CONFIGS}[name],
+        {**TINY_CONFIGS, **TINY_MOE_CONFIGS, **TINY_MLA_CONFIGS}[name],
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
