@@ -30,6 +30,7 @@ from atom_trio.outputs import CompletionOutput as CompletionOutput
 from atom_trio.outputs import EngineStats as EngineStats
 from atom_trio.outputs import RequestOutput as RequestOutput
 from atom_trio.sampling_params import SamplingParams as SamplingParams
+from atom_trio.sampling_params import StructuredOutputsParams as StructuredOutputsParams
 
 try:  # pyproject.toml's version, as installed
     __version__ = importlib.metadata.version("atom-trio")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json as jsonlib
+
 import attrs
 
 from .errors import InvalidRequest
@@ -25,6 +27,61 @@ def _bias(value: dict[int, float] | None) -> dict[int, float] | None:
     return {int(k): float(b) for k, b in value.items()}
 
 
+_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def _choice(value: list[str] | tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(value)
+
+
+@attrs.frozen
+class StructuredOutputsParams:
+    """A grammar the sampler enforces on the output: exactly one of the fields is set.
+
+    ``json`` is a JSON schema (a dict or its JSON text), ``json_object`` any
+    JSON object, ``regex`` a regular expression, ``choice`` one of the given
+    strings, ``grammar`` an EBNF grammar (xgrammar's / GBNF syntax). The
+    shape is vLLM's, so its clients' ``structured_outputs`` maps one to one.
+    The grammar itself is compiled and checked by the engine, which raises
+    `InvalidRequest` with the grammar engine's message; this class checks
+    only what needs no grammar engine, so a bad request fails where it is built.
+    """
+
+    json: str | dict | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = attrs.field(default=None, converter=_choice)
+    grammar: str | None = None
+
+    def __attrs_post_init__(self) -> None:
+        def bad(why: str) -> InvalidRequest:
+            return InvalidRequest(f"structured_outputs{why}", param="structured_outputs")
+
+        chosen = [name for name in _KINDS if getattr(self, name) not in (None, False)]
+        if len(chosen) != 1:
+            raise bad(f" needs exactly one of {', '.join(_KINDS)}; got {', '.join(chosen) or 'none'}")
+        if self.json is not None:
+            schema = self.json
+            if isinstance(schema, str):
+                try:
+                    schema = jsonlib.loads(schema)
+                except ValueError as error:
+                    raise bad(f".json is not valid JSON: {error}") from None
+            if not isinstance(schema, dict):
+                raise bad(".json must be a JSON schema object")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise bad(".choice must be a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise bad(f".{name} must be a non-empty string")
+
+    @property
+    def kind(self) -> str:
+        """The field that is set: ``json``, ``json_object``, ``regex``, ``choice`` or ``grammar``."""
+        return next(name for name in _KINDS if getattr(self, name) not in (None, False))
+
+
 _INT32_LIMIT = 2**31
 _MAX_N = 128
 
@@ -38,7 +95,8 @@ class SamplingParams:
     else shares its batch. ``logprobs=N`` returns the sampled token's logprob
     and the N most likely alternatives; ``prompt_logprobs=N`` does the same
     for every prompt token (given the tokens before it), which log-likelihood
-    evaluations need.
+    evaluations need. ``structured_outputs`` constrains the output to a
+    grammar (a JSON schema, regex, choice or EBNF), enforced in the sampler.
     """
 
     n: int = 1
@@ -60,6 +118,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     @property
     def greedy(self) -> bool:

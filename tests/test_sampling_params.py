@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atom_trio import InvalidRequest, SamplingParams
+from atom_trio import InvalidRequest, SamplingParams, StructuredOutputsParams
 
 
 @pytest.mark.parametrize(
@@ -51,3 +51,33 @@ def test_defaults_and_edges_are_valid():
 
 def test_stop_accepts_a_single_string():
     assert SamplingParams(stop="###").stop == ("###",)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(),
+        dict(json={"type": "object"}, regex="a+"),
+        dict(json_object=True, choice=["a"]),
+        dict(json="{not json"),
+        dict(json="[1, 2]"),
+        dict(choice=[]),
+        dict(choice=["a", ""]),
+        dict(regex=""),
+        dict(grammar=""),
+    ],
+)
+def test_structured_outputs_need_exactly_one_well_formed_spec(fields):
+    with pytest.raises(InvalidRequest) as error:
+        StructuredOutputsParams(**fields)
+    assert error.value.param == "structured_outputs"
+
+
+def test_structured_outputs_take_a_schema_as_dict_or_text_and_choices_as_a_list():
+    assert StructuredOutputsParams(json='{"type": "string"}').kind == "json"
+    assert StructuredOutputsParams(json={"type": "string"}).kind == "json"
+    spec = StructuredOutputsParams(choice=["yes", "no"])
+    assert spec.choice == ("yes", "no") and spec.kind == "choice"
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True))
+    params.validate(vocab_size=100)
+    assert params.structured_outputs.kind == "json_object"

@@ -12,9 +12,11 @@ from atom_trio.core.plan import PREVIOUS_TOKEN as PREVIOUS_TOKEN
 from atom_trio.core.plan import SeqChunk as SeqChunk
 from atom_trio.core.plan import StepPlan as StepPlan
 from atom_trio.core.plan import StepResult as StepResult
+from atom_trio.core.plan import TokenBitmask as TokenBitmask
 from atom_trio.core.plan import TokenLogprobs as TokenLogprobs
 from atom_trio.core.scheduler import Scheduler as Scheduler
 from atom_trio.core.sequence import FinishReason as FinishReason
+from atom_trio.core.sequence import Grammar as Grammar
 from atom_trio.core.sequence import Sequence as Sequence
 from atom_trio.core.sequence import SeqOutput as SeqOutput
 from atom_trio.core.sequence import SequenceStatus as SequenceStatus

@@ -13,9 +13,14 @@ msgpack).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import attrs
 
 from atom_trio.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PREVIOUS_TOKEN = -1
 """The token id of a decode chunk whose token is the one its sequence sampled in the previous plan.
@@ -79,18 +84,39 @@ class SeqChunk:
         return attrs.evolve(self, token_ids=[token_id], start_pos=self.end_pos, sample=True, prefix_token_ids=None)
 
 
+@attrs.define(eq=False)
+class TokenBitmask:
+    """Which tokens the plan's grammar-constrained rows may sample, in xgrammar's layout.
+
+    ``rows`` are positions among the plan's sampling chunks (ascending); only
+    those rows are masked, the others sample as if there were no mask.
+    ``words`` is an int32 array ``[len(rows), ceil(vocab / 32)]``: bit ``b``
+    of word ``w`` allows token ``32 * w + b``. The scheduler makes this with
+    the rows and their ``grammars`` (the engine's matchers, never sent); the
+    engine fills ``words`` between `Scheduler.schedule` and the launch,
+    since filling takes the grammar engine, which the core does not import.
+    """
+
+    rows: list[int]
+    grammars: list[Any] = attrs.Factory(list)
+    words: np.ndarray | None = None
+
+
 @attrs.frozen(kw_only=True)
 class StepPlan:
     """One step: chunks to compute, and sequences whose runner state can be dropped.
 
     The runner drops that state before it reads the chunks: a sequence
     preempted while an earlier plan was in flight may be in both, restarted
-    by a chunk that carries its ``prefix_token_ids``.
+    by a chunk that carries its ``prefix_token_ids``. ``token_bitmask`` is
+    present only when some sampling chunk follows a grammar, so a plan
+    without one costs nothing more to build or send.
     """
 
     step_id: int
     chunks: list[SeqChunk]
     finished_seq_ids: list[int] = attrs.field(factory=list)
+    token_bitmask: TokenBitmask | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -42,6 +42,24 @@ out to end the sequence (EOS, a stop string), the next plan has already run
 one wasted decode for it: `update` drops that chunk's result, and the blocks
 freed meanwhile are only reused by plans that run after it.
 
+A sequence with a grammar (``structured_outputs``) carries its matcher:
+`update` advances it with each sampled token and ends the sequence with
+"stop" once it has terminated (it accepted the stop token of a complete
+output; the scheduler's own stop checks come after, so ``max_tokens`` still
+ends an incomplete one with "length"). A plan whose sampling chunks include
+such sequences carries a `TokenBitmask` naming those rows and their
+matchers, for the engine to fill. Under asynchronous scheduling such a
+sequence is never planned while its previous token is still being sampled:
+its mask depends on that token. It then decodes every other step while
+unconstrained batch mates keep the pipeline full; the alternative, pausing
+the pipeline while any constrained row runs, would slow every request in
+the batch by the host's share of a step, and the engine's rule is that
+requests which do not use a grammar must not pay for it. Alone (or with
+only constrained mates) a constrained sequence decodes every step, as
+without asynchronous scheduling. A token the matcher rejects (only possible
+when ``min_tokens`` forbids the stop token that the grammar requires) ends
+the sequence with "abort": its output is not a complete match.
+
 A request asking for prompt logprobs gets them from sibling 0 alone (they are
 the same for every sibling). That sequence never takes prompt tokens from the
 prefix cache, as in vLLM: a cached position is not run through the model, so
@@ -53,14 +71,16 @@ and hands the whole list over with the first generated token.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
+from collections.abc import Callable
 
 import attrs
 
 from .block_manager import BlockManager
-from .plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult
+from .plan import PREVIOUS_TOKEN, SeqChunk, StepPlan, StepResult, TokenBitmask
 from atom_trio.sampling_params import SamplingParams
-from .sequence import FinishReason, Sequence, SeqOutput, SequenceStatus
+from .sequence import FinishReason, Grammar, Sequence, SeqOutput, SequenceStatus
 
 __all__ = ["Scheduler", "SchedulerStats", "SeqOutput"]
 
@@ -68,6 +88,8 @@ _RUNNING = SequenceStatus.RUNNING
 _WAITING = SequenceStatus.WAITING
 _FINISHED = SequenceStatus.FINISHED
 _SEED_SPACE = 2**64
+
+log = logging.getLogger("atom_trio.scheduler")
 
 
 @attrs.frozen(kw_only=True)
@@ -142,6 +164,8 @@ class Scheduler:
         self._dropped: list[int] = []
         """Sequences whose runner state can go, sent with the next plan."""
         self._in_flight: deque[StepPlan] = deque()
+        self._num_constrained = 0
+        """Live sequences with a grammar: while none, planning spends nothing on masks."""
 
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -149,8 +173,14 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue ``params.n`` sibling sequences for one prompt.
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        grammar: Callable[[], Grammar] | None = None,
+    ) -> None:
+        """Queue ``params.n`` sibling sequences for one prompt; ``grammar`` makes each sibling's matcher.
 
         The request has passed the engine's admission checks (its input
         processor): the asserts state what those guarantee, a fresh id and a
@@ -176,10 +206,13 @@ class Scheduler:
                 eos_token_ids=self.eos_token_ids,
                 max_model_len=self.max_model_len,
                 leader=siblings[0] if siblings else None,
+                grammar=None if grammar is None else grammar(),
             )
             siblings.append(seq)
             self._live[seq.seq_id] = seq
         self._requests[request_id] = siblings
+        if grammar is not None:
+            self._num_constrained += len(siblings)
         self._unscheduled.add(request_id)
         self._waiting.extend(siblings)
 
@@ -240,6 +273,8 @@ class Scheduler:
                 continue
             tokens = seq.token_ids
             pending = seq.num_pending_tokens
+            if pending and seq.grammar is not None:  # its mask needs the token still being sampled
+                continue
             num_tokens = len(tokens) + pending
             if seq.num_computed_tokens + 1 < num_tokens:
                 prefilling.append(seq)
@@ -282,10 +317,30 @@ class Scheduler:
 
         if not chunks:
             return None
-        plan = StepPlan(step_id=next(self._step_ids), chunks=chunks, finished_seq_ids=self._dropped)
+        plan = StepPlan(
+            step_id=next(self._step_ids),
+            chunks=chunks,
+            finished_seq_ids=self._dropped,
+            token_bitmask=self._token_bitmask(chunks) if self._num_constrained else None,
+        )
         self._dropped = []
         self._in_flight.append(plan)
         return plan
+
+    def _token_bitmask(self, chunks: list[SeqChunk]) -> TokenBitmask | None:
+        """The rows (among sampling chunks) of sequences with a grammar, with their matchers; None if none."""
+        live = self._live
+        rows: list[int] = []
+        grammars: list[Grammar] = []
+        row = 0
+        for chunk in chunks:
+            if chunk.sample:
+                grammar = live[chunk.seq_id].grammar
+                if grammar is not None:
+                    rows.append(row)
+                    grammars.append(grammar)
+                row += 1
+        return TokenBitmask(rows, grammars) if rows else None
 
     def _fit(self, seq: Sequence, num_tokens: int, scheduled: set[int]) -> int:
         """Give running ``seq`` blocks for up to ``num_tokens`` more tokens, preempting if none are left.
@@ -445,7 +500,9 @@ class Scheduler:
                 manager.publish(seq)
             if not chunk.sample:
                 continue
-            if token in seq.finish_token_ids or len(tokens) >= seq.max_len:
+            if seq.grammar is not None:
+                finish_reason, stop_reason = self._grammar_stop(seq, token)
+            elif token in seq.finish_token_ids or len(tokens) >= seq.max_len:
                 finish_reason, stop_reason = self._stop(seq, token)
             else:
                 finish_reason = stop_reason = None
@@ -478,6 +535,18 @@ class Scheduler:
             return "length", None
         return None, None
 
+    def _grammar_stop(self, seq: Sequence, token: int) -> tuple[FinishReason | None, int | None]:
+        """`_stop` for a sequence with a grammar: advance its matcher with ``token`` first."""
+        grammar = seq.grammar
+        if not grammar.accept_token(token):
+            log.warning("request %r: its grammar rejected sampled token %d, so it is aborted", seq.request_id, token)
+            return "abort", None
+        if grammar.is_terminated():
+            return "stop", None
+        if token in seq.finish_token_ids or len(seq.token_ids) >= seq.max_len:
+            return self._stop(seq, token)
+        return None, None
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         if seq.status is _RUNNING:
             del self._running[seq.seq_id]
@@ -486,6 +555,9 @@ class Scheduler:
             self._waiting.remove(seq)
         seq.status = _FINISHED
         seq.finish_reason = reason
+        if seq.grammar is not None:
+            seq.grammar = None  # the matcher goes now, not with the last reference to the sequence
+            self._num_constrained -= 1
         del self._live[seq.seq_id]
         if seq.runner_knows:
             self._dropped.append(seq.seq_id)

@@ -13,7 +13,7 @@ pending, but the last is planned (or, mid-prefill, of the first
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Literal, Protocol
 
 import attrs
 
@@ -21,6 +21,19 @@ from .plan import TokenLogprobs
 from atom_trio.sampling_params import SamplingParams
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+class Grammar(Protocol):
+    """What the scheduler needs of a sequence's grammar matcher (an xgrammar ``GrammarMatcher`` is one).
+
+    The engine makes one per sequence; the scheduler advances it with each
+    token it appends and ends the sequence when it has terminated (accepted
+    the stop token after a complete output).
+    """
+
+    def accept_token(self, token_id: int) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
 
 
 class SequenceStatus(enum.Enum):
@@ -59,6 +72,10 @@ class Sequence:
         prompt_logprobs: when its parameters ask for them, the prompt tokens'
             logprobs collected so far from the steps' results (one entry per
             prompt position, from 0); ``None`` otherwise.
+        grammar: the matcher its output must satisfy (``structured_outputs``),
+            advanced with every generated token it has; ``None`` when unconstrained
+            and once finished. Kept across preemption: it has matched the
+            known tokens, which a recompute keeps.
     """
 
     __slots__ = (
@@ -82,6 +99,7 @@ class Sequence:
         "runner_knows",
         "finish_reason",
         "prompt_logprobs",
+        "grammar",
     )
 
     def __init__(
@@ -95,6 +113,7 @@ class Sequence:
         eos_token_ids: frozenset[int],
         max_model_len: int,
         leader: Sequence | None = None,
+        grammar: Grammar | None = None,
     ) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
@@ -117,6 +136,7 @@ class Sequence:
         self.runner_knows = False
         self.finish_reason: FinishReason | None = None
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None if params.prompt_logprobs is None else []
+        self.grammar = grammar
 
     @property
     def num_output_tokens(self) -> int:

@@ -4,7 +4,9 @@ A request's way through it has three parts:
 
 - **intake**, in the caller's task at the first iteration of `generate`: the
   `InputProcessor` tokenizes the prompt (on a thread when it is long) and runs
-  every admission check; the admitted request goes to the scheduler's queue,
+  every admission check, then a ``structured_outputs`` grammar is compiled
+  (on a thread, cached; one the grammar engine refuses is an
+  `InvalidRequest`); the admitted request goes to the scheduler's queue,
   its output state to the `OutputProcessor`, and the step loop wakes up.
 - the **step loop** (a task): asks the scheduler for a plan, has the executor
   launch it (the model computes on a worker thread or in worker processes;
@@ -13,7 +15,9 @@ A request's way through it has three parts:
   asynchronous scheduling (the default on a GPU) it plans and launches the
   next step before collecting the previous one. With nothing to run it
   sleeps on an event that intake sets. Between two steps it also runs the
-  profiler's start and stop on every rank (`BetweenSteps`).
+  profiler's start and stop on every rank (`BetweenSteps`). A plan with
+  grammar-constrained rows has their token bitmask filled before it is
+  launched (`StructuredOutputs`); other plans skip that entirely.
 - **delivery** (a task): the `OutputProcessor` turns each step's token deltas
   into text deltas, applies stop strings (the engine then aborts the
   sequence in the scheduler with reason "stop"), and puts one
@@ -55,6 +59,7 @@ from ._between_steps import BetweenSteps
 from ._stream import OutputBuffer, RequestStream
 from .input_processor import InputProcessor, Prompt
 from .output_processor import OutputProcessor, RequestState
+from .structured_outputs import StructuredOutputs
 from atom_trio.errors import EngineDeadError
 from atom_trio.outputs import EngineStats
 from atom_trio.sampling_params import SamplingParams
@@ -97,6 +102,9 @@ class AsyncEngine:
             check_alive=self._check_alive,
         )
         self._outputs = OutputProcessor(tokenizer)
+        self._structured_outputs = StructuredOutputs(
+            tokenizer, vocab_size=executor.facts.vocab_size, eos_token_ids=executor.facts.eos_token_ids
+        )
         self._token = trio.lowlevel.current_trio_token()
         self._work = trio.Event()
         self._tasks_scope = trio.CancelScope()
@@ -116,6 +124,7 @@ class AsyncEngine:
         request_id: str | None = None,
         add_generation_prompt: bool = True,
         chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> RequestStream:
         """Submit a request; iterate the result for its output deltas.
 
@@ -128,6 +137,8 @@ class AsyncEngine:
             add_generation_prompt: for chat messages, end the prompt with the
                 assistant turn's opening.
             chat_template_kwargs: extra variables for the chat template.
+            tools: for chat messages, the tools (OpenAI's ``{"type": "function", "function": {...}}``) the
+                chat template renders into the prompt, as ``apply_chat_template(tools=...)`` does.
 
         Returns:
             An async iterator of `RequestOutput`, each holding what is new
@@ -138,7 +149,7 @@ class AsyncEngine:
         chat_kwargs = dict(chat_template_kwargs or {})
 
         async def admit() -> tuple[OutputBuffer, Any]:
-            state = await self._admit(prompt, params, request_id, add_generation_prompt, chat_kwargs)
+            state = await self._admit(prompt, params, request_id, add_generation_prompt, chat_kwargs, tools)
             return state.buffer, lambda: self._abort_request(state.request.key)
 
         return RequestStream(admit, self._token)
@@ -150,6 +161,7 @@ class AsyncEngine:
         add_generation_prompt: bool = True,
         chat_template_kwargs: Mapping[str, Any] | None = None,
         add_special_tokens: bool | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> tuple[str | None, list[int]]:
         """The prompt's text (``None`` for token ids) and token ids, exactly as `generate` would see them.
 
@@ -163,6 +175,7 @@ class AsyncEngine:
             add_generation_prompt=add_generation_prompt,
             chat_template_kwargs=chat_template_kwargs,
             add_special_tokens=add_special_tokens,
+            tools=tools,
         )
 
     async def detokenize(self, token_ids: Sequence[int], *, check_ids: bool = True) -> str:
@@ -243,6 +256,7 @@ class AsyncEngine:
         request_id: str | None,
         add_generation_prompt: bool,
         chat_template_kwargs: dict[str, Any],
+        tools: Sequence[Mapping[str, Any]] | None,
     ) -> RequestState:
         request = await self._inputs.process(
             prompt,
@@ -250,9 +264,14 @@ class AsyncEngine:
             request_id=request_id,
             add_generation_prompt=add_generation_prompt,
             chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
         )
+        grammar = None
+        if request.params.structured_outputs is not None:
+            grammar = await self._structured_outputs.matcher_factory(request.params.structured_outputs)
+            self._check_alive()  # the engine may have stopped while it compiled
         state = self._outputs.add_request(request)
-        self._scheduler.add_request(request.key, request.prompt_token_ids, request.params)
+        self._scheduler.add_request(request.key, request.prompt_token_ids, request.params, grammar)
         self._work.set()
         return state
 
@@ -306,6 +325,8 @@ class AsyncEngine:
                     if plan is None and not in_flight:
                         await self._work.wait()
                         continue
+                    if plan is not None and plan.token_bitmask is not None:
+                        self._structured_outputs.fill(plan.token_bitmask)
                 if plan is None:
                     outputs = scheduler.update(in_flight.popleft(), await executor.collect())
                 elif pipelined:

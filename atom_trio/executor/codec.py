@@ -15,7 +15,11 @@ and block table but for the blocks it gains) goes only when it changes
 (`_SentState`), which makes `Encoder` and `Decoder` stateful, and the
 decoder reuses the chunks of a steady decode batch (`_structure_plan`).
 Token ids go as they are, negative ones included (-1 is async output's
-stand-in for a token still on the GPU). The per-step code trusts the peer
+stand-in for a token still on the GPU). A plan's grammar mask (`TokenBitmask`),
+when it has one, goes as one more field: its rows and its words as raw bytes;
+a plan without one is sent exactly as before. The grammar itself
+(``SamplingParams.structured_outputs``) stays with the engine, which fills
+the masks: the runner needs only those. The per-step code trusts the peer
 (both ends are this package) beyond checking that the columns line up and
 that the sequences it names are known.
 """
@@ -31,14 +35,14 @@ import cattrs
 import cattrs.preconf.msgpack
 import msgpack
 
-from atom_trio.core.plan import SeqChunk, StepPlan, StepResult
+from atom_trio.core.plan import SeqChunk, StepPlan, StepResult, TokenBitmask
 from atom_trio.executor.framing import HEADER
 from atom_trio.executor.messages import MESSAGE_TYPES, Execute, Launch, Message, ProtocolError, Result
 from atom_trio.sampling_params import SamplingParams
 
 _TAG = {cls: tag for tag, cls in enumerate(MESSAGE_TYPES)}
 
-_PARAM_FIELDS = tuple(f.name for f in attrs.fields(SamplingParams))
+_PARAM_FIELDS = tuple(f.name for f in attrs.fields(SamplingParams) if f.name != "structured_outputs")
 
 
 def _unstructure_params(params: SamplingParams | None) -> list | None:
@@ -155,6 +159,9 @@ def _unstructure_plan(plan: StepPlan, sent: _SentState) -> tuple[list, _SentStat
         param_changes,
         plan.finished_seq_ids,
     ]
+    bitmask = plan.token_bitmask
+    if bitmask is not None:  # rare: a plan without one sends one field less
+        payload.append([bitmask.rows, bitmask.words.shape[1], bitmask.words.tobytes()])
     return payload, _SentState(seq_ids, [lens, new_params if param_changes else params])
 
 
@@ -182,8 +189,9 @@ def _structure_plan(payload: list, sent: _SentState) -> tuple[StepPlan, _SentSta
     plans are kept longer (a test), fresh chunks are built instead.
     """
     step_id, seq_ids, token_ids, start_pos, samples_and_prefixes, introductions, appends, param_changes, finished = (
-        payload
+        payload[:9]
     )
+    bitmask = _structure_bitmask(*payload[9:]) if len(payload) > 9 else None
     n = len(seq_ids)
     plain = samples_and_prefixes is None
     samples, prefixes = ([True] * n, [None] * n) if plain else samples_and_prefixes
@@ -225,8 +233,19 @@ def _structure_plan(payload: list, sent: _SentState) -> tuple[StepPlan, _SentSta
     if plain:
         spares = ((seq_ids, chunks), *[spare for spare in spares if spare[1] is not chunks][:1])
     # The plan gets a list of its own: ours must not be one that a kept plan holds.
-    plan = StepPlan(step_id=step_id, chunks=chunks[:], finished_seq_ids=finished)
+    plan = StepPlan(step_id=step_id, chunks=chunks[:], finished_seq_ids=finished, token_bitmask=bitmask)
     return plan, _SentState(seq_ids, [tables, prompt_lens, params], spares)
+
+
+def _structure_bitmask(fields: list) -> TokenBitmask:
+    # Imported here: numpy starts its BLAS threads on import, and the worker imports this module before it
+    # blocks the parent-death signal that only its watchdog thread may receive (see worker.exit_with_parent).
+    import numpy as np
+
+    rows, num_words, words = fields
+    # A copy: the sampler hands it to torch, which wants memory it may write.
+    array = np.frombuffer(words, dtype=np.int32).reshape(len(rows), num_words).copy()
+    return TokenBitmask(rows, words=array)
 
 
 def _none_column(values: list) -> list | int:

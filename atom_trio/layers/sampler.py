@@ -2,6 +2,13 @@
 
 The order of operations is vLLM's, because it decides what a request means:
 
+0. a grammar's token mask (``structured_outputs``: the plan's `TokenBitmask`)
+   sets the tokens it forbids to -inf in the logits themselves, before
+   anything else reads them, so no later step can bring one back: greedy
+   and random rows, min-p, top-k and top-p all see the masked logits, and
+   logprobs are the masked distribution's (a forbidden token's is -inf).
+   vLLM does the same: its runner masks the logits before calling its
+   sampler, whose raw logprobs are then post-mask;
 1. logprobs, when asked, come from the *raw* logits (vLLM's default
    ``raw_logprobs``), so they describe the model, not the sampling knobs;
 2. min_tokens blocks EOS / stop ids, logit_bias is added;
@@ -38,6 +45,7 @@ import numpy as np
 import torch
 
 from atom_trio._device import host_to_device
+from atom_trio.core.plan import TokenBitmask
 from atom_trio.ops import KernelBackend, TorchRefBackend
 from atom_trio.sampling_params import SamplingParams
 
@@ -135,25 +143,37 @@ class Sampler:
         if fused and self._backend.sampling_min_rows is None:
             raise ValueError(f"Sampler(fused=True) but kernel backend {self._backend.name!r} has no sampling kernel")
 
-    def __call__(self, logits: torch.Tensor, requests: list[SampleRequest]) -> SamplerOutput:
-        token_ids, logprobs, top_logprobs = self.sample_on_device(logits, requests)
+    def __call__(
+        self, logits: torch.Tensor, requests: list[SampleRequest], token_bitmask: TokenBitmask | None = None
+    ) -> SamplerOutput:
+        token_ids, logprobs, top_logprobs = self.sample_on_device(logits, requests, token_bitmask)
         return SamplerOutput(token_ids=token_ids.tolist(), logprobs=logprobs, top_logprobs=top_logprobs)
 
     def sample_on_device(
-        self, logits: torch.Tensor, requests: list[SampleRequest]
+        self, logits: torch.Tensor, requests: list[SampleRequest], token_bitmask: TokenBitmask | None = None
     ) -> tuple[torch.Tensor, list[float | None], list[list[tuple[int, float]] | None]]:
         """The sampled tokens as an int64 tensor on the logits' device, and the logprob columns.
 
         Waits for the device only when a row asks for logprobs (they come back as
         Python lists); otherwise the tokens can feed the next step before the host has seen them.
+        With ``token_bitmask``, its rows' forbidden tokens are masked in ``logits``
+        themselves (float32 logits are written in place).
         """
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
         logits = logits.float()
+        if token_bitmask is not None:
+            self._apply_token_bitmask(logits, token_bitmask)
         processed = self.process_logits(logits, requests)
         token_ids = self._sample(processed, requests)
         logprobs, top_logprobs = self._logprobs(logits, token_ids, requests)
         return token_ids, logprobs, top_logprobs
+
+    def _apply_token_bitmask(self, logits: torch.Tensor, token_bitmask: TokenBitmask) -> None:
+        """Step 0: -inf for every token a constrained row's grammar forbids (the backend's kernel)."""
+        device = logits.device
+        words = host_to_device(torch.from_numpy(token_bitmask.words), device)
+        self._backend.apply_token_bitmask(logits, words, _row_index(token_bitmask.rows, device))
 
     # -- steps 2-3: logits processors that can change the argmax ----------------------
 

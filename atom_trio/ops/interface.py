@@ -7,7 +7,8 @@ of a step flattened into one dimension (prefill chunks and decode tokens
 mixed), described by `AttentionMetadata`. What the runner and the sampler
 need to know of a backend (whether its steps can be captured in CUDA graphs,
 its kernels for a compiled model, its sampling kernel) it asks the backend
-too, so that no backend is named outside ``ops``.
+too, so that no backend is named outside ``ops``. The sampler's grammar mask
+(`KernelBackend.apply_token_bitmask`) is a kernel like the others.
 """
 
 from __future__ import annotations
@@ -299,6 +300,16 @@ class KernelBackend(abc.ABC):
         is set.
         """
         raise NotImplementedError(f"kernel backend {self.name!r} has no sampling kernel")
+
+    def apply_token_bitmask(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+        """Set to -inf, in place, the logits a grammar forbids: row ``rows[i]`` of ``logits`` by ``bitmask[i]``.
+
+        ``logits`` is ``[num_rows, vocab]`` float32; ``bitmask`` int32
+        ``[len(rows), ceil(vocab / 32)]`` in xgrammar's layout (bit ``b`` of
+        word ``w`` set allows token ``32 * w + b``); ``rows`` int64, distinct,
+        all three on one device. Rows not named are left alone.
+        """
+        raise NotImplementedError(f"kernel backend {self.name!r} has no token bitmask kernel")
 
     def rms_norm_linear(
         self,

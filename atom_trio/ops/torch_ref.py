@@ -90,6 +90,14 @@ class TorchRefBackend(KernelBackend):
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         return (num_kv_heads, num_blocks, block_size, head_dim)
 
+    def apply_token_bitmask(self, logits, bitmask, rows):
+        vocab = logits.shape[1]
+        if bitmask.shape[1] * 32 < vocab:
+            raise ValueError(f"a bitmask of {bitmask.shape[1]} words does not cover a vocabulary of {vocab}")
+        shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+        allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+        logits.index_put_((rows,), logits.index_select(0, rows).masked_fill_(~allowed, float("-inf")))
+
     def plan_attention(self, metadata: AttentionMetadata) -> TorchAttentionPlan:
         # A new step: forget the last step's rotary rows (memoized because every layer
         # rotates the same positions; a stale entry would also be a guard that makes

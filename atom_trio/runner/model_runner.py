@@ -187,7 +187,7 @@ class ModelRunner:
                 for step in list(self._unread):  # penalties count the values of the tokens fed back
                     self._read(step)
             requests = self.inputs.sample_requests(sampled)
-            tokens, logprobs, top_logprobs = self.sampler.sample_on_device(logits, requests)
+            tokens, logprobs, top_logprobs = self.sampler.sample_on_device(logits, requests, plan.token_bitmask)
         else:
             tokens = torch.zeros(len(sampled), dtype=torch.long, device=self.device)  # filled by a broadcast if fed back
         self.inputs.keep_sampled(tokens, sampled)

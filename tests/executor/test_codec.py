@@ -5,15 +5,17 @@ from __future__ import annotations
 import random
 import weakref
 
+import attrs
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atom_trio.config import EngineConfig
 from atom_trio.core.facts import ModelFacts
-from atom_trio.core.plan import SeqChunk, StepPlan, StepResult
-from atom_trio.sampling_params import SamplingParams
+from atom_trio.core.plan import SeqChunk, StepPlan, StepResult, TokenBitmask
+from atom_trio.sampling_params import SamplingParams, StructuredOutputsParams
 from atom_trio.core.scheduler import Scheduler
 from atom_trio.executor import messages
 from atom_trio.executor.codec import Decoder, Encoder
@@ -417,3 +419,23 @@ def test_appending_to_another_table_than_the_decoder_holds_is_a_protocol_error()
     decoder.decode(_plan_body())  # both sequences now hold 3 blocks
     with pytest.raises(messages.ProtocolError, match=r"appends to 9 blocks of sequence 0, which holds \[1, 2, 3\]"):
         decoder.decode(_plan_body(introductions=[], appends=[[0, 9, [7]]]))
+
+
+def test_a_grammar_mask_crosses_with_its_plan_and_the_grammar_stays_behind():
+    params = SamplingParams(temperature=0.0, structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    chunks = [_decode_chunk(i, [i], prefix=[1, 2]) for i in range(3)]
+    chunks[1].sampling_params = params
+    words = np.random.default_rng(0).integers(-(2**31), 2**31, size=(1, 5), dtype=np.int32)
+    plan = StepPlan(step_id=4, chunks=chunks, token_bitmask=TokenBitmask([1], [object()], words))
+    encoder, decoder = Encoder(), Decoder()
+    decoded = round_trip(messages.Execute(plan=plan), encoder, decoder).plan
+    assert decoded.token_bitmask.rows == [1] and decoded.token_bitmask.grammars == []
+    assert decoded.token_bitmask.words.dtype == np.int32 and decoded.token_bitmask.words.flags.writeable
+    np.testing.assert_array_equal(decoded.token_bitmask.words, words)
+    # the runner needs the mask, not the grammar: everything else of the parameters crosses as it was
+    assert decoded.chunks[1].sampling_params == attrs.evolve(params, structured_outputs=None)
+    # and the next plan, without a mask, is sent as every unconstrained plan is: one field less
+    plain = StepPlan(step_id=5, chunks=[c.next_decode(9) for c in chunks])
+    body = encoder.encode(messages.Execute(plan=plain))[HEADER.size :]
+    assert len(msgpack.unpackb(body, strict_map_key=False)[1]) == 9
+    assert decoder.decode(body).plan.token_bitmask is None

@@ -7,6 +7,8 @@ fallback: for other devices and dtypes, for layouts a kernel does not take,
 where no compiler builds the library, and under torch.compile (a graph can't
 hold a ctypes call). Mixture-of-experts layers run each expert on its own
 tokens only (`moe`), where the reference runs every expert on every token.
+A grammar's token mask is applied by xgrammar's C++ kernel (the grammar
+engine the engine compiles with, so it is installed wherever masks exist).
 The library is built, or loaded from the cache, at the
 first op that can use it (a runner's warm-up, at start-up), not here:
 backends are made in places that never run a kernel.
@@ -61,6 +63,24 @@ class CpuBackend(TorchRefBackend):
         if hidden.device.type != "cpu" or torch.compiler.is_compiling():
             return super().fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
         return sorted_fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset, self.silu_and_mul)
+
+    def apply_token_bitmask(self, logits, bitmask, rows):
+        """xgrammar's C++ kernel, one row at a time (it takes a row's mask from the row's own index).
+
+        Only for whole mask words: on a vocabulary that ends inside a word the
+        kernel also writes the positions of that word's other bits, past the
+        row (xgrammar 0.2.9). Vocabularies are multiples of 32 almost always;
+        the others take the reference.
+        """
+        if logits.device.type != "cpu" or logits.dtype not in SUPPORTED_DTYPES or logits.shape[1] % 32:
+            return super().apply_token_bitmask(logits, bitmask, rows)
+        from xgrammar.kernels.apply_token_bitmask_inplace_cpu import apply_token_bitmask_inplace_cpu
+
+        vocab = logits.shape[1]
+        if bitmask.shape[1] * 32 < vocab:
+            raise ValueError(f"a bitmask of {bitmask.shape[1]} words does not cover a vocabulary of {vocab}")
+        for i, row in enumerate(rows.tolist()):
+            apply_token_bitmask_inplace_cpu(logits[row], bitmask[i], vocab)
 
     def _attention_kernels(self, q, k_cache, v_cache) -> CpuKernels | None:
         """The kernels when they apply to a query (or key) and caches of one dtype, contiguous, else None."""

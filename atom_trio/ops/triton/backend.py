@@ -16,6 +16,7 @@ from .activation import silu_and_mul
 from .attention import TritonAttentionPlan, paged_attention
 from .cache import store_kv
 from .gemv import gemv, rms_norm_gemv
+from .grammar import apply_token_bitmask
 from .moe import fused_experts
 from .norm import rms_norm
 from .rotary import rotary_embedding
@@ -94,6 +95,9 @@ class TritonBackend(KernelBackend):
 
     def sample(self, logits, temperature, top_k, top_p, min_p, seeds):
         return sample(logits, temperature, top_k, top_p, min_p, seeds)
+
+    def apply_token_bitmask(self, logits, bitmask, rows):
+        apply_token_bitmask(logits, bitmask, rows)
 
     def linear(self, x, weight, bias=None, *, silu_and_mul=False):
         if self.uses_gemv(x, weight):
