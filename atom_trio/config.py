@@ -29,6 +29,11 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
+#: The tool-call parsers of ``--tool-call-parser`` (vLLM's names; `atom_trio.server.tool_parsers` has one for each).
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "deepseek_v3", "glm45", "kimi_k2")
+#: The reasoning parsers of ``--reasoning-parser`` (`atom_trio.server.reasoning` has one for each).
+REASONING_PARSERS = ("qwen3", "deepseek_r1")
+
 # Where an option is read: `atom-trio serve`, `atom-trio generate`, and the app `hypercorn atom_trio.app:app` imports.
 COMMANDS = ("serve", "generate", "app")
 
@@ -348,6 +353,30 @@ class ServerSettings:
     log_stats_interval: float = _field(
         5.0, "seconds between two stats lines (none is logged while the engine is idle)", validator=_POSITIVE
     )
+    enable_auto_tool_choice: bool = _field(
+        False,
+        "let the model decide whether to call the request's tools (`tool_choice: \"auto\"`, the default when "
+        "`tools` are given); its calls are parsed from the output by `tool_call_parser`, which this needs. "
+        "`required` and a named function work without it: a grammar enforces them",
+        section="Tools and reasoning",
+    )
+    tool_call_parser: str | None = _field(
+        None, "how the model writes tool calls, for `enable_auto_tool_choice`", choices=TOOL_CALL_PARSERS,
+    )
+    reasoning_parser: str | None = _field(
+        None,
+        "how the model marks its reasoning: chat responses then carry it apart from the answer, in "
+        "`reasoning_content`",
+        choices=REASONING_PARSERS,
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise InvalidConfig(
+                "enable_auto_tool_choice needs tool_call_parser: name how the model writes its tool calls "
+                f"({', '.join(TOOL_CALL_PARSERS)})",
+                options=("enable_auto_tool_choice", "tool_call_parser"),
+            )
 
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"

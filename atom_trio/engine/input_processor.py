@@ -22,6 +22,10 @@ JSON values, within `MAX_TEMPLATE_KWARGS_ITEMS` and
 ``apply_chat_template``'s own parameters (``chat_template``, ``tokenize``,
 ``tools``...) nor what the template already gets (``messages``, the special
 tokens, its functions): those would replace the template or what it renders.
+A chat's ``tools`` are OpenAI's tool definitions, handed to the template as
+``apply_chat_template(tools=...)`` does, so the model sees them in the format it
+was trained on; a chat with tools always renders on a worker thread, since
+their size is not bounded by the messages' content.
 
 Client work and the event loop. Rendering, tokenizing and detokenizing take
 time that the client chooses, and the event loop must not wait for it. A hop
@@ -158,6 +162,7 @@ class InputProcessor:
         request_id: str | None,
         add_generation_prompt: bool,
         chat_template_kwargs: Mapping[str, Any],
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> EngineRequest:
         """Run every admission check and tokenize; the request the scheduler may queue now.
 
@@ -179,6 +184,7 @@ class InputProcessor:
             add_generation_prompt=add_generation_prompt,
             chat_template_kwargs=chat_template_kwargs,
             add_special_tokens=None,
+            tools=tools,
         )
         if not token_ids:
             raise InvalidRequest("the prompt must not be empty", param="prompt")
@@ -215,6 +221,7 @@ class InputProcessor:
         add_generation_prompt: bool,
         chat_template_kwargs: Mapping[str, Any] | None,
         add_special_tokens: bool | None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> tuple[str | None, list[int]]:
         """The prompt's text (``None`` for token ids) and token ids, exactly as admission sees them.
 
@@ -240,8 +247,8 @@ class InputProcessor:
                     f"a chat may have at most {MAX_CHAT_MESSAGES} messages, not {len(prompt)}", param="messages"
                 )
             kwargs = self._template_kwargs(chat_template_kwargs or {})
-            render = functools.partial(self._render_chat, prompt, add_generation_prompt, kwargs, max_chars)
-            if len(prompt) <= INLINE_MESSAGES and _content_chars(prompt) <= INLINE_CHARS:
+            render = functools.partial(self._render_chat, prompt, add_generation_prompt, kwargs, max_chars, tools)
+            if not tools and len(prompt) <= INLINE_MESSAGES and _content_chars(prompt) <= INLINE_CHARS:
                 text = render()
             else:
                 text = await _in_python_lane(render)
@@ -289,6 +296,7 @@ class InputProcessor:
         add_generation_prompt: bool,
         kwargs: Mapping[str, Any],
         max_chars: int,
+        tools: Sequence[Mapping[str, Any]] | None,
     ) -> str:
         if not all(isinstance(m, Mapping) for m in messages):
             raise InvalidRequest(
@@ -297,7 +305,8 @@ class InputProcessor:
         _check_chars(_content_chars(messages), max_chars, "messages")
         try:
             text = self._tokenizer.apply_chat_template(
-                [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+                [dict(m) for m in messages], tools=[dict(t) for t in tools] if tools else None, tokenize=False,
+                add_generation_prompt=add_generation_prompt, **kwargs,
             )
         except Exception as exc:  # jinja errors (the sandbox's too), a missing template, a message it rejects
             raise InvalidRequest(f"cannot apply the chat template: {exc}", param="messages") from exc
@@ -372,6 +381,20 @@ def _check_chars(chars: int, max_chars: int, param: str, *, rendered: bool = Fal
 
 async def _in_python_lane(work: Callable[..., T], *args: Any) -> T:
     return await trio.to_thread.run_sync(work, *args, limiter=python_lane(), thread_name="atom-trio python lane")
+
+
+def chat_template_variables(tokenizer: Any) -> frozenset[str]:
+    """The variables the tokenizer's chat template reads (none without a template), as transformers finds them.
+
+    For options that only some templates understand (``reasoning_effort``): a
+    request may set one only where the template reads it, so it is never
+    accepted and silently ignored.
+    """
+    # transformers' own reading of a template (jinja2's undeclared variables), cached per template
+    from transformers.utils.chat_template_utils import _get_template_variables
+
+    template = tokenizer.chat_template
+    return _get_template_variables(template) if isinstance(template, str) else frozenset()
 
 
 def _reserved_template_names(tokenizer: Any) -> frozenset[str]:

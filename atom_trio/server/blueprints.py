@@ -21,7 +21,7 @@ from .. import __version__
 from ..engine.input_processor import INLINE_TOKENS, python_lane
 from . import completions, json_body
 from .errors import ApiError, bad_request, model_not_found
-from .sampling import chat_messages
+from .sampling import chat_messages, chat_tools
 from .schemas import DetokenizeRequest, TokenizeRequest, read_request
 from .state import current_state
 
@@ -105,6 +105,7 @@ async def tokenize() -> Response:
         add_generation_prompt=True if req.add_generation_prompt is None else req.add_generation_prompt,
         chat_template_kwargs=req.chat_template_kwargs,
         add_special_tokens=req.add_special_tokens,
+        tools=chat_tools(req),
     )
     payload = {"count": len(tokens), "max_model_len": engine.max_model_len, "tokens": tokens}
     return await _large_json_response(payload) if len(tokens) > INLINE_TOKENS else json_response(payload)

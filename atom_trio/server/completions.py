@@ -10,6 +10,10 @@ Choice indices follow vLLM: prompt ``i``'s sample ``j`` is choice ``i * n + j``.
 With ``echo``, a choice starts with its prompt, and with ``logprobs`` too, with
 the prompt tokens' logprobs (the first token's is null), as OpenAI's legacy
 completions did; vLLM's ``prompt_logprobs`` choice field carries them as well.
+
+A chat choice's text becomes its message through `ChatOutputRules`
+(chat_output.py: reasoning, tool calls); a streamed piece may become several
+chunks, since a tool call's opening and its arguments go out apart.
 """
 
 from __future__ import annotations
@@ -24,12 +28,26 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
-from ..engine.input_processor import INLINE_TOKENS, python_lane
-from . import sampling
-from .errors import from_exception, internal_error, model_not_found
+from ..engine.input_processor import INLINE_TOKENS, chat_template_variables, python_lane
+from ..errors import InvalidRequest
+from . import json_body, sampling
+from .chat_output import ChatOutputRules, ChoiceOutput, chat_rules, delta_calls
+from .errors import (
+    ApiError,
+    bad_request,
+    from_exception,
+    internal_error,
+    model_not_found,
+)
 from .generation import Generation, start_generation
 from .json_body import dumps_stepwise
-from .schemas import ChatCompletionRequest, CompletionRequest, StreamOptions, read_request
+from .schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    StreamOptions,
+    read_request,
+)
 
 if TYPE_CHECKING:
     from ..engine import Prompt
@@ -56,6 +74,7 @@ class Choice:
     text_offset: int = 0  # where the next streamed logprob's token starts in the choice's text
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt: str | None = None  # the prompt as the engine rendered it (a chat's, through the template)
 
 
 @attrs.define(eq=False)
@@ -125,6 +144,10 @@ class CompletionFormat:
             "stop_reason": choice.stop_reason,
         }
 
+    def stream_deltas(self, choice: Choice, text: str, logprobs: Any) -> list[dict[str, Any]]:
+        """A streamed piece of a choice as its chunks' choice entries (the last carries the finish reason)."""
+        return [self.choice(choice, text, logprobs, final=False)]
+
     def opening(self, choice: Choice) -> dict[str, Any] | None:
         return None
 
@@ -142,9 +165,22 @@ class CompletionFormat:
 
 @attrs.define(eq=False)
 class ChatFormat(CompletionFormat):
+    rules: ChatOutputRules = attrs.Factory(ChatOutputRules)
+    _outputs: dict[int, ChoiceOutput] = attrs.Factory(dict)
     object_name = "chat.completion"
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
+
+    def _output(self, choice: Choice) -> ChoiceOutput:
+        output = self._outputs.get(choice.index)
+        if output is None:
+            output = self._outputs[choice.index] = self.rules.choice(choice.prompt)
+        return output
+
+    @staticmethod
+    def _finish_reason(choice: Choice, output: ChoiceOutput) -> str | None:
+        """OpenAI's ``tool_calls`` for a choice that called a tool and stopped by itself."""
+        return "tool_calls" if output.made_calls and choice.finish_reason == "stop" else choice.finish_reason
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         text = self._token(token_id)
@@ -159,14 +195,31 @@ class ChatFormat(CompletionFormat):
         return {"content": content}, offset
 
     def choice(self, choice: Choice, text: str, logprobs: Any, *, final: bool) -> dict[str, Any]:
-        body = {"role": "assistant", "content": text} if final else {"content": text}
-        return {
-            "index": choice.index,
-            "message" if final else "delta": body,
-            "logprobs": logprobs,
-            "finish_reason": choice.finish_reason,
-            "stop_reason": choice.stop_reason,
-        }
+        assert final, "a chat choice streams through stream_deltas"
+        output = self._output(choice)
+        message = output.message(text)
+        return {"index": choice.index, "message": message, "logprobs": logprobs,
+                "finish_reason": self._finish_reason(choice, output), "stop_reason": choice.stop_reason}
+
+    def stream_deltas(self, choice: Choice, text: str, logprobs: Any) -> list[dict[str, Any]]:
+        output = self._output(choice)
+        delta = output.feed(text)
+        if choice.finish_reason is not None:
+            delta = delta.then(output.finish())
+        first: dict[str, Any] = {}
+        if delta.reasoning:
+            first["reasoning_content"] = delta.reasoning
+        if delta.content or not (delta.reasoning or delta.calls):
+            first["content"] = delta.content
+        groups = delta_calls(delta.calls)
+        bodies = [first] + [{"tool_calls": group} for group in groups[1:]]
+        if groups:
+            first["tool_calls"] = groups[0]
+        entries = [{"index": choice.index, "delta": body, "logprobs": None, "finish_reason": None,
+                    "stop_reason": None} for body in bodies]
+        entries[0]["logprobs"] = logprobs
+        entries[-1].update(finish_reason=self._finish_reason(choice, output), stop_reason=choice.stop_reason)
+        return entries
 
     def opening(self, choice: Choice) -> dict[str, Any] | None:
         return {"index": choice.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -221,6 +274,7 @@ class Response:
                 choice.echoed = True
                 text = self.echo_texts[prompt_index] + text
                 entries = self._echo_logprobs(prompt_index, output.prompt_token_ids) + entries
+            choice.prompt = output.prompt
             choice.text += text
             choice.token_ids.extend(token_ids)
             choice.logprobs.extend(entries)
@@ -228,7 +282,7 @@ class Response:
             choice.stop_reason = delta.stop_reason
             if stream and (text or token_ids or delta.finish_reason is not None):
                 logprobs, choice.text_offset = self.fmt.logprobs(entries, choice.text_offset)
-                deltas.append(self.fmt.choice(choice, text, logprobs, final=False))
+                deltas.extend(self.fmt.stream_deltas(choice, text, logprobs))
         return deltas
 
     def _echo_logprobs(self, prompt_index: int, prompt_token_ids: list[int]) -> list[LogprobEntry]:
@@ -326,12 +380,18 @@ async def handle(
     if chat:
         assert isinstance(req, ChatCompletionRequest)
         params = sampling.chat_params(req)
-        prompts: list[Prompt] = [sampling.chat_messages(req)]
+        rules = chat_rules(req, state.settings)
+        if json_body.fits_inline(body):
+            prompts: list[Prompt] = [sampling.chat_messages(req)]
+        else:  # tool calls in the history have arguments to decode, as long as the body allows
+            prompts = [await trio.to_thread.run_sync(sampling.chat_messages, req, limiter=python_lane(),
+                                                     thread_name="atom-trio chat messages")]
         generate_kwargs: dict[str, Any] = dict(
             add_generation_prompt=True if req.add_generation_prompt is None else req.add_generation_prompt,
-            chat_template_kwargs=req.chat_template_kwargs,
+            chat_template_kwargs=_template_kwargs(req, engine.tokenizer),
+            tools=sampling.chat_tools(req),
         )
-        fmt: CompletionFormat = ChatFormat(engine.decode, params.logprobs is not None)
+        fmt: CompletionFormat = ChatFormat(engine.decode, params.logprobs is not None, rules)
         echo_only = False
     else:
         assert isinstance(req, CompletionRequest)
@@ -345,7 +405,7 @@ async def handle(
             nursery, engine, prompts, params, state.metrics, state.activity, **generate_kwargs
         )
     except Exception as exc:
-        raise (from_exception(exc) or exc) from exc
+        raise _client_error(exc, req) from exc
     # Only once admitted (which checks n): a choice is allocated per prompt and sample.
     response = Response(fmt, state.model_name, params.n, len(prompts), echo_only=echo_only,
                         echo_top=params.logprobs or 0)
@@ -367,6 +427,33 @@ async def handle(
     # Many tokens with their alternatives: rendered and encoded off the event loop, a bounded piece at a time.
     return await trio.to_thread.run_sync(lambda: dumps_stepwise(response.final()), limiter=python_lane(),
                                          thread_name="atom-trio render response")
+
+
+def _template_kwargs(req: ChatCompletionRequest, tokenizer: Any) -> dict[str, Any]:
+    """``chat_template_kwargs``, with ``reasoning_effort`` for a template that reads it.
+
+    Raises:
+        ApiError: 400 naming ``reasoning_effort`` when the model's template does not read it, so the
+            request would be served as if it had not been set.
+    """
+    kwargs = dict(req.chat_template_kwargs or {})
+    if req.reasoning_effort is not None:
+        if "reasoning_effort" not in chat_template_variables(tokenizer):
+            raise bad_request("reasoning_effort is not supported by this model: its chat template does not read "
+                              "reasoning_effort", param="reasoning_effort")
+        kwargs["reasoning_effort"] = req.reasoning_effort
+    return kwargs
+
+
+def _client_error(exc: Exception, req: SamplingFields) -> Exception:
+    """The client's error for an engine exception; an error about the grammar names the field that asked for it."""
+    error = from_exception(exc)
+    if error is None:
+        return exc
+    if isinstance(exc, InvalidRequest) and exc.param == "structured_outputs":
+        param = sampling.grammar_param(req) or exc.param
+        return ApiError(error.status, f"{param}: {error.message}", type=error.type, param=param, code=error.code)
+    return error
 
 
 __all__ = ["handle"]

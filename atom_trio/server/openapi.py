@@ -6,7 +6,8 @@ a field added to a class is in the document at once, with the type the strict
 converter enforces. Three types are structured by hooks of their own (a
 ``stop`` that may be one string, OpenAI's four prompt shapes, a message
 content that may be text parts); `_HOOKED` gives each the schema of what its
-hook accepts. So a body the document refuses, the server refuses too (the
+hook accepts. A union of different JSON types (``tool_choice``: a mode or an
+object) is an ``anyOf`` of its members, as its hook dispatches on the JSON type. So a body the document refuses, the server refuses too (the
 reliability suite's schemathesis run checks it). The document says nothing of
 ranges (a temperature of 500 is a valid number here and a 400 there), and
 leaves out the fields the server knows but does not implement
@@ -37,6 +38,7 @@ from .schemas import (
     DetokenizeRequest,
     MessageContent,
     PromptInput,
+    StopStrings,
     TokenizeRequest,
 )
 
@@ -44,7 +46,7 @@ _NULL = {"type": "null"}
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer"}, "minItems": 1}
 
 _HOOKED: dict[Any, dict[str, Any]] = {
-    list[str] | None: {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}, _NULL]},
+    StopStrings: {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
     list[PromptInput]: {
         "description": "A string, an array of strings, an array of token ids or an array of token-id arrays.",
         "anyOf": [

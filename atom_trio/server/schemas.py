@@ -20,6 +20,7 @@ them (`MAX_CHAT_MESSAGES`).
 from __future__ import annotations
 
 import json
+import types
 import typing
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -36,11 +37,17 @@ from .errors import ApiError, bad_request
 
 T = TypeVar("T")
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 #: One prompt as a client may send it: text or token ids.
 PromptInput = typing.Union[str, list[int]]
 #: A message's content: a string, or text parts joined into one.
 MessageContent = typing.NewType("MessageContent", str)
+#: ``stop``: a string or a list of strings, as a list.
+StopStrings = typing.NewType("StopStrings", list)
+#: A JSON schema given as an object or as its JSON text (vLLM's ``guided_json``, ``structured_outputs.json``).
+JsonSchema = dict[str, Any] | str
+#: OpenAI's ``reasoning_effort`` values; only a chat template that reads the variable gives them meaning.
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 @attrs.frozen(kw_only=True)
@@ -50,12 +57,100 @@ class StreamOptions:
 
 
 @attrs.frozen(kw_only=True)
+class FunctionCall:
+    """A call an assistant made: the function's name and its arguments as a JSON object's text."""
+
+    name: str
+    arguments: str
+
+
+@attrs.frozen(kw_only=True)
+class ToolCall:
+    """One of an assistant message's ``tool_calls``, as OpenAI returned it."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+@attrs.frozen(kw_only=True)
 class ChatMessage:
-    """A message; content parts of type ``text`` are joined, other part types are refused."""
+    """A message; content parts of type ``text`` are joined, other part types are refused.
+
+    An assistant message may carry the ``tool_calls`` it made (its content then
+    may be null) and the ``reasoning_content`` it returned; a ``tool`` message
+    carries a call's result and the ``tool_call_id`` it answers.
+    """
 
     role: Role
     content: MessageContent | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class FunctionDefinition:
+    """A function the model may call; ``parameters`` is the JSON schema of its arguments (an object)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Tool:
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+@attrs.frozen(kw_only=True)
+class FunctionName:
+    name: str
+
+
+@attrs.frozen(kw_only=True)
+class NamedToolChoice:
+    """``tool_choice`` naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+#: ``tool_choice``: a mode, or the function to call.
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+@attrs.frozen(kw_only=True)
+class JsonSchemaFormat:
+    """``response_format.json_schema``: the schema the output must match (enforced whatever ``strict`` says)."""
+
+    name: str
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ResponseFormat:
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+@attrs.frozen(kw_only=True)
+class StructuredOutputs:
+    """vLLM's ``structured_outputs``: exactly one of a JSON schema, any JSON object, a regex, a choice or an EBNF
+    grammar."""
+
+    json: JsonSchema | None = None
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -73,7 +168,7 @@ class SamplingFields:
     repetition_penalty: float | None = None
     seed: int | None = None
     n: int | None = None
-    stop: list[str] | None = None
+    stop: StopStrings | None = None
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
@@ -83,6 +178,12 @@ class SamplingFields:
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: JsonSchema | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -101,6 +202,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: ReasoningEffort | None = None
+    include_reasoning: bool | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -113,6 +219,7 @@ class TokenizeRequest:
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -132,21 +239,11 @@ def _one_of(*allowed: Any) -> Callable[[Any], bool]:
     return lambda value: _absent(value) or value in allowed
 
 
-def _text_format(value: Any) -> bool:
-    return _absent(value) or (isinstance(value, dict) and value.get("type") == "text")
-
-
 _COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "best_of": _one_of(1),
     "use_beam_search": _absent,
     "length_penalty": _one_of(1, 1.0),
-    "response_format": _text_format,
-    "guided_json": _absent,
-    "guided_regex": _absent,
-    "guided_choice": _absent,
-    "guided_grammar": _absent,
     "guided_decoding_backend": _absent,
-    "structured_outputs": _absent,
     "logits_processors": _absent,
     "allowed_token_ids": _absent,
     "bad_words": _absent,
@@ -165,17 +262,15 @@ _COMMON_UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "service_tier": _one_of("auto", "default"),
 }
 
+#: Message fields of OpenAI's that atom_trio does not implement, accepted only when absent or null.
+_UNSUPPORTED_MESSAGE_FIELDS = ("function_call", "audio", "refusal")
+
 UNSUPPORTED: dict[type, dict[str, Callable[[Any], bool]]] = {
     CompletionRequest: {**_COMMON_UNSUPPORTED, "suffix": _absent},
     ChatCompletionRequest: {
         **_COMMON_UNSUPPORTED,
-        "tools": _absent,
-        "tool_choice": _one_of("none"),
-        "parallel_tool_calls": lambda value: True,  # meaningless without tools, which are refused
         "functions": _absent,
         "function_call": _one_of("none"),
-        "reasoning_effort": _absent,
-        "include_reasoning": _absent,
         "modalities": _one_of(["text"]),
         "audio": _absent,
         "prediction": _absent,
@@ -220,9 +315,7 @@ def _literal(tp: Any, _: Any = None) -> Callable[[Any, Any], Any]:
     return hook
 
 
-def _stop(value: Any, _: Any) -> list[str] | None:
-    if value is None:
-        return None
+def _stop(value: Any, _: Any) -> list[str]:
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
@@ -278,6 +371,38 @@ def _container(json_kind: type, factory: Callable[..., Any]) -> Callable[[Any, c
     return make
 
 
+def _json_kind(tp: Any) -> type:
+    """The JSON type whose values structure into ``tp``: an attrs class or a dict from an object, and so on."""
+    if attrs.has(tp) or typing.get_origin(tp) is dict:
+        return dict
+    if typing.get_origin(tp) is Literal:
+        return str
+    return typing.get_origin(tp) or tp
+
+
+def _is_json_union(tp: Any) -> bool:
+    """A union of two or more types of different JSON kinds (besides null), which cattrs cannot tell apart."""
+    if typing.get_origin(tp) not in (typing.Union, types.UnionType):
+        return False
+    members = [arg for arg in typing.get_args(tp) if arg is not type(None)]
+    return len(members) > 1 and len({_json_kind(arg) for arg in members}) == len(members)
+
+
+def _json_union(tp: Any, conv: cattrs.Converter) -> Callable[[Any, Any], Any]:
+    """Structure into the member whose JSON kind is the value's (``str | dict``, ``Literal[...] | SomeClass``)."""
+    members = {_json_kind(arg): arg for arg in typing.get_args(tp)}
+
+    def hook(value: Any, _: Any) -> Any:
+        kind = type(value) if type(value) in members else None
+        if kind is None and type(value) is int and float in members:
+            kind = float
+        if kind is None:
+            raise TypeError(f"expected {' or '.join(_json_type(k) for k in members)}, got {_json_type(type(value))}")
+        return value if kind is type(None) else conv.structure(value, members[kind])
+
+    return hook
+
+
 def make_converter() -> cattrs.Converter:
     conv = cattrs.Converter(forbid_extra_keys=True)
     for tp in (int, float, str, bool):
@@ -287,7 +412,8 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook_factory(lambda t: typing.get_origin(t) is dict,
                                          _container(dict, cattrs.cols.mapping_structure_factory))
     conv.register_structure_hook_factory(lambda t: typing.get_origin(t) is Literal, _literal)
-    conv.register_structure_hook_func(lambda t: t == list[str] | None, _stop)
+    conv.register_structure_hook_factory(_is_json_union, _json_union)
+    conv.register_structure_hook(StopStrings, _stop)
     conv.register_structure_hook_func(lambda t: t == list[PromptInput], _prompt)
     conv.register_structure_hook_func(lambda t: t == MessageContent | None, _content)
     return conv
@@ -327,12 +453,11 @@ def structure(cls: type[T], data: Any) -> T:
             problems.append((name, f"{name}={json.dumps(value)[:80]} is not supported by this server"))
     if isinstance(data.get("messages"), list):
         for i, message in enumerate(data["messages"]):
-            for key in ("tool_calls", "tool_call_id", "function_call", "audio", "refusal"):
+            for key in _UNSUPPORTED_MESSAGE_FIELDS:
                 if isinstance(message, dict) and not _absent(message.get(key)):
                     problems.append((f"messages[{i}].{key}", f"messages[{i}].{key} is not supported by this server"))
             if isinstance(message, dict):
-                data["messages"][i] = {k: v for k, v in message.items()
-                                       if k not in ("tool_calls", "tool_call_id", "function_call", "audio", "refusal")}
+                data["messages"][i] = {k: v for k, v in message.items() if k not in _UNSUPPORTED_MESSAGE_FIELDS}
     result = None
     try:
         result = _converter.structure(data, cls)
@@ -340,8 +465,9 @@ def structure(cls: type[T], data: Any) -> T:
         for line in cattrs.transform_error(exc, path="$", format_exception=_format):
             message, _, path = line.rpartition(" @ ")
             param = _param(path)
-            if message.startswith("unrecognized request argument"):
-                problems.extend((name, f"unrecognized request argument: {name}") for name in _extra_names(message))
+            if message.startswith("unrecognized request argument"):  # named with its object's path, if nested
+                names = [f"{param}.{name}" if param else name for name in _extra_names(message)]
+                problems.extend((name, f"unrecognized request argument: {name}") for name in names)
             else:
                 problems.append((param, f"{param or 'body'}: {message}"))
     if problems:

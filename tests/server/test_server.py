@@ -265,13 +265,22 @@ async def test_context_overflow_gives_the_numbers(client: openai.AsyncOpenAI) ->
 async def test_unsupported_fields_are_refused(client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="best_of"):
         await client.completions.create(model=DEFAULT_MODEL_NAME, prompt="x", best_of=2, max_tokens=1)
+
+
+async def test_what_this_server_cannot_honour_is_refused_by_name(http: httpx.AsyncClient) -> None:
+    """``auto`` tool choice (the default with tools) without a tool parser, and ``reasoning_effort`` for a chat
+    template that does not read it (the default model's), would be served as if they had not been asked."""
+    messages = [{"role": "user", "content": "x"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    with pytest.raises(openai.BadRequestError, match="tools"):
-        await client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
-                                             tools=tools)
-    with pytest.raises(openai.BadRequestError, match="response_format"):
-        await client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "x"}],
-                                             response_format={"type": "json_object"})
+    for body in ({"tools": tools}, {"tools": tools, "tool_choice": "auto"}):
+        error = assert_error(await http.post("/v1/chat/completions", json={"messages": messages, **body}), 400)
+        assert error["param"] == "tool_choice" and "--enable-auto-tool-choice" in error["message"]
+    error = assert_error(await http.post("/v1/chat/completions",
+                                         json={"messages": messages, "reasoning_effort": "low"}), 400)
+    assert error["param"] == "reasoning_effort"
+    answer = await http.post("/v1/chat/completions", json={"messages": messages, "tools": tools, "max_tokens": 2,
+                                                           "tool_choice": "none"})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
 
 
 async def test_oversized_body_is_413(http: httpx.AsyncClient) -> None:

@@ -53,13 +53,10 @@ def test_ints_are_fine_floats_and_nulls_mean_default() -> None:
     [
         (CompletionRequest, "best_of", 2),
         (CompletionRequest, "suffix", "tail"),
-        (CompletionRequest, "response_format", {"type": "json_object"}),
+        (CompletionRequest, "guided_decoding_backend", "xgrammar"),
         (ChatCompletionRequest, "prompt_logprobs", 1),
-        (ChatCompletionRequest, "tools", [{"type": "function", "function": {"name": "f"}}]),
-        (ChatCompletionRequest, "tool_choice", "auto"),
-        (ChatCompletionRequest, "response_format", {"type": "json_schema", "json_schema": {}}),
         (ChatCompletionRequest, "functions", [{"name": "f"}]),
-        (ChatCompletionRequest, "reasoning_effort", "high"),
+        (ChatCompletionRequest, "function_call", "auto"),
     ],
 )
 def test_unsupported_openai_fields_are_refused_by_name(cls: type, field: str, value: object) -> None:
@@ -71,8 +68,7 @@ def test_unsupported_openai_fields_are_refused_by_name(cls: type, field: str, va
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("best_of", 1), ("tool_choice", "none"), ("response_format", {"type": "text"}), ("tools", []),
-     ("parallel_tool_calls", True)],
+    [("best_of", 1), ("function_call", "none"), ("functions", [])],
 )
 def test_neutral_values_of_unsupported_fields_pass(field: str, value: object) -> None:
     structure(ChatCompletionRequest, {"messages": [{"role": "user", "content": "hi"}], field: value})
@@ -82,8 +78,8 @@ def test_unknown_fields_and_non_text_content_are_refused() -> None:
     assert refused(CompletionRequest, {"prompt": "x", "bogus": 1}).param == "bogus"
     error = refused(ChatCompletionRequest, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
     assert error.param == "messages[0].content" and "image_url" in error.message
-    error = refused(ChatCompletionRequest, {"messages": [{"role": "assistant", "tool_calls": [{"id": "1"}]}]})
-    assert error.param == "messages[0].tool_calls"
+    error = refused(ChatCompletionRequest, {"messages": [{"role": "assistant", "function_call": {"name": "f"}}]})
+    assert error.param == "messages[0].function_call"
 
 
 def test_body_must_be_a_json_object() -> None:
