@@ -16,7 +16,7 @@ reply back into history: newlines at both ends of the reasoning and at the start
 
 from __future__ import annotations
 
-from ..errors import InvalidConfig
+from ._registry import instantiate
 
 START = "<think>"
 END = "</think>"
@@ -153,10 +153,4 @@ REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
 
 def get_reasoning_parser(name: str) -> ReasoningParser:
     """The parser registered as ``name``; an unknown name is an `InvalidConfig` listing the choices."""
-    parser = REASONING_PARSERS.get(name)
-    if parser is None:
-        raise InvalidConfig(
-            f"unknown reasoning parser {name!r}; choose one of: {', '.join(REASONING_PARSERS)}",
-            options=("reasoning_parser",),
-        )
-    return parser()
+    return instantiate(REASONING_PARSERS, name, what="reasoning parser", option="reasoning_parser")

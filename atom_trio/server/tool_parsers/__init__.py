@@ -7,7 +7,7 @@ the same text; see `base` for the rules they share.
 
 from __future__ import annotations
 
-from ...errors import InvalidConfig
+from .._registry import instantiate
 from .base import ContentDelta as ContentDelta
 from .base import ExtractedToolCalls as ExtractedToolCalls
 from .base import ToolCall as ToolCall
@@ -35,10 +35,4 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
 
 def get_tool_parser(name: str) -> ToolParser:
     """The parser registered as ``name``; an unknown name is an `InvalidConfig` listing the choices."""
-    parser = TOOL_PARSERS.get(name)
-    if parser is None:
-        raise InvalidConfig(
-            f"unknown tool-call parser {name!r}; choose one of: {', '.join(TOOL_PARSERS)}",
-            options=("tool_call_parser",),
-        )
-    return parser()
+    return instantiate(TOOL_PARSERS, name, what="tool-call parser", option="tool_call_parser")
