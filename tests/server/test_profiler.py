@@ -23,9 +23,10 @@ from atom_trio.runner.profiling import MAX_STEPS, STEP_EVENT
 from atom_trio.testing import ServerProcess, server_process
 
 KEY = "profile-key"
-MAX_SECONDS = 30.0
-"""The servers' time limit, far above what the tests that stop a profile themselves take: the longest,
-296 steps on two ranks, took 5 s with the 2-core machine's load average at 5."""
+MAX_SECONDS = 15.0
+"""The servers' time limit, three times what the tests that stop a profile themselves take: the longest,
+296 steps on two ranks, took 5 s with the 2-core machine's load average at 5 (the time-limit test waits it out,
+once per executor)."""
 
 # Two ranks, with the GPU's default of asynchronous scheduling: a profile must come between launched steps.
 EXECUTORS = {
