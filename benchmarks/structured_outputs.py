@@ -3,6 +3,11 @@
     python -m benchmarks.structured_outputs                        # tiny random-weight Llama, CPU, batch 32
     python -m benchmarks.structured_outputs --model default        # SmolLM2-135M-Instruct
     python -m benchmarks.structured_outputs --model default --device cuda --dtype bfloat16
+    python -m benchmarks.structured_outputs --model DIR --load-format dummy --device cuda --dtype bfloat16
+
+With ``--load-format dummy`` the model directory needs only its config and
+tokenizer (random weights of its shapes): the masks, the step and the
+grammar are what they would be with the real weights, the text is not.
 
 Each configuration opens the engine, sends ``--batch-size`` requests at once
 (short prompts, ``--steps`` tokens each; the unconstrained ones ignore EOS)
@@ -89,6 +94,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_num_seqs=args.batch_size,
         max_model_len=args.steps + 64,
         max_num_batched_tokens=max(512, args.batch_size * 16),
+        load_format=args.load_format,
         num_kv_blocks=args.batch_size * (-(-(args.steps + 64) // 16)) + 8 if args.device == "cpu" else None,
     )
 
@@ -173,6 +179,7 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="tiny (random-weight Llama), default (SmolLM2), or a path")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=64, help="tokens per request")
     parser.add_argument("--compile-repeats", type=int, default=5)

@@ -12,7 +12,7 @@
   pairs: the scores are the same sums over the same products (transformers' V3 rotation returns
   that order too).
 - YaRN (``rope_parameters``): frequencies and cos/sin scaling from transformers, and DeepSeek's
-  ``mscale_all_dim`` folded into the softmax scale (`yarn_apply_mscale`), as transformers does.
+  ``mscale_all_dim`` folded into the softmax scale (`_yarn_softmax_scale`), as transformers does.
 - Experts: layer ``i`` is sparse when ``n_routed_experts`` is set, ``i >= first_k_dense_replace``
   and ``i % moe_layer_freq == 0`` (DeepSeek's rule); ``n_shared_experts`` always-on experts beside
   them. V2 routes by softmax, ``greedy`` or ``group_limited_greedy`` (a group rated by its best
@@ -23,9 +23,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
-from transformers.modeling_rope_utils import yarn_apply_mscale
 
 from atom_trio.distributed import current_tp_group
 from atom_trio.layers import (
@@ -105,7 +106,7 @@ class DeepseekV2Attention(nn.Module):
             qk_nope_head_dim=nope,
             qk_rope_head_dim=rope,
             kv_lora_rank=config.kv_lora_rank,
-            scale=yarn_apply_mscale(config.rope_parameters, self.qk_head_dim**-0.5),
+            scale=_yarn_softmax_scale(config.rope_parameters, self.qk_head_dim**-0.5),
             rotary_emb=rotary_emb,
         )
 
@@ -222,3 +223,18 @@ def check_config(config, scoring_func: str) -> None:
         raise ValueError(f"moe_layer_freq {config.moe_layer_freq} is not supported (1 or more)")
     if config.qk_rope_head_dim % 2 or config.qk_rope_head_dim < 2:
         raise ValueError(f"qk_rope_head_dim {config.qk_rope_head_dim} is not supported (an even number of features)")
+
+
+def _yarn_softmax_scale(rope_parameters: dict, scale: float) -> float:
+    """``scale`` times YaRN's ``mscale(factor, mscale_all_dim)`` squared, DeepSeek's softmax scale.
+
+    YaRN's attention factor already scales the rotary features; DeepSeek scales
+    the whole ``q @ k`` product too, non-rotary features included. Written
+    here rather than imported: transformers only exposes it in recent releases.
+    """
+    mscale_all_dim = rope_parameters.get("mscale_all_dim", 0)
+    factor = rope_parameters.get("factor", 1.0)
+    if rope_parameters.get("rope_type", "default") == "default" or not mscale_all_dim or factor <= 1:
+        return scale
+    mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+    return scale * mscale * mscale
