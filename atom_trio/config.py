@@ -132,6 +132,11 @@ class EngineConfig:
         None, "the id clients put in the `model` field (default: the model argument)"
     )
     revision: str | None = _field(None, "hub branch, tag or commit to fetch the model and tokenizer at")
+    trust_remote_code: bool = _field(
+        False,
+        "run the tokenizer code a checkpoint ships (named by tokenizer_config.json's `auto_map`, as Kimi-K2's "
+        "tiktoken tokenizer is); a checkpoint's config and model code never runs, with or without it",
+    )
     dtype: str = _field("auto", "weight and activation dtype", choices=_DTYPES)
     load_format: str = _field("auto", "weights format; `dummy` gives random weights", choices=_LOAD_FORMATS)
     seed: int = _field(

@@ -5,6 +5,8 @@
     for l in 0 1 2 3; do python3 -m benchmarks.benchmark_gpu --level $l --skip-transformers; done   # compare levels
     python3 -m benchmarks.benchmark_gpu --config qwen3-30b-a3b --batch-sizes 1 8 32 128 \
         --transformers-batch-sizes 1 --gpu-memory-utilization 0.95      # a mixture of experts
+    python3 -m benchmarks.benchmark_gpu --config deepseek-v2-lite --batch-sizes 1 32 128 \
+        --transformers-batch-sizes 1 --transformers-experts eager      # latent attention
 
 ``--config`` picks the model's shapes (``atom_trio.testing.REAL_CONFIGS``). Measured, all in one process on
 one card:
@@ -29,7 +31,9 @@ one card:
   freed, and the runner takes the card;
 - the runner (Triton kernels, KV cache sized by ``gpu_memory_utilization``)
   at ``--level`` (results under ``level_N``): its start-up time by phase and
-  the decode graphs' memory;
+  the decode graphs' memory; for latent attention (DeepSeek), how many
+  ``--capacity-tokens`` sequences its cache holds at once, against the same
+  bytes holding keys and values per head (`latent_cache_capacity`);
   prefill of one 2048-token prompt (time, TFLOP/s of the parameters each
   token multiplies, a mixture's active experts only, against the bf16
   peak); time per decode step at batch 1, with CUDA graphs and, on the same
@@ -62,9 +66,10 @@ import torch
 
 from atom_trio.config import EngineConfig
 from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
-from atom_trio.layers import FusedMoE
+from atom_trio.layers import CachedAttention, FusedMoE, MLAAttention
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
+from atom_trio.runner.kv_cache import KVCacheLayout
 from atom_trio.testing import REAL_CONFIGS, write_model_dir
 from benchmarks.roofline import expected_distinct_experts, moe_shape, prefill_flops, step_bytes
 
@@ -360,6 +365,50 @@ def kernel_rows(prof, iters: int, what: str, top: int = 25) -> list[dict]:
     return rows[:top]
 
 
+class PerHeadKV(CachedAttention):
+    """A layer that caches what multi-head attention would: every head's key (``key_dim``) and value
+    (``value_dim``), laid out by ``backend``. Only declared, never allocated: what the latent cache saves."""
+
+    def __init__(self, backend, num_heads: int, key_dim: int, value_dim: int) -> None:
+        super().__init__()
+        self.backend, self.num_heads, self.key_dim, self.value_dim = backend, num_heads, key_dim, value_dim
+
+    def kv_cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
+        return tuple(
+            self.backend.kv_cache_shape(num_blocks, block_size, self.num_heads, dim) for dim in (self.key_dim, self.value_dim)
+        )
+
+
+def latent_cache_capacity(runner: ModelRunner, tokens: int) -> dict:
+    """How many sequences of ``tokens`` tokens the runner's latent KV cache holds at once, and how many the same
+    memory would hold with keys and values per head.
+
+    Both counts come from the runner's own sizing (`KVCacheLayout`): its blocks as sized from the memory budget,
+    and that budget (the blocks' bytes, within one block of it) over the block bytes of per-head layers with
+    ``qk_nope_head_dim + qk_rope_head_dim`` key and ``v_head_dim`` value features a head.
+    """
+    config = runner.hf_config
+    layout = runner.kv_layout
+    heads = next(m for m in layout.layers if isinstance(m, MLAAttention)).num_heads
+    key_dim, value_dim = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+    per_head = KVCacheLayout(
+        layers=[PerHeadKV(runner.backend, heads, key_dim, value_dim) for _ in layout.layers],
+        block_size=layout.block_size,
+        dtype=layout.dtype,
+        device=layout.device,
+    )
+    budget = runner.num_kv_blocks * layout.block_bytes
+    per_head_blocks = per_head.blocks_within(budget, "the latent cache's bytes, stored per head")
+    blocks_per_seq = -(-tokens // layout.block_size)
+    return {
+        "kv_cache_GiB": budget / 2**30,
+        "kv_block_bytes_latent": layout.block_bytes,
+        "kv_block_bytes_per_head": per_head.block_bytes,
+        f"max_seqs_{tokens}_latent": runner.num_kv_blocks // blocks_per_seq,
+        f"max_seqs_{tokens}_per_head": per_head_blocks // blocks_per_seq,
+    }
+
+
 def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argparse.Namespace) -> dict:
     """The runner's figures at compile ``level``; the runner is closed afterwards."""
     hf_config = REAL_CONFIGS[args.config]
@@ -381,6 +430,8 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
     results["graph_GiB"] = runner.graph_bytes / 2**30
     results["graph_GiB_set_aside"] = runner.graph_bytes_budgeted / 2**30
     results["kv_cache_tokens"] = runner.num_kv_blocks * runner.block_size
+    if any(isinstance(layer, MLAAttention) for layer in runner.kv_layout.layers):
+        results.update(latent_cache_capacity(runner, args.capacity_tokens))
     results["weight_GB"] = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 1e9
     # Each timed decode step attends to the prompt, the prefill's token and the steps before it.
     context = args.input_len + 1 + (args.steps + 2) // 2  # the median timed step's (decode_ms skips 3)
@@ -461,6 +512,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch.compile level; one per process (on the H100 a second runner in one process ran out of memory)",
     )
     parser.add_argument("--profile", action="store_true", help="also list the kernels of a batch-1 decode step")
+    parser.add_argument(
+        "--capacity-tokens",
+        type=int,
+        default=4096,
+        help="latent attention: count the sequences of this many tokens the KV cache holds, latent and per head",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -10,7 +10,8 @@ A memory-bound step (decode) can be no faster than moving, once each, the bytes 
   ``top_k``; a large batch reads nearly all). Either the count a real router gave, or the expected count for
   uniform random routing (`expected_distinct_experts`). The router and any shared experts are weights used;
 - **KV cache**: the keys and values of every position each sequence attends to, in every layer: those already
-  cached are read, the step's new ones written;
+  cached are read, the step's new ones written. With multi-head latent attention (DeepSeek) that is one
+  latent vector and rotary key a position and layer, which decode reads as they are;
 - **logits**: one row of the vocabulary per sampled sequence, written in float32 (what the runner returns).
 
 Left out, as negligible next to these (kilobytes per token against gigabytes): activations between kernels,
@@ -76,7 +77,7 @@ class MoeShape:
 
 
 def moe_shape(config: Mapping[str, Any]) -> MoeShape | None:
-    """The experts of a Qwen3-MoE, Mixtral or GLM-4-MoE ``config.json``; ``None`` for a dense model.
+    """The experts of a Qwen3-MoE, Mixtral, GLM-4-MoE or DeepSeek-V2/V3 ``config.json``; ``None`` for a dense model.
 
     Which layers are sparse follows each family's rule, as its model file builds it.
     """
@@ -99,6 +100,17 @@ def moe_shape(config: Mapping[str, Any]) -> MoeShape | None:
             top_k=config["num_experts_per_tok"],
             expert_intermediate=config["intermediate_size"],
             sparse_layers=frozenset(layers),
+        )
+    if architecture in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM") and config.get("n_routed_experts"):
+        freq = config.get("moe_layer_freq", 1)
+        return MoeShape(
+            num_experts=config["n_routed_experts"],
+            top_k=config["num_experts_per_tok"],
+            expert_intermediate=config["moe_intermediate_size"],
+            sparse_layers=frozenset(i for i in layers if i >= config.get("first_k_dense_replace", 0) and i % freq == 0),
+            shared_intermediate=config["moe_intermediate_size"] * (config.get("n_shared_experts") or 0),
+            router_float32=True,
+            router_bias=architecture == "DeepseekV3ForCausalLM",  # V3's noaux_tc routing is GLM-4-MoE's
         )
     if architecture == "Glm4MoeForCausalLM":
         return MoeShape(
@@ -127,11 +139,41 @@ def head_dim(config: Mapping[str, Any]) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
+def _is_latent_attention(config: Mapping[str, Any]) -> bool:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): keys and values from one compressed vector."""
+    return config.get("kv_lora_rank") is not None
+
+
+def _attention_matrices(config: Mapping[str, Any]) -> int:
+    """One layer's attention projections, their matrices only.
+
+    Latent attention: the queries (``q_proj``, or ``q_a_proj`` then ``q_b_proj``), ``kv_a_proj_with_mqa`` (the
+    latent and the rotary key), ``kv_b_proj`` (each head's key and value from the latent) and ``o_proj``.
+    """
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if _is_latent_attention(config):
+        nope, rope, v, latent = (config[k] for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"))
+        q_rank = config.get("q_lora_rank")
+        queries = hidden * heads * (nope + rope) if q_rank is None else q_rank * (hidden + heads * (nope + rope))
+        return queries + hidden * (latent + rope) + latent * heads * (nope + v) + heads * v * hidden
+    dim = head_dim(config)
+    q_size, kv_size = heads * dim, config["num_key_value_heads"] * dim
+    return hidden * (q_size + 2 * kv_size) + q_size * hidden
+
+
 def _attention_params(config: Mapping[str, Any]) -> int:
-    """One layer's attention: the q, k, v and o projections, their biases, the per-head q/k norms."""
-    hidden, dim = config["hidden_size"], head_dim(config)
+    """One layer's attention: the projections, their biases, the per-head q/k norms (latent attention: its two
+    RMSNorms, and biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj``)."""
+    hidden = config["hidden_size"]
+    params = _attention_matrices(config)
+    if _is_latent_attention(config):
+        q_rank, latent = config.get("q_lora_rank") or 0, config["kv_lora_rank"]
+        params += q_rank + latent
+        if config.get("attention_bias"):
+            params += q_rank + latent + config["qk_rope_head_dim"] + hidden
+        return params
+    dim = head_dim(config)
     q_size, kv_size = config["num_attention_heads"] * dim, config["num_key_value_heads"] * dim
-    params = hidden * (q_size + 2 * kv_size) + q_size * hidden
     if config.get("attention_bias"):
         o_bias = (config.get("architectures") or [""])[0] != "Glm4MoeForCausalLM"  # GLM biases q, k, v only
         params += q_size + 2 * kv_size + (hidden if o_bias else 0)
@@ -163,7 +205,7 @@ def weight_bytes(config: Mapping[str, Any], *, tokens: int, dtype_bytes: int = 2
     """Bytes of weights a step of ``tokens`` tokens reads, the routed experts aside (`expert_bytes`).
 
     That is all of them but the embedding rows it does not look up. ``config`` is a Hugging Face
-    ``config.json`` of an architecture atom_trio runs (Llama, Qwen3, Qwen3-MoE, Mixtral, GLM-4-MoE).
+    ``config.json`` of an architecture atom_trio runs (Llama, Qwen3, Qwen3-MoE, Mixtral, GLM-4-MoE, DeepSeek-V2/V3).
     """
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     moe = moe_shape(config)
@@ -214,6 +256,8 @@ def kv_cache_bytes(
 ) -> int:
     """Bytes of keys and values at ``positions`` positions over ``layers`` layers (default: all of them)."""
     layers = config["num_hidden_layers"] if layers is None else layers
+    if _is_latent_attention(config):
+        return layers * (config["kv_lora_rank"] + config["qk_rope_head_dim"]) * positions * dtype_bytes
     return 2 * layers * config["num_key_value_heads"] * head_dim(config) * positions * dtype_bytes
 
 
@@ -246,15 +290,14 @@ def step_bytes(
 def active_params_per_token(config: Mapping[str, Any]) -> int:
     """The matrix elements one token multiplies through the decoder layers (the LM head aside).
 
-    Each layer's q, k, v and o projections, and its dense MLP, or its router, shared experts and the
+    Each layer's attention projections, and its dense MLP, or its router, shared experts and the
     ``top_k`` routed experts the token goes to. Biases and norms are left out (no matmul).
     """
-    hidden, dim = config["hidden_size"], head_dim(config)
-    q_size, kv_size = config["num_attention_heads"] * dim, config["num_key_value_heads"] * dim
+    hidden = config["hidden_size"]
     moe = moe_shape(config)
     params = 0
     for layer in range(config["num_hidden_layers"]):
-        params += hidden * (q_size + 2 * kv_size) + q_size * hidden
+        params += _attention_matrices(config)
         if moe is None or layer not in moe.sparse_layers:
             params += 3 * hidden * config["intermediate_size"]
         else:
@@ -266,10 +309,14 @@ def active_params_per_token(config: Mapping[str, Any]) -> int:
 def prefill_flops(config: Mapping[str, Any], tokens: int) -> float:
     """Matmul FLOPs of one causal prefill of ``tokens``: the active parameters, attention, one row of LM head.
 
-    Attention counts QK^T and PV over the causal half (``tokens * (tokens + 1) / 2`` pairs per head).
+    Attention counts QK^T and PV over the causal half (``tokens * (tokens + 1) / 2`` pairs per head); latent
+    attention's prefill expands the latent to keys of ``nope + rope`` and values of ``v_head_dim`` features.
     """
-    q_size = config["num_attention_heads"] * head_dim(config)
-    attention = 2 * 2 * q_size * tokens * (tokens + 1) / 2
+    if _is_latent_attention(config):
+        qk_dim, v_dim = config["qk_nope_head_dim"] + config["qk_rope_head_dim"], config["v_head_dim"]
+    else:
+        qk_dim = v_dim = head_dim(config)
+    attention = 2 * config["num_attention_heads"] * (qk_dim + v_dim) * tokens * (tokens + 1) / 2
     return (
         2 * active_params_per_token(config) * tokens
         + config["num_hidden_layers"] * attention

@@ -10,9 +10,10 @@ from atom_trio.loader.default_model import default_model_path
 
 logger = logging.getLogger("atom_trio.loader")
 
-# What a hub download fetches: configs, tokenizer files, chat templates, and
-# the weights unless they are not wanted (dummy weights).
-_HUB_METADATA_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+# What a hub download fetches: configs, tokenizer files, chat templates, the
+# code a checkpoint ships (its tokenizer's runs with --trust-remote-code; none
+# other ever does), and the weights unless they are not wanted (dummy weights).
+_HUB_METADATA_PATTERNS = ["*.json", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
 _HUB_WEIGHT_PATTERNS = ["*.safetensors"]
 
 

@@ -15,6 +15,7 @@ from atom_trio.config import EngineConfig
 from atom_trio.errors import ModelLoadError
 from atom_trio.loader.locate import locate
 from atom_trio.loader.gguf_file import load_gguf_config
+from atom_trio.loader.hf_config import read_hf_config
 
 logger = logging.getLogger("atom_trio.loader")
 
@@ -56,7 +57,7 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
     else:
         if config.load_format == "gguf":
             raise ModelLoadError(f"--load-format gguf needs a .gguf file, and {path} is a directory")
-        hf_config = _read(transformers.AutoConfig.from_pretrained, path)
+        hf_config = _read(read_hf_config, path)
         generation_file = path / "generation_config.json"
         if generation_file.is_file():
             generation_config = json.loads(generation_file.read_text())

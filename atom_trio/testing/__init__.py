@@ -7,6 +7,9 @@ no torch (the helpers that need torch or transformers import them when called).
 from __future__ import annotations
 
 from atom_trio._net import free_port as free_port
+from atom_trio.testing.kimi import KIMI_K2_STRUCTURE as KIMI_K2_STRUCTURE
+from atom_trio.testing.kimi import write_kimi_tokenizer as write_kimi_tokenizer
+from atom_trio.testing.kimi import write_tiny_kimi_k2 as write_tiny_kimi_k2
 from atom_trio.testing.models import GLM_4_5_AIR as GLM_4_5_AIR
 from atom_trio.testing.models import LLAMA_3_1_8B as LLAMA_3_1_8B
 from atom_trio.testing.models import MIXTRAL_8X7B as MIXTRAL_8X7B

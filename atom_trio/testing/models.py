@@ -3,7 +3,7 @@
 Each configuration is the contents of a Hugging Face ``config.json``:
 
 - Real models' shapes (``LLAMA_3_1_8B``, ``QWEN3_0_6B``, and the mixture-of-experts ``QWEN3_30B_A3B``,
-  ``MIXTRAL_8X7B``, ``GLM_4_5_AIR``: ``configs/*.json``), for dummy-weight runs at their true sizes: real
+  ``MIXTRAL_8X7B``, ``GLM_4_5_AIR``, ``DEEPSEEK_V2_LITE``: ``configs/*.json``), for dummy-weight runs at their true sizes: real
   weights can't travel to the GPU machine, and ``--load-format dummy`` with one of these gives the same
   shapes, bytes and FLOPs. The GPU tests and the recorded benchmark figures depend on these
   exact values.
@@ -31,12 +31,14 @@ QWEN3_0_6B = _real_config("qwen3-0.6b")
 QWEN3_30B_A3B = _real_config("qwen3-30b-a3b")
 MIXTRAL_8X7B = _real_config("mixtral-8x7b")
 GLM_4_5_AIR = _real_config("glm-4.5-air")
+DEEPSEEK_V2_LITE = _real_config("deepseek-v2-lite")
 REAL_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": LLAMA_3_1_8B,
     "qwen3-0.6b": QWEN3_0_6B,
     "qwen3-30b-a3b": QWEN3_30B_A3B,
     "mixtral-8x7b": MIXTRAL_8X7B,
     "glm-4.5-air": GLM_4_5_AIR,
+    "deepseek-v2-lite": DEEPSEEK_V2_LITE,
 }
 """The real models' shapes by name (their file in ``configs/``): what a benchmark's ``--config`` picks."""
 

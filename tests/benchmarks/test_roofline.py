@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from atom_trio.testing import LLAMA_3_1_8B, QWEN3_30B_A3B, TINY_CONFIGS, TINY_MOE_CONFIGS, transformers_config
+from atom_trio.testing import (
+    LLAMA_3_1_8B,
+    QWEN3_30B_A3B,
+    TINY_CONFIGS,
+    TINY_MLA_CONFIGS,
+    TINY_MOE_CONFIGS,
+    transformers_config,
+)
 from benchmarks.roofline import (
     StepBytes,
     active_params_per_token,
@@ -203,15 +210,16 @@ def test_prefill_flops_count_the_active_parameters() -> None:
     )
 
 
-@pytest.mark.parametrize("arch", sorted(TINY_MOE_CONFIGS))
+@pytest.mark.parametrize("arch", sorted({**TINY_MOE_CONFIGS, **TINY_MLA_CONFIGS}))
 def test_moe_counts_agree_with_the_models_parameters(arch: str) -> None:
-    """Built in bf16 (GLM-4-MoE's router stays float32): the count of every byte, and of the active weights."""
+    """Built in bf16 (GLM-4-MoE's and DeepSeek's routers stay float32): the count of every byte, and of the active
+    weights (DeepSeek's latent attention with and without low-rank queries)."""
     import torch
 
     from atom_trio.layers import FusedMoE
     from atom_trio.models import get_model_class
 
-    config = dict(TINY_MOE_CONFIGS[arch], vocab_size=300)
+    config = dict({**TINY_MOE_CONFIGS, **TINY_MLA_CONFIGS}[arch], vocab_size=300)
     hf_config = transformers_config(config)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -237,7 +245,7 @@ def test_moe_counts_agree_with_the_models_parameters(arch: str) -> None:
     assert active_params_per_token(config) == matrices - unchosen
 
 
-@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "glm-4.5-air"])
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b", "glm-4.5-air", "deepseek-v2-lite"])
 def test_real_moe_shapes_agree_with_the_models_parameters(name: str) -> None:
     """At real sizes, built on the meta device (no memory): every expert read makes every parameter's byte."""
     import torch
@@ -246,7 +254,9 @@ def test_real_moe_shapes_agree_with_the_models_parameters(name: str) -> None:
     from atom_trio.testing import REAL_CONFIGS
 
     config = REAL_CONFIGS[name]
-    hf_config = transformers_config(config)
+    # YaRN's tables can't be computed on the meta device; the rotary embedding has no parameters.
+    rope = dict(rope_parameters=dict(rope_type="default", rope_theta=1e4)) if name.startswith("deepseek") else {}
+    hf_config = transformers_config(config, **rope)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -259,3 +269,10 @@ def test_real_moe_shapes_agree_with_the_models_parameters(name: str) -> None:
     whole_table = config["vocab_size"]  # a step of as many tokens as the vocabulary reads every embedding row
     counted = weight_bytes(config, tokens=whole_table) + expert_bytes(config, tokens=1, distinct_experts=every_expert)
     assert counted == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+
+def test_latent_attention_caches_one_vector_a_position_and_layer() -> None:
+    config = dict(TINY_MLA_CONFIGS["deepseek_v2"], vocab_size=100)  # 3 layers, kv_lora_rank 32, qk_rope_head_dim 8
+    assert kv_cache_bytes(config, 10) == 3 * (32 + 8) * 10 * 2
+    assert step_bytes(config, [4, 6]).kv_cache == kv_cache_bytes(config, 10)

@@ -21,6 +21,7 @@ import trio
 from atom_trio import EngineConfig, SamplingParams, open_engine
 from atom_trio.core.plan import PREVIOUS_TOKEN, SeqChunk, StepPlan
 from atom_trio.runner import ModelRunner
+from atom_trio.testing import write_tiny_model_dir
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -87,11 +88,10 @@ async def run_all(model_dir, requests, **overrides):
         return results, stats
 
 
-@pytest.mark.parametrize("executor", ["thread", "process"])
-async def test_async_scheduling_gives_the_outputs_of_one_step_at_a_time(default_model_dir, executor):
-    requests = mixed_requests()
-    one_at_a_time, _ = await run_all(default_model_dir, requests, async_scheduling=False, executor=executor)
-    pipelined, stats = await run_all(default_model_dir, requests, async_scheduling=True, executor=executor)
+async def pipelined_and_one_at_a_time_alike(model_dir, requests, **overrides):
+    """Run ``requests`` one step at a time, then pipelined; check the outputs are the same and return them."""
+    one_at_a_time, _ = await run_all(model_dir, requests, async_scheduling=False, **overrides)
+    pipelined, stats = await run_all(model_dir, requests, async_scheduling=True, **overrides)
     assert stats.num_preemptions > 0
     for (_, params), sync, overlapped in zip(requests, one_at_a_time, pipelined, strict=True):
         assert len(overlapped.outputs) == params.n
@@ -101,7 +101,22 @@ async def test_async_scheduling_gives_the_outputs_of_one_step_at_a_time(default_
             assert (b.finish_reason, b.stop_reason) == (a.finish_reason, a.stop_reason)
             if params.logprobs is not None:
                 assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+    return pipelined
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+async def test_async_scheduling_gives_the_outputs_of_one_step_at_a_time(default_model_dir, executor):
+    pipelined = await pipelined_and_one_at_a_time_alike(default_model_dir, mixed_requests(), executor=executor)
     assert {o.finish_reason for r in pipelined for o in r.outputs} == {"stop", "length"}
+
+
+async def test_deepseek_async_scheduling_gives_the_outputs_of_one_step_at_a_time(tmp_path, default_model_dir):
+    """Latent attention (tiny DeepSeek-V3): a decode launched before the previous step's token is read stores
+    its latent vector in the slot the plan gave it; preempted sequences recompute theirs. One request of each kind,
+    in a cache as tight for them (10 blocks of 8 tokens)."""
+    model_dir = write_tiny_model_dir("deepseek_v3", tmp_path, default_model_dir)
+    requests = mixed_requests()[:6]  # one of each kind
+    await pipelined_and_one_at_a_time_alike(model_dir, requests, block_size=8, num_kv_blocks=10, max_model_len=80)
 
 
 async def test_abort_while_the_next_step_is_in_flight_frees_everything(default_model_dir):

@@ -23,12 +23,14 @@ from atom_trio.errors import ModelLoadError
 from atom_trio.core.plan import SeqChunk, StepPlan
 from atom_trio.layers import (
     MergedColumnParallelLinear,
+    MLAAttention,
     ParallelLMHead,
     QKVParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
 )
 from atom_trio.runner import ModelRunner
+from atom_trio.testing import write_tiny_model_dir
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPTS = [
@@ -182,9 +184,18 @@ def _chunk(tokens: list[int], *, start_pos: int, prompt_len: int, blocks: list[i
 def _runner_logits(config: EngineConfig, rank: int, world_size: int) -> list[torch.Tensor]:
     runner = ModelRunner(config, rank=rank, world_size=world_size)
     try:
+        _check_latent_attention_split(runner.model, world_size)
         return [runner.compute_logits(plan) for plan in _prefill_then_decode(PROMPTS[0], next_token=42)]
     finally:
         runner.close()
+
+
+def _check_latent_attention_split(model: torch.nn.Module, world_size: int) -> None:
+    """Latent attention (DeepSeek): this rank's share of the heads, and the whole latent cache, which all of them read."""
+    for layer in model.modules():
+        if isinstance(layer, MLAAttention):
+            assert layer.num_heads * world_size == model.config.num_attention_heads
+            assert layer.latent_cache.shape[-1] == layer.kv_lora_rank + layer.qk_rope_head_dim
 
 
 def _check_runner_logits(rank: int, world_size: int, model_dirs: list[str], load_format: str) -> None:
@@ -197,14 +208,24 @@ def _check_runner_logits(rank: int, world_size: int, model_dirs: list[str], load
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def tiny_mla_dirs(tmp_path_factory, default_model_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-mla")
+    return {arch: write_tiny_model_dir(arch, root, default_model_dir) for arch in ("deepseek_v2", "deepseek_v3")}
+
+
 @pytest.mark.parametrize("load_format", ["safetensors", "dummy"])
-def test_sharded_runner_logits_match_one_rank(tiny_model_dirs, load_format):
-    """Qwen3 (4 heads, 2 KV heads: split) and Llama 3 (4 heads, 1 KV head: replicated, tied LM head) at TP=2.
+def test_sharded_runner_logits_match_one_rank(tiny_model_dirs, tiny_mla_dirs, load_format):
+    """Qwen3 (4 heads, 2 KV heads: split) and Llama 3 (4 heads, 1 KV head: replicated, tied LM head) at TP=2;
+    from their checkpoints also DeepSeek-V2 and V3 (latent attention: 4 heads split, the latent cache whole on
+    each rank; routed experts).
 
     With dummy weights too: each rank draws the full tensors and keeps its
     shard, so TP=2 runs the very model TP=1 does.
     """
     dirs = [str(tiny_model_dirs["qwen3"]), str(tiny_model_dirs["llama3"])]
+    if load_format == "safetensors":
+        dirs += [str(path) for path in tiny_mla_dirs.values()]
     _run_ranks(_check_runner_logits, 2, dirs, load_format)
 
 
@@ -256,6 +277,18 @@ async def test_tiny_qwen3_tp2_same_greedy_tokens_as_tp1(tiny_qwen3_dir, async_sc
     single = await _greedy_tokens(tiny_qwen3_dir, PROMPTS, GREEDY)
     split = await _greedy_tokens(
         tiny_qwen3_dir, PROMPTS, GREEDY, tensor_parallel_size=2, async_scheduling=async_scheduling
+    )
+    assert all(len(t) == GREEDY.max_tokens for t in single)
+    assert split == single
+
+
+async def test_deepseek_v2_tp2_in_worker_processes_same_greedy_tokens_as_tp1(tiny_mla_dirs):
+    """Latent attention in two worker processes, async scheduling on: each rank attends with its half of the heads
+    over its own whole copy of the latent cache; o_proj's all-reduce joins the heads. (DeepSeek-V3 at TP=2 through
+    the engine, scheduling one step at a time: tests/models/test_deepseek.py; both at the runner: above.)"""
+    single = await _greedy_tokens(tiny_mla_dirs["deepseek_v2"], PROMPTS, GREEDY)
+    split = await _greedy_tokens(
+        tiny_mla_dirs["deepseek_v2"], PROMPTS, GREEDY, tensor_parallel_size=2, async_scheduling=True
     )
     assert all(len(t) == GREEDY.max_tokens for t in single)
     assert split == single

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 from .attention import MAX_SPLITS, MIN_SPLIT_TOKENS, TritonAttentionPlan, launch_config
 from .backend import TritonBackend
+from .mla import DEFAULT_MLA_TILES, MLALaunchConfig, mla_decode, mla_num_splits
 from .moe import MoeTileConfig, fused_experts, moe_align_block_size
 from .sampling import cutoffs, sample
 
 __all__ = [
+    "DEFAULT_MLA_TILES",
     "MAX_SPLITS",
     "MIN_SPLIT_TOKENS",
+    "MLALaunchConfig",
     "MoeTileConfig",
     "TritonAttentionPlan",
     "TritonBackend",
     "cutoffs",
     "fused_experts",
     "launch_config",
+    "mla_decode",
+    "mla_num_splits",
     "moe_align_block_size",
     "sample",
 ]

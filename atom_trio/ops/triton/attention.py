@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..interface import AttentionMetadata
 from .cache import cache_strides
 
 # Finite, so that a row with no visible key yet never computes inf - inf.
@@ -57,6 +58,8 @@ class TritonAttentionPlan:
     max_query_len: int
     max_context_len: int
     num_splits: int | None = None
+    metadata: AttentionMetadata | None = None
+    """The step's whole description, for kernels that split a mixed batch by kind on the host (latent attention)."""
 
 
 @attrs.frozen

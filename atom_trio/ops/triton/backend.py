@@ -9,6 +9,7 @@ with new lengths, block tables and slots written into the same tensors.
 
 from __future__ import annotations
 
+import attrs
 import torch
 
 from ..interface import AttentionMetadata, KernelBackend
@@ -17,6 +18,7 @@ from .attention import TritonAttentionPlan, paged_attention
 from .cache import store_kv
 from .gemv import gemv, rms_norm_gemv
 from .grammar import apply_token_bitmask
+from .mla import LatentPlan, TritonLatentAttention, store_latent
 from .moe import fused_experts
 from .norm import rms_norm
 from .rotary import rotary_embedding
@@ -40,6 +42,9 @@ class TritonBackend(KernelBackend):
             self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         else:  # Triton's interpreter (TRITON_INTERPRET=1) runs on CPU tensors
             self.num_sms = 1
+        self._latent = TritonLatentAttention(self.num_sms)
+        # Every latent attention layer of a step walks the same plan: made at the first, keyed by the step's plan.
+        self._latent_plan_memo: tuple[TritonAttentionPlan, LatentPlan] | None = None
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
         # Token-major inside a block: one token's heads are contiguous, so store_kv writes
@@ -63,6 +68,7 @@ class TritonBackend(KernelBackend):
             max_query_len=metadata.max_query_len,
             max_context_len=metadata.max_context_len,
             num_splits=num_splits,
+            metadata=metadata,
         )
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
@@ -72,6 +78,47 @@ class TritonBackend(KernelBackend):
         # ``key``/``value`` are already in the cache (store_kv ran first); reading them back
         # from there keeps one code path for fresh prefills, chunks and decodes.
         return paged_attention(query, k_cache, v_cache, plan, scale, self.num_sms)
+
+    # The latent cache keeps the interface's layout, ``[blocks, block_size, latent + rope]``: a token's
+    # vector is one contiguous row, which the store writes in one go and a decode tile reads whole.
+
+    def store_latent(self, latent, cache, slot_mapping) -> None:
+        store_latent(latent, cache, slot_mapping)
+
+    def mla_attention(self, query, latent, cache, kv_b, plan: TritonAttentionPlan, scale):
+        return self._latent.mla_attention(query, latent, cache, kv_b, self._latent_plan(plan), scale)
+
+    def mla_decode(self, query, cache, plan: TritonAttentionPlan, scale, value_dim):
+        return self._latent.mla_decode(query, cache, self._latent_plan(plan), scale, value_dim)
+
+    def _latent_plan(self, plan: TritonAttentionPlan) -> LatentPlan:
+        """The step's walk for latent attention.
+
+        A step of decodes only (every CUDA-graph step) needs no host work and no
+        device tensor: its decode rows are the plan's own tensors, in order. A
+        mixed step is planned as the reference plans it, from the metadata's host
+        lengths (a few small copies to the device, once a step).
+        """
+        memo = self._latent_plan_memo
+        if memo is not None and memo[0] is plan:
+            return memo[1]
+        if plan.max_query_len == 1:
+            latent_plan = LatentPlan(
+                only_decodes=True,
+                decode_token_idx=None,
+                decode_context_lens=plan.context_lens,
+                decode_block_tables=plan.block_tables,
+                decode_max_context=plan.max_context_len,
+                prefills=(),
+                num_splits=plan.num_splits,
+            )
+        else:
+            if plan.metadata is None:
+                raise ValueError("latent attention over a mixed batch needs the plan made from its metadata")
+            reference = attrs.asdict(self._latent.plan_attention(plan.metadata), recurse=False)
+            latent_plan = LatentPlan(**reference, num_splits=plan.num_splits)
+        self._latent_plan_memo = (plan, latent_plan)
+        return latent_plan
 
     def rms_norm(self, x, weight, eps, residual=None):
         return rms_norm(x, weight, eps, residual)
