@@ -15,6 +15,7 @@ import importlib.metadata
 
 from atom_trio import _logging
 from atom_trio.config import EngineConfig as EngineConfig
+from atom_trio.config import SpeculativeConfig as SpeculativeConfig
 from atom_trio.engine import LLM as LLM
 from atom_trio.engine import AsyncEngine as AsyncEngine
 from atom_trio.engine import open_engine as open_engine

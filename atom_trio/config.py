@@ -17,8 +17,9 @@ No ``from __future__ import annotations`` here: the type checks read each
 field's annotation as a type.
 """
 
+import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, get_args
 
 import attrs
@@ -68,6 +69,7 @@ def _field(
     section: str | None = None,
     commands: tuple[str, ...] | None = None,
     hypercorn: str | None = None,
+    converter: Callable[[Any], Any] | None = None,
 ) -> Any:
     """A field that is also an option; ``section`` starts a new group of the option table at this field.
 
@@ -82,7 +84,7 @@ def _field(
     }
     if choices and validator is None:
         validator = _one_of(choices)
-    return attrs.field(default=default, validator=validator, metadata=metadata)
+    return attrs.field(default=default, validator=validator, metadata=metadata, converter=converter)
 
 
 KIND_NAMES = {int: "an integer", float: "a number", str: "a non-empty string", bool: "true or false"}
@@ -108,6 +110,84 @@ def _type_check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
 def _type_checked(cls: type, fields: list[attrs.Attribute]) -> list[attrs.Attribute]:
     """Every field checks its type before its own validator runs (which may compare the value)."""
     return [f.evolve(validator=attrs.validators.and_(_type_check, *filter(None, [f.validator]))) for f in fields]
+
+
+#: Speculative-decoding methods, as vLLM and ATOM name them; only `SPECULATIVE_METHODS_AVAILABLE` run in this build.
+SPECULATIVE_METHODS = ("ngram", "eagle", "eagle3", "mtp")
+SPECULATIVE_METHODS_AVAILABLE = ("ngram",)
+
+
+def _spec_error(message: str) -> InvalidConfig:
+    return InvalidConfig(f"speculative_config: {message}", options=("speculative_config",))
+
+
+@attrs.frozen(kw_only=True)
+class SpeculativeConfig:
+    """How decoding speculates: vLLM's ``speculative_config`` (``{"method": "ngram", "num_speculative_tokens": 3}``).
+
+    ``ngram`` (prompt lookup) drafts the tokens that followed the latest
+    earlier occurrence of the sequence's last ``n`` tokens, ``n`` from
+    ``prompt_lookup_max`` down to ``prompt_lookup_min``; the target verifies
+    up to ``num_speculative_tokens`` of them in one step, so outputs keep the
+    target's distribution exactly. Unset lookup bounds follow vLLM: both 5
+    when neither is given, else the one given.
+
+    Raises:
+        InvalidConfig: an unknown method or field, a method this build does not run yet, or a bad value.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int
+    prompt_lookup_max: int
+    draft_model: str | None = None
+
+    @classmethod
+    def parse(cls, value: "SpeculativeConfig | Mapping[str, Any] | str | None") -> "SpeculativeConfig | None":
+        """A config from a dict (``open_engine(speculative_config={...})``) or its JSON text (the CLI, env var)."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            if value.strip().lower() in ("", "none", "null"):
+                return None
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise _spec_error(f"not valid JSON ({exc})") from None
+        if not isinstance(value, Mapping):
+            raise _spec_error(f"expected an object such as {{\"method\": \"ngram\", \"num_speculative_tokens\": 3}}; got {value!r}")
+        fields = dict(value)
+        unknown = sorted(set(fields) - {"method", "num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max",
+                                        "draft_model", "model"})
+        if unknown:
+            raise _spec_error(f"unknown field(s) {', '.join(unknown)}; known: method, num_speculative_tokens, "
+                              "prompt_lookup_min, prompt_lookup_max, draft_model (or model)")
+        if "model" in fields:  # vLLM's spelling of the draft model
+            if fields.get("draft_model") is not None:
+                raise _spec_error("give the draft model once, as draft_model or model")
+            fields["draft_model"] = fields.pop("model")
+        method = fields.get("method")
+        if method not in SPECULATIVE_METHODS:
+            raise _spec_error(f"method must be one of {', '.join(SPECULATIVE_METHODS)}; got {method!r}")
+        if method not in SPECULATIVE_METHODS_AVAILABLE:
+            raise _spec_error(f"method {method!r} is not available yet in this build; use 'ngram'")
+        if fields.get("draft_model") is not None:
+            raise _spec_error(f"a draft model ({fields['draft_model']!r}) is not supported yet; method 'ngram' needs none")
+        k = fields.get("num_speculative_tokens")
+        if type(k) is not int or not 1 <= k <= 16:
+            raise _spec_error(f"num_speculative_tokens must be an integer in [1, 16]; got {k!r}")
+        low, high = fields.get("prompt_lookup_min"), fields.get("prompt_lookup_max")
+        low, high = (5, 5) if low is None and high is None else (high if low is None else low, low if high is None else high)
+        for name, n in (("prompt_lookup_min", low), ("prompt_lookup_max", high)):
+            if type(n) is not int or n < 1:
+                raise _spec_error(f"{name} must be a positive integer; got {n!r}")
+        if low > high:
+            raise _spec_error(f"prompt_lookup_min {low} is above prompt_lookup_max {high}")
+        return cls(method=method, num_speculative_tokens=k, prompt_lookup_min=low, prompt_lookup_max=high)
+
+    def __str__(self) -> str:
+        """The JSON an env var or ``--speculative-config`` would hold."""
+        return json.dumps(attrs.asdict(self, filter=lambda a, v: v is not None))
 
 
 @attrs.define(kw_only=True, field_transformer=_type_checked)
@@ -240,6 +320,15 @@ class EngineConfig:
         None,
         "plan and prepare step N+1 while the device runs step N, reading sampled tokens a step late "
         "(vLLM's `--async-scheduling`). None: on where the model runs on a GPU",
+    )
+    speculative_config: SpeculativeConfig | None = _field(
+        None,
+        "speculative decoding, as JSON: `{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
+        "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}` (prompt lookup; the target verifies the drafts "
+        "exactly, by rejection sampling). ATOM's `--method`, `--num-speculative-tokens` and `--draft-model` set "
+        "its fields too. eagle, eagle3 and mtp are not available yet",
+        section="Speculative decoding",
+        converter=SpeculativeConfig.parse,
     )
 
     def __attrs_post_init__(self) -> None:

@@ -26,7 +26,13 @@ from typing import Any
 
 import attrs
 
-from .config import COMMANDS, KIND_NAMES, EngineConfig, ServerSettings
+from .config import (
+    COMMANDS,
+    KIND_NAMES,
+    EngineConfig,
+    ServerSettings,
+    SpeculativeConfig,
+)
 from .errors import InvalidConfig
 
 ENV_PREFIX = "ATOM_TRIO_"
@@ -38,7 +44,7 @@ class Option:
 
     name: str
     owner: type
-    kind: type  # int, float, str or bool
+    kind: type  # int, float, str, bool, or SpeculativeConfig (JSON text)
     optional: bool
     default: Any
     help: str
@@ -74,6 +80,8 @@ class Option:
         cleared = ("none", "null") if self.kind is str else ("", "none", "null")
         if self.optional and text.strip().lower() in cleared:
             return None
+        if self.kind is SpeculativeConfig:
+            return text  # the field's converter parses the JSON, with the field's own errors
         if self.kind is bool:
             lowered = text.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -90,7 +98,7 @@ class Option:
 def _option(owner: type, field: attrs.Attribute, hint: Any, section: str) -> Option:
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else ()
     kinds = [a for a in args if a is not type(None)] or [hint]
-    if len(kinds) != 1 or kinds[0] not in (int, float, str, bool):
+    if len(kinds) != 1 or kinds[0] not in (int, float, str, bool, SpeculativeConfig):
         raise TypeError(f"{owner.__name__}.{field.name}: unsupported option type {hint!r}")
     about = field.metadata
     commands = about["commands"] or (COMMANDS if owner is EngineConfig else ("serve", "app"))
@@ -142,6 +150,26 @@ class _NotHere(argparse.Action):
                      "take it")
 
 
+ATOM_SPEC_FLAGS = {
+    "method": ("--method", str, "ATOM's spelling of speculative_config's method (ngram; eagle, eagle3, mtp not yet)"),
+    "num_speculative_tokens": (
+        "--num-speculative-tokens", int, "ATOM's spelling of speculative_config's num_speculative_tokens",
+    ),
+    "draft_model": ("--draft-model", str, "ATOM's spelling of speculative_config's draft model (not supported yet)"),
+}
+"""ATOM's flags for the fields of ``--speculative-config``; given with it, they override its fields."""
+
+
+def _fold_spec_flags(overrides: Mapping[str, Any], current: Any) -> Any:
+    """``speculative_config`` with the values of ATOM's flags (`ATOM_SPEC_FLAGS`) in ``overrides`` laid over it."""
+    parts = {name: overrides[f"_spec_{name}"] for name in ATOM_SPEC_FLAGS if f"_spec_{name}" in overrides}
+    if not parts:
+        return current
+    base = SpeculativeConfig.parse(current)
+    fields = {} if base is None else attrs.asdict(base, filter=lambda a, v: v is not None)
+    return {**fields, **parts}
+
+
 def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> None:
     """Add one argument per option ``command`` reads, grouped by section; the other options' flags are errors.
 
@@ -164,10 +192,16 @@ def add_arguments(parser: argparse.ArgumentParser, command: str = "serve") -> No
                 help=help_text,
             )
         else:
-            metavar = "{" + ",".join(opt.choices) + "}" if opt.choices else opt.name.upper()
+            metavar = "{" + ",".join(opt.choices) + "}" if opt.choices else "JSON" if opt.kind is SpeculativeConfig else opt.name.upper()
             group.add_argument(
                 *opt.flags, dest=opt.name, type=_flag_type(opt), default=argparse.SUPPRESS, metavar=metavar,
                 help=help_text,
+            )
+    spec = next((o for o in wanted if o.kind is SpeculativeConfig), None)
+    if spec is not None:
+        for name, (flag, kind, help_text) in ATOM_SPEC_FLAGS.items():
+            groups[spec.section].add_argument(
+                flag, f"--{name}", dest=f"_spec_{name}", type=kind, default=argparse.SUPPRESS, help=help_text
             )
     for opt in OPTIONS:
         if opt not in wanted:
@@ -202,6 +236,10 @@ def load(
         if overrides is not None and opt.name in overrides:
             values[opt.owner][opt.name] = overrides[opt.name]
             from_env.pop(opt.name, None)
+    if overrides is not None:
+        spec = _fold_spec_flags(overrides, values[EngineConfig].get("speculative_config"))
+        if spec is not None:
+            values[EngineConfig]["speculative_config"] = spec
     try:
         return EngineConfig(**values[EngineConfig]), ServerSettings(**values[ServerSettings])
     except InvalidConfig as exc:

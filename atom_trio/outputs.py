@@ -140,3 +140,9 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     finished_requests: dict[str, int]
+    spec_num_drafts: int = 0
+    """Speculative decoding: verify steps of a sequence, the draft tokens they verified, those accepted,
+    and how often the draft at each position (0 first) was accepted."""
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
+    spec_accepted_per_position: tuple[int, ...] = ()

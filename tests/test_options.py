@@ -127,7 +127,8 @@ def test_help_shows_every_option_with_its_default_env_var_and_section() -> None:
         assert all(flag in shown for flag in opt.flags), opt.name
         assert f"{opt.section}:" in shown
     assert [section for section in dict.fromkeys(o.section for o in OPTIONS)] == [
-        "Model", "KV cache", "Scheduling", "Parallelism", "Compilation", "Server", "Logging", "Tools and reasoning"]
+        "Model", "KV cache", "Scheduling", "Parallelism", "Compilation", "Speculative decoding", "Server", "Logging",
+        "Tools and reasoning"]
     assert "--dtype {auto,float32,bfloat16,float16}" in shown and "[default: auto; env ATOM_TRIO_DTYPE]" in shown
     assert "--executor {auto,thread,process}" in shown and "--kernel-backend {auto,torch,cpu,triton}" in shown
     assert "[default: 16; env ATOM_TRIO_BLOCK_SIZE]" in shown

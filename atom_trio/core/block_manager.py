@@ -165,6 +165,21 @@ class BlockManager:
         for _ in range(needed):
             table.append(self._allocate())
 
+    def shrink(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back ``seq``'s blocks past the first ``num_tokens`` positions: those held only rejected drafts.
+
+        Such blocks were allocated for the drafts (`grow`), so they are private
+        and unpublished: they go straight back to the empty list.
+        """
+        table = seq.block_table
+        keep = -(-num_tokens // self.block_size)
+        blocks = self.blocks
+        while len(table) > keep:
+            block = blocks[table.pop()]
+            assert block.ref_count == 1 and block.block_hash is None, f"{block} held only drafts, so it is private"
+            block.ref_count = 0
+            self._empty.appendleft(block.block_id)
+
     def _allocate(self) -> int:
         if self._empty:
             block_id = self._empty.popleft()

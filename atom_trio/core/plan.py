@@ -2,9 +2,10 @@
 
 One batch layout everywhere: a plan is a list of chunks, one per scheduled
 sequence. A chunk is a run of new tokens of one sequence (a whole prompt, a
-piece of a long prompt, or the single last-sampled token of a decode), the
-position of its first token, and the block table covering every position up
-to the chunk's end. Prefill chunks and decode tokens mix freely in one plan.
+piece of a long prompt, the single last-sampled token of a decode, or that
+token followed by draft tokens to verify), the position of its first token,
+and the block table covering every position up to the chunk's end. Prefill
+chunks, decode tokens and verify chunks mix freely in one plan.
 
 These are plain attrs classes without torch so that the scheduler can build
 them cheaply and the process executor can send them over a socket (cattrs +
@@ -59,6 +60,13 @@ class SeqChunk:
         prefix_token_ids: tokens ``[0, start_pos)``, sent the first time the
             runner sees this sequence (after admission or preemption) so that
             it can keep the token history the penalties need; ``None`` after.
+        num_draft_tokens: speculative decoding: the last ``num_draft_tokens``
+            of ``token_ids`` are drafts to verify. The runner samples at each of
+            the chunk's last ``num_draft_tokens + 1`` positions and returns the
+            accepted drafts and one token more; the KV of rejected drafts is
+            garbage that the next chunk overwrites (its ``start_pos`` rolls back).
+        propose_drafts: after sampling, the runner proposes drafts for the
+            sequence's next step (`StepResult.draft_token_ids`).
     """
 
     seq_id: int
@@ -69,6 +77,8 @@ class SeqChunk:
     sample: bool
     sampling_params: SamplingParams | None = None
     prefix_token_ids: list[int] | None = None
+    num_draft_tokens: int = 0
+    propose_drafts: bool = False
 
     @property
     def end_pos(self) -> int:
@@ -81,7 +91,9 @@ class SeqChunk:
         For drivers that step a runner without the scheduler (tests, benchmarks);
         the block table must already cover the new position.
         """
-        return attrs.evolve(self, token_ids=[token_id], start_pos=self.end_pos, sample=True, prefix_token_ids=None)
+        return attrs.evolve(
+            self, token_ids=[token_id], start_pos=self.end_pos, sample=True, prefix_token_ids=None, num_draft_tokens=0
+        )
 
 
 @attrs.define(eq=False)
@@ -137,6 +149,14 @@ class StepResult:
     requested number of ``(token_id, logprob)`` alternatives, most likely
     first; both are ``None`` for a chunk whose request did not ask.
 
+    Speculative decoding: ``num_tokens`` is ``None`` when every sampling chunk
+    gave one token; otherwise it holds how many each gave (a verify chunk's
+    accepted drafts and one more), and ``token_ids``, ``logprobs`` and
+    ``top_logprobs`` list those tokens back to back. ``draft_token_ids``, one
+    entry per sampling chunk, holds the drafts proposed for the sequence's
+    next step (empty where none); ``None`` when no chunk asked
+    (`SeqChunk.propose_drafts`).
+
     ``prompt_logprobs`` is ``None`` unless some chunk's request asks for
     prompt logprobs; then it has one entry per chunk (sampled or not) in plan
     order: ``None`` for a chunk that did not ask or holds no prompt token,
@@ -149,3 +169,5 @@ class StepResult:
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[int, float]] | None]
     prompt_logprobs: list[list[TokenLogprobs | None] | None] | None = None
+    num_tokens: list[int] | None = None
+    draft_token_ids: list[list[int]] | None = None

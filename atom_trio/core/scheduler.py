@@ -60,6 +60,24 @@ without asynchronous scheduling. A token the matcher rejects (only possible
 when ``min_tokens`` forbids the stop token that the grammar requires) ends
 the sequence with "abort": its output is not a complete match.
 
+Speculative decoding (``num_speculative_tokens`` > 0): a sampling chunk may
+ask the runner for drafts (`SeqChunk.propose_drafts`); they come back with
+the step's result, and the sequence's next step is a verify chunk: its last
+token and the drafts (as many as the token budget, ``max_tokens`` and the KV
+blocks allow), k + 1 positions whose KV slots are reserved like any others.
+The result brings the accepted drafts and one token more; the rejected
+positions are rolled back by length (``num_computed_tokens``, the block table
+shrunk to what the kept tokens use), and only then are full blocks published,
+so the prefix cache holds accepted tokens only. EOS, stop tokens,
+``max_tokens`` and grammars end a sequence inside an accepted run, dropping
+what follows. A sequence whose chunk in flight verifies or asks for drafts
+is not planned again before that result comes (its length or its drafts come
+with it), so under asynchronous scheduling a speculating sequence steps every
+other plan while its batch mates keep the pipeline full. A sequence whose
+drafts keep being rejected backs off: after ``m`` verify steps in a row that
+accepted nothing it decodes ``2**m`` steps (at most 64) without asking for
+drafts. Sequences with a grammar do not speculate.
+
 A request asking for prompt logprobs gets them from sibling 0 alone (they are
 the same for every sibling). That sequence never takes prompt tokens from the
 prefix cache, as in vLLM: a cached position is not run through the model, so
@@ -88,6 +106,7 @@ _RUNNING = SequenceStatus.RUNNING
 _WAITING = SequenceStatus.WAITING
 _FINISHED = SequenceStatus.FINISHED
 _SEED_SPACE = 2**64
+_MAX_DRAFT_COOLDOWN = 64
 
 log = logging.getLogger("atom_trio.scheduler")
 
@@ -111,6 +130,14 @@ class SchedulerStats:
     prefix_cache_hits: int
     """Of those, tokens found."""
     num_preemptions: int
+    spec_num_drafts: int = 0
+    """Speculative decoding: verify steps of a sequence (each verifies one draft run)..."""
+    spec_num_draft_tokens: int = 0
+    """...the draft tokens they verified..."""
+    spec_num_accepted_tokens: int = 0
+    """...the drafts accepted..."""
+    spec_accepted_per_position: tuple[int, ...] = ()
+    """...and how often the draft at each position (0 first) was accepted."""
 
 
 class Scheduler:
@@ -120,7 +147,8 @@ class Scheduler:
     (``num_blocks * block_size``) so that a sequence running alone always
     fits; read the effective value from ``scheduler.max_model_len``.
     Up to ``max_in_flight`` plans from `schedule` await their `update`, which
-    takes them oldest first.
+    takes them oldest first. ``num_speculative_tokens`` > 0 turns speculative
+    decoding on: at most that many drafts per verify chunk.
     """
 
     def __init__(
@@ -134,6 +162,7 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         eos_token_ids: frozenset[int] = frozenset(),
         max_in_flight: int = 1,
+        num_speculative_tokens: int = 0,
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
@@ -151,6 +180,7 @@ class Scheduler:
         self.enable_prefix_caching = enable_prefix_caching
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_in_flight = max_in_flight
+        self.num_speculative_tokens = num_speculative_tokens
 
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}
@@ -170,6 +200,10 @@ class Scheduler:
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
         self.num_preemptions = 0
+        self.spec_num_drafts = 0
+        self.spec_num_draft_tokens = 0
+        self.spec_num_accepted_tokens = 0
+        self.spec_accepted_per_position = [0] * num_speculative_tokens
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -241,6 +275,10 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            spec_num_drafts=self.spec_num_drafts,
+            spec_num_draft_tokens=self.spec_num_draft_tokens,
+            spec_num_accepted_tokens=self.spec_num_accepted_tokens,
+            spec_accepted_per_position=tuple(self.spec_accepted_per_position),
         )
 
     @property
@@ -265,6 +303,7 @@ class Scheduler:
         scheduled: set[int] = set()
         preemptions_before = self.num_preemptions
 
+        speculating = self.num_speculative_tokens > 0
         prefilling: list[Sequence] = []
         for seq in list(self._running.values()):
             if not budget:
@@ -273,33 +312,40 @@ class Scheduler:
                 continue
             tokens = seq.token_ids
             pending = seq.num_pending_tokens
-            if pending and seq.grammar is not None:  # its mask needs the token still being sampled
-                continue
+            if pending and (seq.grammar is not None or seq.awaits_drafts):
+                continue  # its mask, its length or its drafts come with the token still being sampled
             num_tokens = len(tokens) + pending
             if seq.num_computed_tokens + 1 < num_tokens:
                 prefilling.append(seq)
                 continue
             if num_tokens >= seq.max_len:  # its pending token is its last
                 continue
-            if len(seq.block_table) * size < num_tokens and not self._fit(seq, 1, scheduled):
+            drafts = seq.draft_token_ids
+            if drafts:
+                drafts = self._fit_drafts(seq, budget, scheduled)
+                if drafts is None:
+                    continue
+            elif len(seq.block_table) * size < num_tokens and not self._fit(seq, 1, scheduled):
                 continue
             # the hot path (every running sequence, every step), so the decode chunk is built right here
             scheduled.add(seq.seq_id)
             chunks.append(
                 SeqChunk(
                     seq_id=seq.seq_id,
-                    token_ids=[PREVIOUS_TOKEN] if pending else tokens[-1:],
+                    token_ids=[PREVIOUS_TOKEN] if pending else tokens[-1:] + drafts if drafts else tokens[-1:],
                     start_pos=num_tokens - 1,
                     block_table=seq.block_table[:],
                     prompt_len=seq.prompt_len,
                     sample=True,
                     sampling_params=seq.params,
                     prefix_token_ids=None if seq.runner_knows else self._introduce(seq, num_tokens - 1),
+                    num_draft_tokens=len(drafts),
+                    propose_drafts=bool(drafts) or (speculating and self._asks_for_drafts(seq)),
                 )
             )
-            seq.num_computed_tokens = num_tokens
+            seq.num_computed_tokens = num_tokens + len(drafts)
             seq.num_pending_tokens = pending + 1
-            budget -= 1
+            budget -= 1 + len(drafts)
 
         for seq in prefilling:
             if not budget:
@@ -326,6 +372,35 @@ class Scheduler:
         self._dropped = []
         self._in_flight.append(plan)
         return plan
+
+    def _fit_drafts(self, seq: Sequence, budget: int, scheduled: set[int]) -> list[int] | None:
+        """The drafts of ``seq``'s verify chunk, KV slots given for them; None if ``seq`` got preempted instead.
+
+        Its tokens are all known (drafts are kept only then). As many drafts
+        go as the token budget, ``max_tokens`` (every draft may be accepted,
+        with one token more) and the free blocks allow; the sequence then
+        awaits the result for its length and next drafts.
+        """
+        num_tokens = len(seq.token_ids)
+        drafts = seq.draft_token_ids[: min(self.num_speculative_tokens, budget - 1, seq.max_len - num_tokens - 1)]
+        seq.draft_token_ids = []
+        room = self._fit(seq, 1 + len(drafts), scheduled)
+        if not room:
+            return None
+        seq.awaits_drafts = True
+        return drafts[: room - 1]
+
+    @staticmethod
+    def _asks_for_drafts(seq: Sequence) -> bool:
+        """Whether ``seq``'s chunk being planned asks for drafts (no grammar, not backing off); then it awaits them."""
+        if seq.grammar is not None:
+            return False
+        if seq.draft_cooldown:
+            seq.draft_cooldown -= 1
+            if seq.draft_cooldown:
+                return False
+        seq.awaits_drafts = True
+        return True
 
     def _token_bitmask(self, chunks: list[SeqChunk]) -> TokenBitmask | None:
         """The rows (among sampling chunks) of sequences with a grammar, with their matchers; None if none."""
@@ -424,6 +499,7 @@ class Scheduler:
         sample = end == len(tokens)
         seq.num_computed_tokens = end
         seq.num_pending_tokens = int(sample)
+        seq.draft_token_ids = []
         return SeqChunk(
             seq_id=seq.seq_id,
             token_ids=tokens[start:end],
@@ -433,6 +509,7 @@ class Scheduler:
             sample=sample,
             sampling_params=seq.params if sample or seq.prompt_logprobs is not None else None,
             prefix_token_ids=None if seq.runner_knows else self._introduce(seq, start),
+            propose_drafts=sample and self.num_speculative_tokens > 0 and self._asks_for_drafts(seq),
         )
 
     @staticmethod
@@ -444,6 +521,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         del self._running[seq.seq_id]
         self.block_manager.free(seq)
+        seq.draft_token_ids = []
         seq.status = _WAITING
         if seq.runner_knows:
             self._dropped.append(seq.seq_id)
@@ -458,9 +536,13 @@ class Scheduler:
         chunks = plan.chunks
         num_samples = sum(1 for c in chunks if c.sample)
         prompt_logprobs = result.prompt_logprobs
+        counts = result.num_tokens
+        drafts = result.draft_token_ids
         if (
             result.step_id != plan.step_id
-            or len(result.token_ids) != num_samples
+            or len(result.token_ids) != (num_samples if counts is None else sum(counts))
+            or (counts is not None and len(counts) != num_samples)
+            or (drafts is not None and len(drafts) != num_samples)
             or (prompt_logprobs is not None and len(prompt_logprobs) != len(chunks))
         ):
             raise ValueError(
@@ -474,10 +556,12 @@ class Scheduler:
         live = self._live
         sampled, logprobs, top_logprobs = result.token_ids, result.logprobs, result.top_logprobs
         outputs: list[SeqOutput] = []
-        k = -1
+        k = -1  # the sampling chunk's row
+        start = end = 0  # its tokens in the result's columns
         for j, chunk in enumerate(chunks):
             if chunk.sample:
                 k += 1
+                start, end = end, end + (1 if counts is None else counts[k])
             seq = live.get(chunk.seq_id)
             if seq is None:  # aborted or ended while its step was in flight
                 continue
@@ -487,9 +571,28 @@ class Scheduler:
                 collected.extend(prompt_logprobs[j][max(0, len(collected) - chunk.start_pos) :])
             tokens = seq.token_ids
             if chunk.sample:
-                token = sampled[k]
-                tokens.append(token)
                 seq.num_pending_tokens -= 1
+                if chunk.propose_drafts:
+                    seq.awaits_drafts = False
+                    seq.draft_token_ids = drafts[k] if drafts is not None else []
+                if chunk.num_draft_tokens:
+                    self._count_drafts(seq, chunk.num_draft_tokens, end - start - 1)
+                finish_reason = stop_reason = None
+                cut = end
+                for i in range(start, end):  # the accepted drafts and one token more; a stop cuts the run
+                    token = sampled[i]
+                    tokens.append(token)
+                    if seq.grammar is not None:
+                        finish_reason, stop_reason = self._grammar_stop(seq, token)
+                    elif token in seq.finish_token_ids or len(tokens) >= seq.max_len:
+                        finish_reason, stop_reason = self._stop(seq, token)
+                    if finish_reason is not None:
+                        cut = i + 1
+                        break
+                if chunk.num_draft_tokens and seq.status is _RUNNING:
+                    # Roll the rejected drafts back: their KV slots are free again, their blocks too.
+                    seq.num_computed_tokens = len(tokens) - 1
+                    manager.shrink(seq, seq.num_computed_tokens)
             # Blocks planned by now hold valid KV for every later plan; only known tokens can be hashed.
             # (A sequence preempted since this plan keeps its token but has no blocks left to publish.)
             if (
@@ -500,30 +603,36 @@ class Scheduler:
                 manager.publish(seq)
             if not chunk.sample:
                 continue
-            if seq.grammar is not None:
-                finish_reason, stop_reason = self._grammar_stop(seq, token)
-            elif token in seq.finish_token_ids or len(tokens) >= seq.max_len:
-                finish_reason, stop_reason = self._stop(seq, token)
-            else:
-                finish_reason = stop_reason = None
-            logprob = logprobs[k]
-            top = top_logprobs[k]
             output = SeqOutput(
                 request_id=seq.request_id,
                 index=seq.index,
-                new_token_ids=[token],
-                logprobs=None if logprob is None else [logprob],
-                top_logprobs=None if top is None else [top],
+                new_token_ids=sampled[start:cut],
+                logprobs=None if logprobs[start] is None else logprobs[start:cut],
+                top_logprobs=None if top_logprobs[start] is None else top_logprobs[start:cut],
                 finish_reason=finish_reason,
                 stop_reason=stop_reason,
                 num_cached_tokens=seq.num_cached_tokens,
             )
-            if seq.prompt_logprobs is not None and len(tokens) == seq.prompt_len + 1:
+            if seq.prompt_logprobs is not None and len(tokens) - (cut - start) == seq.prompt_len:
                 output.prompt_logprobs = seq.prompt_logprobs
             outputs.append(output)
             if finish_reason is not None:
                 self._finish(seq, finish_reason)
         return outputs
+
+    def _count_drafts(self, seq: Sequence, num_drafts: int, num_accepted: int) -> None:
+        """Count a verify step's drafts for the metrics, and back off a sequence whose drafts keep failing."""
+        self.spec_num_drafts += 1
+        self.spec_num_draft_tokens += num_drafts
+        self.spec_num_accepted_tokens += num_accepted
+        per_position = self.spec_accepted_per_position
+        for position in range(num_accepted):
+            per_position[position] += 1
+        if num_accepted:
+            seq.draft_misses = 0
+        else:
+            seq.draft_misses += 1
+            seq.draft_cooldown = min(2**seq.draft_misses, _MAX_DRAFT_COOLDOWN)
 
     def _stop(self, seq: Sequence, token: int) -> tuple[FinishReason | None, int | None]:
         """Why ``seq`` ends after sampling ``token``, if it does: the full check behind `update`'s quick one."""

@@ -76,6 +76,15 @@ class Sequence:
             advanced with every generated token it has; ``None`` when unconstrained
             and once finished. Kept across preemption: it has matched the
             known tokens, which a recompute keeps.
+        draft_token_ids: speculative decoding: the drafts the runner proposed
+            for the token after the known ones (empty when none); valid while
+            no token is pending, since the last result for the sequence brought them.
+        awaits_drafts: its chunk in flight verifies drafts or asks for new ones,
+            so it is not planned again before that chunk's result (its length,
+            or its next drafts, come with it).
+        draft_misses, draft_cooldown: back-off for sequences whose drafts are
+            rejected: after ``m`` verify steps in a row that accepted nothing it
+            decodes ``2**m`` steps (at most 64) without asking for drafts.
     """
 
     __slots__ = (
@@ -100,6 +109,10 @@ class Sequence:
         "finish_reason",
         "prompt_logprobs",
         "grammar",
+        "draft_token_ids",
+        "awaits_drafts",
+        "draft_misses",
+        "draft_cooldown",
     )
 
     def __init__(
@@ -137,6 +150,10 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.prompt_logprobs: list[TokenLogprobs | None] | None = None if params.prompt_logprobs is None else []
         self.grammar = grammar
+        self.draft_token_ids: list[int] = []
+        self.awaits_drafts = False
+        self.draft_misses = 0
+        self.draft_cooldown = 0
 
     @property
     def num_output_tokens(self) -> int:

@@ -458,6 +458,9 @@ async def open_engine(config: EngineConfig | None = None, /, **fields: Any) -> A
                 enable_prefix_caching=config.enable_prefix_caching,
                 eos_token_ids=executor.facts.eos_token_ids,
                 max_in_flight=2 if wants_async_scheduling(config) else 1,
+                num_speculative_tokens=(
+                    0 if config.speculative_config is None else config.speculative_config.num_speculative_tokens
+                ),
             )
             engine = AsyncEngine(config, tokenizer, executor, scheduler)
             try:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from atom_trio.config import EngineConfig
 
 from .engine import AsyncEngine, _lone_errors_unwrapped, open_engine
-from atom_trio.outputs import RequestOutput
+from atom_trio.outputs import EngineStats, RequestOutput
 from atom_trio.sampling_params import SamplingParams
 
 PromptLike = str | Sequence[int]
@@ -85,6 +85,11 @@ class LLM:
         return trio.from_thread.run(
             _generate_all, engine, prompts, list(params), use_tqdm and len(prompts) > 1, trio_token=self._token
         )
+
+    def stats(self) -> EngineStats:
+        """The engine's counters (`AsyncEngine.stats`), read on its thread."""
+        engine = self._running_engine()
+        return trio.from_thread.run_sync(engine.stats, trio_token=self._token)
 
     def close(self) -> None:
         """Stop the engine and release the model."""

@@ -183,6 +183,10 @@ class OutputProcessor:
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             finished_requests=dict(self._finished_requests),
+            spec_num_drafts=scheduler.spec_num_drafts,
+            spec_num_draft_tokens=scheduler.spec_num_draft_tokens,
+            spec_num_accepted_tokens=scheduler.spec_num_accepted_tokens,
+            spec_accepted_per_position=scheduler.spec_accepted_per_position,
         )
 
 

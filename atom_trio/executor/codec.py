@@ -17,7 +17,9 @@ decoder reuses the chunks of a steady decode batch (`_structure_plan`).
 Token ids go as they are, negative ones included (-1 is async output's
 stand-in for a token still on the GPU). A plan's grammar mask (`TokenBitmask`),
 when it has one, goes as one more field: its rows and its words as raw bytes;
-a plan without one is sent exactly as before. The grammar itself
+a plan without one is sent exactly as before; so do a plan's speculative-decoding
+columns (each chunk's number of drafts and whether it asks for new ones) and a
+result's (tokens per chunk, proposed drafts). The grammar itself
 (``SamplingParams.structured_outputs``) stays with the engine, which fills
 the masks: the runner needs only those. The per-step code trusts the peer
 (both ends are this package) beyond checking that the columns line up and
@@ -83,6 +85,10 @@ class _SentState:
     columns: list[list]
     spares: tuple[tuple[list[int], list[SeqChunk]], ...] = ()
     """The chunks of the last two plain plans (most recent first), each with its seq ids, in lists of our own."""
+    verified: frozenset[int] = frozenset()
+    """The encoder's: sequences whose chunk verified drafts. The scheduler shrinks their block tables
+    after the step (rejected drafts), so a table of the same length may end in other blocks: the next
+    plan sends their whole tables."""
 
     def held(self, seq_ids: list[int]) -> tuple[bool, list[list]]:
         """Whether ``seq_ids`` are the held sequences in the same order, and each column's values for them.
@@ -123,6 +129,10 @@ def _unstructure_plan(plan: StepPlan, sent: _SentState) -> tuple[list, _SentStat
     new_params = [c.sampling_params for c in chunks]
     # Both state columns start as what the peer holds, then take this plan's changes.
     _, (held_lens, params) = sent.held(seq_ids)
+    if sent.verified:
+        for i in rows:
+            if seq_ids[i] in sent.verified:
+                held_lens[i] = None
     introducing = prefixes.count(None) != n
     if introducing:
         for i in compress(rows, map(is_not, prefixes, repeat(None))):
@@ -160,9 +170,15 @@ def _unstructure_plan(plan: StepPlan, sent: _SentState) -> tuple[list, _SentStat
         plan.finished_seq_ids,
     ]
     bitmask = plan.token_bitmask
-    if bitmask is not None:  # rare: a plan without one sends one field less
-        payload.append([bitmask.rows, bitmask.words.shape[1], bitmask.words.tobytes()])
-    return payload, _SentState(seq_ids, [lens, new_params if param_changes else params])
+    num_drafts = [c.num_draft_tokens for c in chunks]
+    propose = [c.propose_drafts for c in chunks]
+    speculative = any(num_drafts) or any(propose)
+    if bitmask is not None or speculative:  # rare: a plan without either sends fields less
+        payload.append(None if bitmask is None else [bitmask.rows, bitmask.words.shape[1], bitmask.words.tobytes()])
+    if speculative:
+        payload.append([num_drafts, propose])
+    verified = frozenset(compress(seq_ids, num_drafts)) if any(num_drafts) else frozenset()
+    return payload, _SentState(seq_ids, [lens, new_params if param_changes else params], verified=verified)
 
 
 _SOLE_REFERENCE = next(map(sys.getrefcount, [object()]))
@@ -191,10 +207,11 @@ def _structure_plan(payload: list, sent: _SentState) -> tuple[StepPlan, _SentSta
     step_id, seq_ids, token_ids, start_pos, samples_and_prefixes, introductions, appends, param_changes, finished = (
         payload[:9]
     )
-    bitmask = _structure_bitmask(*payload[9:]) if len(payload) > 9 else None
+    bitmask = _structure_bitmask(payload[9]) if len(payload) > 9 and payload[9] is not None else None
     n = len(seq_ids)
-    plain = samples_and_prefixes is None
-    samples, prefixes = ([True] * n, [None] * n) if plain else samples_and_prefixes
+    num_drafts, propose = payload[10] if len(payload) > 10 else (None, None)
+    plain = samples_and_prefixes is None and num_drafts is None  # spare chunks hold no speculative fields
+    samples, prefixes = ([True] * n, [None] * n) if samples_and_prefixes is None else samples_and_prefixes
     if not n == len(token_ids) == len(start_pos) == len(samples) == len(prefixes):
         raise ProtocolError("a plan's columns differ in length")
     steady, (tables, prompt_lens, params) = sent.held(seq_ids)
@@ -226,10 +243,15 @@ def _structure_plan(payload: list, sent: _SentState) -> tuple[StepPlan, _SentSta
                     chunk.sampling_params = sampling_params
                 break
     if chunks is None:
-        if plain:
+        if samples_and_prefixes is None and type(token_ids[0] if token_ids else None) is int:
             token_ids = [[token] for token in token_ids]
         # Positional, in SeqChunk's field order: the fast constructor (see SeqChunk).
-        chunks = list(map(SeqChunk, seq_ids, token_ids, start_pos, tables, prompt_lens, samples, params, prefixes))
+        columns = [seq_ids, token_ids, start_pos, tables, prompt_lens, samples, params, prefixes]
+        if num_drafts is not None:
+            if not n == len(num_drafts) == len(propose):
+                raise ProtocolError("a plan's columns differ in length")
+            columns += [num_drafts, propose]
+        chunks = list(map(SeqChunk, *columns))
     if plain:
         spares = ((seq_ids, chunks), *[spare for spare in spares if spare[1] is not chunks][:1])
     # The plan gets a list of its own: ours must not be one that a kept plan holds.
@@ -260,13 +282,16 @@ def _pairs(pairs: list | None) -> list[tuple[int, float]] | None:
 
 def _unstructure_result(result: StepResult) -> list:
     data = [result.step_id, result.token_ids, _none_column(result.logprobs), _none_column(result.top_logprobs)]
-    if result.prompt_logprobs is not None:  # rare: a step without them sends one field less
-        data.append(result.prompt_logprobs)
-    return data
+    optional = [result.prompt_logprobs, result.num_tokens, result.draft_token_ids]
+    while optional and optional[-1] is None:  # rare fields: a step without them sends fields less
+        optional.pop()
+    return data + optional
 
 
 def _structure_result(data: list) -> StepResult:
-    step_id, token_ids, logprobs, top, *prompt = data
+    step_id, token_ids, logprobs, top, *optional = data
+    prompt, num_tokens, drafts = (optional + [None, None, None])[:3]
+    prompt = [prompt] if prompt is not None else []
     return StepResult(
         step_id=step_id,
         token_ids=token_ids,
@@ -275,6 +300,8 @@ def _structure_result(data: list) -> StepResult:
         prompt_logprobs=(
             [None if chunk is None else list(map(_pairs, chunk)) for chunk in prompt[0]] if prompt else None
         ),
+        num_tokens=num_tokens,
+        draft_token_ids=drafts,
     )
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .drafter import Drafter, NgramDrafter
 from .model_runner import ModelRunner
 from .profiling import RankProfiler
 
-__all__ = ["ModelRunner", "RankProfiler"]
+__all__ = ["Drafter", "ModelRunner", "NgramDrafter", "RankProfiler"]

@@ -31,14 +31,23 @@ from atom_trio.layers.sampler import SampleRequest
 
 
 class SeqHistory:
-    """A sequence's tokens so far, split at the prompt's end."""
+    """A sequence's tokens so far, split at the prompt's end; ``num_drafts`` of the last ones are unverified drafts."""
 
-    __slots__ = ("prompt_len", "prompt", "output")
+    __slots__ = ("prompt_len", "prompt", "output", "num_drafts")
 
     def __init__(self, prompt_len: int) -> None:
         self.prompt_len = prompt_len
         self.prompt: list[int] = []
         self.output: list[int] = []
+        self.num_drafts = 0
+
+    def truncate(self, length: int) -> None:
+        """Drop the tokens from position ``length`` on: drafts that were rejected (always output tokens)."""
+        del self.output[length - self.prompt_len :]
+
+    def tokens(self, length: int) -> list[int]:
+        """The first ``length`` tokens, prompt first."""
+        return self.prompt[:length] + self.output[: max(0, length - self.prompt_len)]
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.output)
@@ -130,14 +139,17 @@ class InputBatch:
                     )
                 history = SeqHistory(chunk.prompt_len)
                 history.extend(prefix)
-            elif len(history) != chunk.start_pos:
+            elif not len(history) - history.num_drafts <= chunk.start_pos <= len(history):
                 raise ValueError(
                     f"sequence {chunk.seq_id}: chunk starts at {chunk.start_pos} but {len(history)} tokens came before"
                 )
             updates.append((chunk, history))
         for chunk, history in updates:
             self.histories[chunk.seq_id] = history
+            if len(history) > chunk.start_pos:  # the drafts from that position on were rejected
+                history.truncate(chunk.start_pos)
             history.extend(chunk.token_ids)
+            history.num_drafts = chunk.num_draft_tokens
 
     def _check_chunk(self, chunk: SeqChunk) -> None:
         end = chunk.end_pos
@@ -152,6 +164,10 @@ class InputBatch:
             )
         if chunk.sample and chunk.sampling_params is None:
             raise ValueError(f"sequence {chunk.seq_id}: sample=True needs sampling_params")
+        if chunk.num_draft_tokens and (
+            not chunk.sample or chunk.num_draft_tokens >= len(chunk.token_ids) or chunk.start_pos < chunk.prompt_len - 1
+        ):
+            raise ValueError(f"sequence {chunk.seq_id}: drafts follow a known token of a sampling chunk past the prompt")
         if chunk.token_ids[0] == PREVIOUS_TOKEN and (
             len(chunk.token_ids) != 1 or chunk.seq_id not in self.last_rows or chunk.prefix_token_ids is not None
         ):
@@ -204,11 +220,18 @@ class InputBatch:
         return batch
 
     def sample_requests(self, sampled: list[SeqChunk]) -> list[SampleRequest]:
-        """What the sampler needs of each sampling chunk: its parameters and its sequence's history."""
+        """What the sampler needs of each sampling row: its parameters and its sequence's history.
+
+        A chunk with ``j`` drafts has ``j + 1`` rows, the first predicting
+        from before the drafts, each next one from after one more of them.
+        """
         requests = []
         for chunk in sampled:
             history = self.histories[chunk.seq_id]
-            requests.append(SampleRequest(chunk.sampling_params, history.prompt, history.output))
+            output = history.output
+            for unverified in range(chunk.num_draft_tokens, 0, -1):
+                requests.append(SampleRequest(chunk.sampling_params, history.prompt, output[: len(output) - unverified]))
+            requests.append(SampleRequest(chunk.sampling_params, history.prompt, output))
         return requests
 
     def keep_sampled(self, tokens: torch.Tensor, sampled: list[SeqChunk]) -> None:

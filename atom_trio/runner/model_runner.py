@@ -35,12 +35,14 @@ from atom_trio.core.facts import ModelFacts
 from atom_trio.core.plan import PREVIOUS_TOKEN, StepPlan, StepResult, TokenLogprobs
 from atom_trio.distributed import TensorParallelGroup, destroy_distributed, init_distributed
 from atom_trio.layers import CachedAttention, ForwardContext, forward_context
+from atom_trio.layers.rejection_sampler import RejectionSampler, first_rows, num_accepted
 from atom_trio.layers.sampler import Sampler
 from atom_trio.loader.resolve import resolve_model
 from atom_trio.ops import AttentionMetadata, get_backend
 from atom_trio.runner import startup
 from atom_trio.runner.compile import CompiledForward, effective_level, freezes_weights, use_compile_cache
 from atom_trio.runner.cuda_graphs import DecodeGraphs, decode_batch_sizes
+from atom_trio.runner.drafter import Drafter, make_drafter
 from atom_trio.runner.input_batch import FlatBatch, InputBatch
 from atom_trio.runner.kv_cache import KVCacheLayout, kv_cache_dtype
 from atom_trio.runner.prompt_logprobs import PromptLogprobs, wants_prompt_logprobs
@@ -56,9 +58,13 @@ class LaunchedStep:
     seq_ids: list[int]
     """The sequences that sample, in plan order (not their chunks, which the wire decoder may then reuse)..."""
     positions: list[int]
-    """...and the position each sampled token takes."""
+    """...the position each one's first sampled token takes..."""
+    draft_token_ids: list[list[int]] | None
+    """...the drafts each verifies (``None`` when no chunk has any: one token each)..."""
+    propose: list[bool] | None
+    """...and whether each asks for drafts (``None`` when none does)."""
     tokens: torch.Tensor
-    """Their tokens on the device (rank 0; other ranks hold them only to feed the next step)."""
+    """Their tokens on the device, one per row (rank 0; other ranks hold them only to feed the next step)."""
     host_tokens: torch.Tensor
     """The same tokens, copied to (pinned) host memory once ``ready``."""
     ready: torch.cuda.Event | None
@@ -112,6 +118,11 @@ class ModelRunner:
         clock.lap("weight load")
 
         self.sampler = Sampler(self.eos_token_ids, backend=self.backend)
+        self.rejection_sampler = RejectionSampler(self.sampler)
+        self.drafter: Drafter | None = (
+            None if config.speculative_config is None else make_drafter(config.speculative_config)
+        )
+        """Proposes the drafts sequences ask for (`SeqChunk.propose_drafts`); None without speculative decoding."""
         self.inputs = InputBatch(block_size=self.block_size, max_model_len=self.max_model_len, device=self.device)
         self._prompt_logprobs = PromptLogprobs(vocab_size=self.vocab_size, device=self.device)
         self._unread: deque[LaunchedStep] = deque()
@@ -180,22 +191,33 @@ class ModelRunner:
         """Queue one step on the device; its tokens stay there until `collect`."""
         logits, prompt_logprobs = self._forward(plan)
         sampled = [c for c in plan.chunks if c.sample]
-        logprobs: list = [None] * len(sampled)
-        top_logprobs: list = [None] * len(sampled)
+        drafts = _drafts(sampled)
+        num_rows = len(sampled) if drafts is None else len(sampled) + sum(map(len, drafts))
+        logprobs: list = [None] * num_rows
+        top_logprobs: list = [None] * num_rows
         if self.rank == 0 and sampled:
             if any(c.token_ids[0] == PREVIOUS_TOKEN and c.sampling_params.penalized for c in sampled):
                 for step in list(self._unread):  # penalties count the values of the tokens fed back
                     self._read(step)
             requests = self.inputs.sample_requests(sampled)
-            tokens, logprobs, top_logprobs = self.sampler.sample_on_device(logits, requests, plan.token_bitmask)
+            if drafts is None:
+                tokens, logprobs, top_logprobs = self.sampler.sample_on_device(logits, requests, plan.token_bitmask)
+            else:
+                tokens, logprobs, top_logprobs = self.rejection_sampler.sample(
+                    logits, requests, drafts, plan.token_bitmask
+                )
         else:
-            tokens = torch.zeros(len(sampled), dtype=torch.long, device=self.device)  # filled by a broadcast if fed back
-        self.inputs.keep_sampled(tokens, sampled)
+            tokens = torch.zeros(num_rows, dtype=torch.long, device=self.device)  # filled by a broadcast if fed back
+        # The next plan's PREVIOUS_TOKEN chunks take a chunk's first token (a verifying sequence is never one of them).
+        firsts = tokens if drafts is None else tokens[host_to_device(torch.tensor(first_rows(drafts)), self.device)]
+        self.inputs.keep_sampled(firsts, sampled)
         host_tokens, ready = self._copy_to_host(tokens)
         step = LaunchedStep(
             step_id=plan.step_id,
             seq_ids=[c.seq_id for c in sampled],
-            positions=[c.end_pos for c in sampled],
+            positions=[c.end_pos - c.num_draft_tokens for c in sampled],
+            draft_token_ids=drafts,
+            propose=[c.propose_drafts for c in sampled] if any(c.propose_drafts for c in sampled) else None,
             tokens=tokens,
             host_tokens=host_tokens,
             ready=ready,
@@ -207,19 +229,59 @@ class ModelRunner:
         return step
 
     def collect(self, step: LaunchedStep) -> StepResult:
-        """Wait for ``step``'s tokens (on rank 0; the other ranks return an empty result at once)."""
+        """Wait for ``step``'s tokens (on rank 0; the other ranks return an empty result at once).
+
+        With drafts, each verifying chunk keeps the target's tokens up to the
+        first that differs from its draft (`num_accepted`). Then the drafter
+        proposes for the chunks that ask.
+        """
         if self.rank != 0:
             self._unread.remove(step)
             return StepResult(
                 step_id=step.step_id, token_ids=[], logprobs=[], top_logprobs=[], prompt_logprobs=step.prompt_logprobs
             )
+        token_ids, logprobs, top_logprobs, num_tokens = self._read(step), step.logprobs, step.top_logprobs, None
+        if step.draft_token_ids is not None:
+            kept: list[int] = []
+            num_tokens = []
+            row = 0
+            for drafts in step.draft_token_ids:
+                num_tokens.append(1 + num_accepted(token_ids[row : row + len(drafts)], drafts))
+                kept.extend(range(row, row + num_tokens[-1]))
+                row += len(drafts) + 1
+            token_ids = [token_ids[i] for i in kept]
+            logprobs = [logprobs[i] for i in kept]
+            top_logprobs = [top_logprobs[i] for i in kept]
         return StepResult(
             step_id=step.step_id,
-            token_ids=self._read(step),
-            logprobs=step.logprobs,
-            top_logprobs=step.top_logprobs,
+            token_ids=token_ids,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
             prompt_logprobs=step.prompt_logprobs,
+            num_tokens=num_tokens,
+            draft_token_ids=None if step.propose is None else self._propose(step, token_ids, num_tokens),
         )
+
+    def _propose(self, step: LaunchedStep, token_ids: list[int], num_tokens: list[int] | None) -> list[list[int]]:
+        """The drafter's proposals for the sampling chunks of ``step`` that ask, given the tokens they produced."""
+        histories = self.inputs.histories
+        asking: list[int] = []
+        contexts: list[list[int]] = []
+        start = 0
+        for i, (seq_id, position) in enumerate(zip(step.seq_ids, step.positions)):
+            count = 1 if num_tokens is None else num_tokens[i]
+            history = histories.get(seq_id)
+            num_drafts = 0 if step.draft_token_ids is None else len(step.draft_token_ids[i])
+            # A sequence that asks is in no later plan, so its history ends with this chunk.
+            if step.propose[i] and history is not None and len(history) == position + num_drafts:
+                asking.append(i)
+                contexts.append(history.tokens(position) + token_ids[start : start + count])
+            start += count
+        proposals: list[list[int]] = [[] for _ in step.seq_ids]
+        if asking and self.drafter is not None:
+            for i, drafts in zip(asking, self.drafter.propose(contexts)):
+                proposals[i] = drafts
+        return proposals
 
     @torch.inference_mode()
     def compute_logits(self, plan: StepPlan) -> torch.Tensor:
@@ -285,7 +347,10 @@ class ModelRunner:
         batch = self.inputs.feed_previous_tokens(batch.to(self.device))
         ends = batch.cu_query_lens[1:]
         hidden = self.run_model(batch)
-        logits = self.logits(hidden, [ends[i] - 1 for i in sampled])
+        # A chunk with j drafts samples at its last j + 1 positions (verify steps run eagerly: graphs hold decodes).
+        chunks = plan.chunks
+        rows = [row for i in sampled for row in range(ends[i] - 1 - chunks[i].num_draft_tokens, ends[i])]
+        logits = self.logits(hidden, rows)
         if not wants_prompt:
             return logits, None
         return logits, self._prompt_logprobs.column(self.model.compute_logits, plan.chunks, hidden, ends)
@@ -328,6 +393,15 @@ class ModelRunner:
             if step.ready is not None:
                 step.ready.synchronize()
             step.token_ids = step.host_tokens.tolist()
-            self.inputs.fill(step.seq_ids, step.positions, step.token_ids)
+            drafts = step.draft_token_ids
+            firsts = step.token_ids if drafts is None else [step.token_ids[row] for row in first_rows(drafts)]
+            self.inputs.fill(step.seq_ids, step.positions, firsts)
             self._unread.remove(step)
         return step.token_ids
+
+
+def _drafts(sampled: list) -> list[list[int]] | None:
+    """The drafts of each sampling chunk (the last ``num_draft_tokens`` of its tokens); None when none has any."""
+    if not any(c.num_draft_tokens for c in sampled):
+        return None
+    return [c.token_ids[len(c.token_ids) - c.num_draft_tokens :] for c in sampled]

@@ -56,6 +56,9 @@ _COUNTERS = (
     ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
     ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
     ("num_preemptions", "num_preemptions", "Sequences preempted (recomputed) for lack of KV blocks."),
+    ("spec_decode_num_drafts", "spec_num_drafts", "Speculative decoding: draft runs verified (one per sequence per step)."),
+    ("spec_decode_num_draft_tokens", "spec_num_draft_tokens", "Speculative decoding: draft tokens verified."),
+    ("spec_decode_num_accepted_tokens", "spec_num_accepted_tokens", "Speculative decoding: draft tokens accepted."),
 )
 
 
@@ -80,6 +83,14 @@ class EngineStatsCollector(Collector):
             family = CounterMetricFamily(PREFIX + name, doc, labels=["model_name"])
             family.add_metric(labels, float(getattr(stats, attr)))
             yield family
+        per_position = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Speculative decoding: draft tokens accepted, by position in the draft run (0 first).",
+            labels=["model_name", "position"],
+        )
+        for position, count in enumerate(stats.spec_accepted_per_position):
+            per_position.add_metric([self._model_name, str(position)], float(count))
+        yield per_position
         success = CounterMetricFamily(PREFIX + "request_success", "Finished requests, by finish reason.",
                                       labels=["model_name", "finished_reason"])
         for reason, count in sorted(stats.finished_requests.items()):

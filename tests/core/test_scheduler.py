@@ -77,6 +77,8 @@ class FakeRunner:
         live = {s.seq_id: s for s in sched.running}
         blocks = sched.block_manager.blocks
         samples = []
+        counts = []
+        proposals = []
         prompt_logprobs = []
         samples_by_seq = {}
         for chunk in plan.chunks:
@@ -85,15 +87,24 @@ class FakeRunner:
             assert tokens[: len(seq.token_ids)] == seq.token_ids
             assert len(tokens) - len(seq.token_ids) == seq.num_pending_tokens - chunk.sample
             end = chunk.start_pos + len(chunk.token_ids)
+            num_drafts = chunk.num_draft_tokens
+            drafts = chunk.token_ids[len(chunk.token_ids) - num_drafts :]
             if chunk.token_ids == [PREVIOUS_TOKEN]:
                 assert chunk.start_pos == len(seq.token_ids) and chunk.prefix_token_ids is None
                 assert self.last_samples[seq.seq_id] == tokens[chunk.start_pos]
                 event("previous token fed back")
             else:
-                assert chunk.token_ids and chunk.token_ids == tokens[chunk.start_pos : end]
+                assert chunk.token_ids and chunk.token_ids[: len(chunk.token_ids) - num_drafts] == tokens[
+                    chunk.start_pos : end - num_drafts
+                ]
+            if num_drafts:
+                assert sched.num_speculative_tokens >= num_drafts and seq.grammar is None
+                assert len(tokens) + num_drafts < seq.max_len, "every draft accepted must stay within max_tokens"
+                event("verified drafts")
+            assert chunk.propose_drafts <= (sched.num_speculative_tokens > 0 and chunk.sample)
             assert chunk.prompt_len == seq.prompt_len
             assert len(chunk.block_table) == -(-end // size)
-            assert chunk.sample == (end == len(tokens))
+            assert chunk.sample == (end - num_drafts == len(tokens))
             asks = seq.params.prompt_logprobs is not None
             assert (chunk.sampling_params is not None) == (chunk.sample or asks)
             if asks and chunk.start_pos < chunk.prompt_len:
@@ -107,18 +118,27 @@ class FakeRunner:
                 assert chunk.prefix_token_ids == tokens[: chunk.start_pos]
                 self.history[chunk.seq_id] = list(chunk.prefix_token_ids)
             history = self.history[chunk.seq_id]
-            assert len(history) == chunk.start_pos
+            assert chunk.start_pos <= len(history)
+            assert history[: chunk.start_pos] == tokens[: chunk.start_pos], "rolled back to tokens it had"
+            del history[chunk.start_pos :]  # rejected drafts
             for pos in range(chunk.start_pos):  # attention reads exactly this sequence's prefix
                 assert self.kv[chunk.block_table[pos // size], pos % size] == tuple(tokens[: pos + 1])
+            written = tokens[: end - num_drafts] + drafts
             for pos in range(chunk.start_pos, end):
                 block = blocks[chunk.block_table[pos // size]]
                 assert block.ref_count == 1 and block.block_hash is None, "wrote a shared or cached block"
-                self.kv[block.block_id, pos % size] = tuple(tokens[: pos + 1])
-            history.extend(tokens[chunk.start_pos : end])
-            if chunk.sample:  # EOS rarely, so that sequences grow long enough to need preemption
-                samples.append(EOS if self.rng.random() < 0.05 else self.rng.randrange(1, VOCAB))
-                samples_by_seq[seq.seq_id] = samples[-1]
-                tokens.append(samples[-1])
+                self.kv[block.block_id, pos % size] = tuple(written[: pos + 1])
+            history.extend(written[chunk.start_pos : end])
+            if chunk.sample:
+                new = self.verify(drafts)
+                samples.extend(new)
+                counts.append(len(new))
+                samples_by_seq[seq.seq_id] = new[0]
+                tokens.extend(new)
+                if chunk.propose_drafts:
+                    proposals.append(self.propose(sched.num_speculative_tokens))
+                elif sched.num_speculative_tokens:
+                    proposals.append([])
         self.last_samples = samples_by_seq
         return StepResult(
             step_id=plan.step_id,
@@ -126,7 +146,24 @@ class FakeRunner:
             logprobs=[-1.0] * len(samples),
             top_logprobs=[None] * len(samples),
             prompt_logprobs=prompt_logprobs if any(e is not None for e in prompt_logprobs) else None,
+            num_tokens=counts if len(samples) != len(counts) else None,
+            draft_token_ids=proposals if any(c.propose_drafts for c in plan.chunks) else None,
         )
+
+    def sample(self) -> int:
+        """A random token; EOS rarely, so that sequences grow long enough to need preemption."""
+        return EOS if self.rng.random() < 0.05 else self.rng.randrange(1, VOCAB)
+
+    def verify(self, drafts: list[int]) -> list[int]:
+        """The drafts accepted (each with probability 1/2), then the token that replaces the first rejected one
+        or, when none is, one token more."""
+        for i, draft in enumerate(drafts):
+            if self.rng.random() < 0.5:
+                return drafts[:i] + [self.rng.choice([t for t in range(VOCAB) if t != draft])]
+        return drafts + [self.sample()]
+
+    def propose(self, k: int) -> list[int]:
+        return [self.sample() for _ in range(self.rng.randint(0, k))]
 
 
 def check_invariants(sched: Scheduler) -> None:
@@ -136,7 +173,7 @@ def check_invariants(sched: Scheduler) -> None:
     for seq in sched.running:
         assert seq.status is SequenceStatus.RUNNING
         assert len(seq.block_table) == -(-seq.num_computed_tokens // size)
-        assert seq.num_computed_tokens < len(seq.token_ids) + seq.num_pending_tokens
+        assert seq.num_computed_tokens < len(seq.token_ids) + seq.num_pending_tokens + sched.num_speculative_tokens
         assert 0 <= seq.num_pending_tokens <= sched.max_in_flight
         for block_id in seq.block_table:
             refs[block_id] += 1
@@ -167,22 +204,28 @@ def check_invariants(sched: Scheduler) -> None:
 
 
 def check_output(sched: Scheduler, params: SamplingParams, tokens: list[int], prompt_len: int, out: SeqOutput) -> None:
-    """Whether ``out`` (the latest output; ``tokens`` includes its token) ends the sequence exactly when it should."""
-    token = out.new_token_ids[-1]
-    num_output = len(tokens) - prompt_len
-    may_stop = num_output >= params.min_tokens
-    eos = may_stop and token == EOS and not params.ignore_eos
-    stop_id = may_stop and token in params.stop_token_ids
-    length = num_output == params.max_tokens or len(tokens) == sched.max_model_len
-    if eos:
-        assert (out.finish_reason, out.stop_reason) == ("stop", None)
-    elif stop_id:
-        assert (out.finish_reason, out.stop_reason) == ("stop", token)
-    elif length:
-        assert (out.finish_reason, out.stop_reason) == ("length", None)
-    else:
-        assert out.finish_reason is None
-    assert out.logprobs == [-1.0] and out.top_logprobs is None
+    """Whether ``out`` (the latest output; ``tokens`` includes its tokens) ends the sequence exactly when it should.
+
+    An output of several tokens (accepted drafts) must not hold one that would have ended the sequence before its last.
+    """
+    num_new = len(out.new_token_ids)
+    for i, token in enumerate(out.new_token_ids):
+        num_output = len(tokens) - num_new + i + 1 - prompt_len
+        may_stop = num_output >= params.min_tokens
+        eos = may_stop and token == EOS and not params.ignore_eos
+        stop_id = may_stop and token in params.stop_token_ids
+        length = num_output == params.max_tokens or len(tokens) - num_new + i + 1 == sched.max_model_len
+        if i < num_new - 1:
+            assert not (eos or stop_id or length), "a stop inside an accepted run must cut it"
+        elif eos:
+            assert (out.finish_reason, out.stop_reason) == ("stop", None)
+        elif stop_id:
+            assert (out.finish_reason, out.stop_reason) == ("stop", token)
+        elif length:
+            assert (out.finish_reason, out.stop_reason) == ("length", None)
+        else:
+            assert out.finish_reason is None
+    assert out.logprobs == [-1.0] * num_new and out.top_logprobs is None
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -202,8 +245,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         caching=st.sampled_from([True, True, False]),
         max_in_flight=st.sampled_from([1, 2]),
         seed=st.integers(0, 2**16),
+        num_speculative_tokens=st.sampled_from([0, 0, 1, 3]),
     )
-    def setup(self, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, caching, max_in_flight, seed) -> None:
+    def setup(
+        self, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, caching, max_in_flight, seed,
+        num_speculative_tokens,
+    ) -> None:
         self.in_flight: deque[tuple[StepPlan, StepResult]] = deque()
         self.sched = Scheduler(
             num_blocks=num_blocks,
@@ -214,6 +261,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             enable_prefix_caching=caching,
             eos_token_ids=frozenset({EOS}),
             max_in_flight=max_in_flight,
+            num_speculative_tokens=num_speculative_tokens,
         )
         self.runner = FakeRunner(self.sched, seed)
 

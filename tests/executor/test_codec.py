@@ -63,6 +63,8 @@ step_results = st.integers(0, 2**40).flatmap(
             top_logprobs=st.lists(st.none() | st.lists(st.tuples(TOKEN, FLOATS), max_size=4), min_size=n, max_size=n),
             # one entry per chunk, sampled or not: its length need not be n
             prompt_logprobs=st.none() | st.lists(st.none() | st.lists(PROMPT_TOKEN_LOGPROBS, max_size=5), max_size=8),
+            num_tokens=st.none() | st.lists(st.integers(1, 4), max_size=n),
+            draft_token_ids=st.none() | st.lists(st.lists(TOKEN, max_size=4), max_size=n),
         )
     )
 )
@@ -84,13 +86,17 @@ def plan_streams(draw) -> list[StepPlan]:
     knows a sequence, its table only grows at the end; a sequence that sits
     out a plan or is introduced again (its chunk carries ``prefix_token_ids``)
     may come back with any table and prompt length. A known table may also
-    shrink, which the scheduler never does but the encoder notices.
+    shrink, which the encoder notices. A chunk may verify drafts (its last
+    tokens) and ask for drafts; the table of a sequence that verified drafts
+    may then end in other blocks at the same length (the scheduler gave back
+    the blocks of rejected drafts and took new ones).
     """
     tables: dict[int, list[int]] = {}
     params: dict[int, SamplingParams | None] = {}
     prompt_lens: dict[int, int] = {}
     plans = []
     seq_ids: list[int] = []
+    verified: set[int] = set()
     for step_id in range(draw(st.integers(1, 6))):
         known = set(seq_ids)
         if not seq_ids or draw(st.booleans()):
@@ -102,7 +108,9 @@ def plan_streams(draw) -> list[StepPlan]:
             prefix = None if plain else draw(st.none() | PLAN_TOKENS)
             if seq_id in known and prefix is None:
                 old = tables[seq_id]
-                if draw(st.integers(0, 9)):
+                if seq_id in verified and old and draw(st.booleans()):
+                    tables[seq_id] = old[:-1] + [draw(st.integers(0, 10_000))]
+                elif draw(st.integers(0, 9)):
                     tables[seq_id] = old + draw(st.lists(st.integers(0, 10_000), max_size=2))
                 else:
                     tables[seq_id] = draw(st.lists(st.integers(0, 10_000), max_size=max(len(old) - 1, 0)))
@@ -111,18 +119,25 @@ def plan_streams(draw) -> list[StepPlan]:
                 prompt_lens[seq_id] = draw(st.integers(0, 1 << 20))
             if seq_id not in params or draw(st.booleans()):
                 params[seq_id] = draw(sampling_params if plain else st.none() | sampling_params)
+            tokens = [draw(PLAN_TOKEN)] if decode else draw(PLAN_TOKENS)
+            sample = plain or params[seq_id] is not None
+            speculative = sample and draw(st.integers(0, 3)) == 0
+            num_drafts = draw(st.integers(0, max(len(tokens) - 1, 0))) if speculative else 0
             chunks.append(
                 SeqChunk(
                     seq_id=seq_id,
-                    token_ids=[draw(PLAN_TOKEN)] if decode else draw(PLAN_TOKENS),
+                    token_ids=tokens,
                     start_pos=draw(st.integers(0, 1 << 20)),
                     block_table=tables[seq_id][:],  # a fresh slice, as the scheduler's
                     prompt_len=prompt_lens[seq_id],
-                    sample=plain or params[seq_id] is not None,
+                    sample=sample,
                     sampling_params=params[seq_id],
                     prefix_token_ids=prefix,
+                    num_draft_tokens=num_drafts,
+                    propose_drafts=speculative and draw(st.booleans()),
                 )
             )
+        verified = {c.seq_id for c in chunks if c.num_draft_tokens}
         plans.append(StepPlan(step_id=step_id, chunks=chunks, finished_seq_ids=draw(st.lists(st.integers(0, 6)))))
     return plans
 
