@@ -31,9 +31,9 @@ _LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 #: The tool-call parsers of ``--tool-call-parser`` (vLLM's names; `atom_trio.server.tool_parsers` has one for each).
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "deepseek_v3", "glm45", "kimi_k2")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "deepseek_v3", "glm45", "kimi_k2", "openai")
 #: The reasoning parsers of ``--reasoning-parser`` (`atom_trio.server.reasoning` has one for each).
-REASONING_PARSERS = ("qwen3", "deepseek_r1")
+REASONING_PARSERS = ("qwen3", "deepseek_r1", "openai_gptoss")
 
 # Where an option is read: `atom-trio serve`, `atom-trio generate`, and the app `hypercorn atom_trio.app:app` imports.
 COMMANDS = ("serve", "generate", "app")

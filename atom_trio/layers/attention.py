@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from atom_trio._scoped import scoped
+from atom_trio.distributed import current_tp_group
 from atom_trio.ops import AttentionMetadata, current_backend
 
 from .rotary import RotaryEmbedding
@@ -79,21 +80,48 @@ class Attention(CachedAttention):
     ``k_cache``/``v_cache`` (laid out as the backend's ``kv_cache_shape``
     says) are bound by the runner after it sizes the cache; they are plain
     attributes, not buffers, so they stay out of the state dict.
+
+    ``sliding_window``: each query sees only the last that many positions (the cache still holds all of
+    them, so a sequence's blocks serve layers of either kind). ``sinks``: a learned logit per head in the
+    softmax's denominator (GPT-OSS), the parameter ``sinks`` holding this rank's heads.
     """
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, rotary_emb: RotaryEmbedding
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        rotary_emb: RotaryEmbedding,
+        *,
+        sliding_window: int | None = None,
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not divide into {num_kv_heads} KV heads")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window {sliding_window} is not supported (1 or more positions)")
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
         self.rotary_emb = rotary_emb
+        self.sliding_window = sliding_window
+        if sinks:
+            self.sinks = nn.Parameter(torch.empty(num_heads), requires_grad=False)
+            self.sinks.weight_loader = self._load_sinks
+        else:
+            self.register_parameter("sinks", None)
         self.k_cache = self.v_cache = torch.empty(0)
         self.ops = current_backend()
+        self.tp = current_tp_group()
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """This rank's heads' sinks: query heads split across ranks in order (as `QKVParallelLinear` splits them)."""
+        if loaded.shape != (self.num_heads * self.tp.size,):
+            raise ValueError(f"sinks of shape {tuple(loaded.shape)} do not fit {self.num_heads * self.tp.size} heads")
+        param.data.copy_(loaded.narrow(0, self.tp.rank * self.num_heads, self.num_heads))
 
     def kv_cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
         shape = self.ops.kv_cache_shape(num_blocks, block_size, self.num_kv_heads, self.head_dim)
@@ -128,7 +156,15 @@ class Attention(CachedAttention):
             query, key = (torch.cat((t, x[..., rotary_dim:]), dim=-1) for t, x in zip(turned, (query, key)))
             self.ops.store_kv(key, value, self.k_cache, self.v_cache, context.metadata.slot_mapping)
         return self.ops.paged_attention(
-            query, key, value, self.k_cache, self.v_cache, context.attn_plan, self.scale
+            query,
+            key,
+            value,
+            self.k_cache,
+            self.v_cache,
+            context.attn_plan,
+            self.scale,
+            sinks=self.sinks,
+            sliding_window=self.sliding_window,
         )
 
 

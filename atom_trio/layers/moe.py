@@ -24,7 +24,7 @@ from torch import nn
 
 from atom_trio._scoped import scoped
 from atom_trio.distributed import current_tp_group
-from atom_trio.ops import current_backend
+from atom_trio.ops import ClampedSwiGLU, current_backend
 
 from .linear import _copy_shard
 
@@ -143,7 +143,15 @@ class FusedMoE(nn.Module):
     """
 
     def __init__(
-        self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, *, reduce_results: bool = True
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        reduce_results: bool = True,
+        bias: bool = False,
+        activation: ClampedSwiGLU | None = None,
     ) -> None:
         super().__init__()
         self.tp = current_tp_group()
@@ -166,6 +174,14 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(local, hidden_size, inter), requires_grad=False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        self.activation = activation
+        if bias:
+            self.w13_bias = nn.Parameter(torch.empty(local, 2 * inter), requires_grad=False)
+            self.w2_bias = nn.Parameter(torch.empty(local, hidden_size), requires_grad=False)
+            self.w13_bias.weight_loader = self.w2_bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("w13_bias", None)
+            self.register_parameter("w2_bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int | str, str]) -> None:
         """Copy this rank's part of a checkpoint tensor into ``param``.
@@ -174,7 +190,10 @@ class FusedMoE(nn.Module):
         gate, up or down ``[out, in]`` tensor (a global expert id; an expert
         another rank holds is skipped), or ``("stacked", "w13" | "w2")`` for
         every expert's in one tensor: ``[experts, 2 * inter, hidden]`` (gate
-        rows, then up rows) or ``[experts, hidden, inter]``.
+        rows, then up rows) or ``[experts, hidden, inter]``, and their biases
+        ``[experts, 2 * inter]`` and ``[experts, hidden]``. Every rank's slice
+        of an expert adds to one output, so one rank adds its down bias: the
+        first (with expert parallelism, the rank holding the expert).
         """
         expert, name = shard_id
         parts, index = (1, 0) if self.expert_parallel else (self.tp.size, self.tp.rank)
@@ -186,6 +205,10 @@ class FusedMoE(nn.Module):
                 inter = self.intermediate_size
                 for rows, part in zip((param.data[:, :inter], param.data[:, inter:]), mine.chunk(2, dim=1)):
                     _copy_shard(rows, part, dim=1, index=index, parts=parts)
+            elif param is self.w2_bias:
+                _copy_shard(param.data, mine, dim=1, index=0, parts=1)
+                if index:
+                    param.data.zero_()
             else:
                 _copy_shard(param.data, mine, dim=2, index=index, parts=parts)
             return
@@ -200,7 +223,15 @@ class FusedMoE(nn.Module):
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         out = self.ops.fused_experts(
-            hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset=self.expert_offset
+            hidden,
+            self.w13_weight,
+            self.w2_weight,
+            topk_weights,
+            topk_ids,
+            expert_offset=self.expert_offset,
+            w13_bias=self.w13_bias,
+            w2_bias=self.w2_bias,
+            activation=self.activation,
         )
         return self.tp.all_reduce(out) if self.reduce_results else out
 

@@ -49,7 +49,9 @@ def get_rope(hf_config, head_dim: int, max_position: int) -> RotaryEmbedding:
     elif rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope type {rope_type!r} is not supported")
     else:
-        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        # transformers makes some of its tensors on the default device: the meta device, when building there
+        with torch.device("cpu"):
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
     if inv_freq.numel() * 2 != rotary_dim:
         raise ValueError(
             f"rotary embedding of {inv_freq.numel()} frequencies does not fit {rotary_dim} of the head's {head_dim} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from .glm4_moe import Glm4MoeForCausalLM
+from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
 from .mixtral import MixtralForCausalLM
 from .qwen3 import Qwen3ForCausalLM
@@ -15,6 +16,7 @@ __all__ = [
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
     "Glm4MoeForCausalLM",
+    "GptOssForCausalLM",
     "LlamaForCausalLM",
     "MixtralForCausalLM",
     "Qwen3ForCausalLM",

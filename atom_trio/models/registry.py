@@ -8,6 +8,7 @@ from atom_trio.errors import ModelLoadError
 
 from .deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from .glm4_moe import Glm4MoeForCausalLM
+from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
 from .mixtral import MixtralForCausalLM
 from .qwen3 import Qwen3ForCausalLM
@@ -21,6 +22,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 # Configs built from GGUF metadata may name only the model type.

@@ -16,7 +16,7 @@ import torch
 
 from .._scoped import scoped
 from .cpu import CpuBackend
-from .interface import AttentionMetadata, KernelBackend
+from .interface import AttentionMetadata, ClampedSwiGLU, KernelBackend
 from .torch_ref import TorchRefBackend
 from .traced import TracedOps
 
@@ -90,6 +90,7 @@ def current_backend() -> KernelBackend:
 __all__ = [
     "AttentionMetadata",
     "BACKEND_NAMES",
+    "ClampedSwiGLU",
     "CpuBackend",
     "KernelBackend",
     "TorchRefBackend",

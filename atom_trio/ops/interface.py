@@ -58,6 +58,25 @@ class AttentionMetadata:
         return max(self.context_lens_host, default=0)
 
 
+@attrs.frozen
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation of ``[..., 2 * inter]`` (gate features, then up features): ``(up + 1) * glu``.
+
+    ``glu = gate * sigmoid(alpha * gate)`` with the gate clamped above at ``limit`` and the up projection
+    to ``[-limit, limit]``, in transformers' order of operations (``GptOssExperts._apply_gate``, which
+    reads gate and up interleaved; the models load them split, as every backend's ``w13`` holds them).
+    """
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(min=None, max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
 class KernelBackend(abc.ABC):
     """One implementation of every kernel a model needs.
 
@@ -115,6 +134,9 @@ class KernelBackend(abc.ABC):
         v_cache: torch.Tensor,
         plan: Any,
         scale: float,
+        *,
+        sinks: torch.Tensor | None = None,
+        sliding_window: int | None = None,
     ) -> torch.Tensor:
         """Causal attention of every query token over its sequence's context.
 
@@ -122,6 +144,10 @@ class KernelBackend(abc.ABC):
         backends may read them directly for sequences with no earlier context.
         Grouped-query attention: query head ``h`` reads KV head
         ``h // (num_heads // num_kv_heads)``. Returns ``[num_tokens, num_heads, head_dim]``.
+
+        ``sinks`` ``[num_heads]`` (GPT-OSS): one more logit per head in the softmax's denominator, with no
+        value, so a head can attend to nothing. ``sliding_window`` ``w``: the query at position ``p`` sees
+        keys ``(p - w, p]`` only (transformers' sliding-window mask); the cache still holds every position.
         """
 
     def latent_cache_shape(self, num_blocks: int, block_size: int, latent_dim: int) -> tuple[int, ...]:
@@ -241,6 +267,9 @@ class KernelBackend(abc.ABC):
         topk_ids: torch.Tensor,
         *,
         expert_offset: int = 0,
+        w13_bias: torch.Tensor | None = None,
+        w2_bias: torch.Tensor | None = None,
+        activation: ClampedSwiGLU | None = None,
     ) -> torch.Tensor:
         """The routed experts' weighted sum for each token: a mixture-of-experts layer's ``[tokens, hidden]`` output.
 
@@ -248,7 +277,9 @@ class KernelBackend(abc.ABC):
         ``e = topk_ids[t, j]`` held here: ``w13`` ``[experts, 2 * inter, hidden]`` (gate rows, then up rows)
         and ``w2`` ``[experts, hidden, inter]`` hold global experts ``[expert_offset, expert_offset +
         experts)``; a choice outside them adds nothing (another rank of an expert-parallel group holds it).
-        Sums in float32 and returns ``hidden``'s dtype.
+        Sums in float32 and returns ``hidden``'s dtype. ``w13_bias`` ``[experts, 2 * inter]`` and
+        ``w2_bias`` ``[experts, hidden]`` add to the projections; ``activation`` replaces SiLU-and-mul
+        (GPT-OSS's `ClampedSwiGLU`).
 
         This default is the reference: every held expert runs on every token and
         the routing weights (zero where a token did not choose the expert) mask
@@ -264,8 +295,10 @@ class KernelBackend(abc.ABC):
         routing = torch.zeros(num_tokens, num_experts + 1, dtype=torch.float32, device=hidden.device)
         routing.scatter_add_(1, torch.where(held, local, num_experts), topk_weights.float())
         out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+        activate = self.silu_and_mul if activation is None else activation
         for expert in range(num_experts):
-            y = F.linear(self.silu_and_mul(F.linear(hidden, w13[expert])), w2[expert])
+            gate_up = F.linear(hidden, w13[expert], None if w13_bias is None else w13_bias[expert])
+            y = F.linear(activate(gate_up), w2[expert], None if w2_bias is None else w2_bias[expert])
             out.addcmul_(routing[:, expert : expert + 1], y.float())
         return out.to(hidden.dtype)
 

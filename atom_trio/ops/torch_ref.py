@@ -150,23 +150,38 @@ class TorchRefBackend(KernelBackend):
         k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, key.transpose(0, 1))
         v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, value.transpose(0, 1))
 
-    def paged_attention(self, query, key, value, k_cache, v_cache, plan: TorchAttentionPlan, scale):
+    def paged_attention(
+        self, query, key, value, k_cache, v_cache, plan: TorchAttentionPlan, scale, *, sinks=None, sliding_window=None
+    ):
+        # Sinks and windows need the mask spelled out: the fused kernel's is_causal knows neither.
+        explicit_mask = sinks is not None or sliding_window is not None
+
         def keys_values(chunk: PrefillChunk, tokens: int):
             if chunk.block_table is None:  # nothing cached: plain causal attention over the chunk's own tokens
                 k, v = (
                     x[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
                     for x in (key, value)
                 )
-                return k, v, None
+                return k, v, _causal_mask(tokens, tokens, query.device, sliding_window) if explicit_mask else None
             rows = _head_rows(chunk.block_table, *k_cache.shape[:2])
             k = _gather_rows(k_cache, rows)[None, :, : chunk.context_len]
             v = _gather_rows(v_cache, rows)[None, :, : chunk.context_len]
-            return k, v, _causal_mask(tokens, chunk.context_len, query.device)
+            return k, v, _causal_mask(tokens, chunk.context_len, query.device, sliding_window)
 
-        decode = functools.partial(self._decode_attention, k_cache=k_cache, v_cache=v_cache, plan=plan, scale=scale)
-        return _attend_by_kind(query, query.shape[-1], plan, scale, decode, keys_values)
+        decode = functools.partial(
+            self._decode_attention,
+            k_cache=k_cache,
+            v_cache=v_cache,
+            plan=plan,
+            scale=scale,
+            sinks=sinks,
+            sliding_window=sliding_window,
+        )
+        return _attend_by_kind(query, query.shape[-1], plan, scale, decode, keys_values, sinks)
 
-    def _decode_attention(self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float) -> torch.Tensor:
+    def _decode_attention(
+        self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float, sinks=None, sliding_window=None
+    ) -> torch.Tensor:
         """One query per sequence over its padded context.
 
         The ``group`` query heads that share a KV head become that head's query
@@ -183,17 +198,28 @@ class TorchRefBackend(KernelBackend):
             memo = self._decode_rows = (plan, num_kv_heads, num_blocks, rows, mask[None, :, None, :])
         k = _gather_rows(k_cache, memo[3]).view(num_kv_heads, num_seqs, -1, head_dim)
         v = _gather_rows(v_cache, memo[3]).view(num_kv_heads, num_seqs, -1, head_dim)
-        if num_seqs == 1 and plan.decode_max_context <= _FUSED_DECODE_MAX_CONTEXT:
-            # One sequence has no padding to mask, and torch's fused kernel beats
-            # the three ops below (a third of the time at short contexts on CPU).
-            ctx = plan.decode_max_context
-            q = q.view(1, num_kv_heads, -1, head_dim)  # [1, kv_heads, group, dim]: the group as queries
-            k, v = k.transpose(0, 1)[:, :, :ctx], v.transpose(0, 1)[:, :, :ctx]
-            return F.scaled_dot_product_attention(q, k, v, scale=scale).view(1, num_heads, head_dim)
+        mask = memo[4]
+        if sinks is None and sliding_window is None:
+            if num_seqs == 1 and plan.decode_max_context <= _FUSED_DECODE_MAX_CONTEXT:
+                # One sequence has no padding to mask, and torch's fused kernel beats
+                # the three ops below (a third of the time at short contexts on CPU).
+                ctx = plan.decode_max_context
+                q = q.view(1, num_kv_heads, -1, head_dim)  # [1, kv_heads, group, dim]: the group as queries
+                k, v = k.transpose(0, 1)[:, :, :ctx], v.transpose(0, 1)[:, :, :ctx]
+                return F.scaled_dot_product_attention(q, k, v, scale=scale).view(1, num_heads, head_dim)
+        elif sliding_window is not None:  # the query sits at context_len - 1: keys before context_len - window go
+            positions = torch.arange(mask.shape[-1], device=q.device)
+            early = positions[None, :] < (plan.decode_context_lens[:, None] - sliding_window)
+            mask = mask.masked_fill(early[None, :, None, :], float("-inf"))
         q = q.view(num_seqs, num_kv_heads, -1, head_dim).transpose(0, 1)  # [kv_heads, seqs, group, dim]
         scores = torch.matmul(q, k.transpose(-1, -2))  # [kv_heads, seqs, group, len]
         # scale and mask in one float32 op: mask + scale * scores
-        probs = torch.softmax(torch.add(memo[4], scores, alpha=scale), dim=-1).to(q.dtype)
+        logits = torch.add(mask, scores, alpha=scale)
+        if sinks is None:
+            probs = torch.softmax(logits, dim=-1).to(q.dtype)
+        else:
+            sink = sinks.float().view(num_kv_heads, 1, -1, 1).expand(-1, num_seqs, -1, 1)
+            probs = torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[..., :-1].to(q.dtype)
         out = torch.matmul(probs, v)  # [kv_heads, seqs, group, dim]
         return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
@@ -277,10 +303,13 @@ def _gather_rows(cache: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return cache.view(num_kv_heads * num_blocks, -1).index_select(0, rows).view(num_kv_heads, -1, head_dim)
 
 
-def _attend_by_kind(query, out_dim: int, plan: TorchAttentionPlan, scale: float, decode, keys_values) -> torch.Tensor:
+def _attend_by_kind(
+    query, out_dim: int, plan: TorchAttentionPlan, scale: float, decode, keys_values, sinks=None
+) -> torch.Tensor:
     """A step's attention ``[tokens, heads, out_dim]``: its decode tokens through ``decode`` as one batch, each
     prefill chunk by one `scaled_dot_product_attention` over what ``keys_values(chunk, tokens_per_seq)`` gives
-    (keys and values ``[sequences, heads, len, dim]`` and a mask, None for causal over the chunk alone)."""
+    (keys and values ``[sequences, heads, len, dim]`` and a mask, None for causal over the chunk alone), or
+    with ``sinks`` by `_sink_attention`."""
     if plan.only_decodes:
         return decode(query)
     out = query.new_empty(*query.shape[:2], out_dim)
@@ -291,11 +320,25 @@ def _attend_by_kind(query, out_dim: int, plan: TorchAttentionPlan, scale: float,
         tokens = (chunk.end - chunk.start) // chunk.num_seqs
         q = query[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
         k, v, mask = keys_values(chunk, tokens)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
-        )
+        if sinks is None:
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True
+            )
+        else:
+            o = _sink_attention(q, k, v, mask, scale, sinks)
         out[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).copy_(o.transpose(1, 2))
     return out
+
+
+def _sink_attention(q, k, v, mask: torch.Tensor, scale: float, sinks: torch.Tensor) -> torch.Tensor:
+    """Masked attention ``[sequences, heads, tokens, dim]`` with one sink logit per head in the softmax, as
+    transformers' GPT-OSS computes it: the sink joins each row's logits, the softmax runs, the sink's share drops."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).float().masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
+    return torch.matmul(probs.to(v.dtype), v)
 
 
 def _expand_latent(context: torch.Tensor, kv_b: torch.Tensor, qk_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +353,12 @@ def _expand_latent(context: torch.Tensor, kv_b: torch.Tensor, qk_dim: int) -> tu
     return torch.cat((kv[..., :nope], rope), dim=-1), kv[..., nope:]
 
 
-def _causal_mask(num_queries: int, context_len: int, device: torch.device) -> torch.Tensor:
-    """Query ``i`` sits at position ``context_len - num_queries + i`` and sees keys up to it."""
-    q_pos = torch.arange(context_len - num_queries, context_len, device=device)
-    return torch.arange(context_len, device=device)[None, :] <= q_pos[:, None]
+def _causal_mask(
+    num_queries: int, context_len: int, device: torch.device, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Query ``i`` sits at position ``p = context_len - num_queries + i`` and sees keys up to it (of those, with
+    ``sliding_window`` ``w``, the last ``w``: positions ``(p - w, p]``)."""
+    q_pos = torch.arange(context_len - num_queries, context_len, device=device)[:, None]
+    k_pos = torch.arange(context_len, device=device)[None, :]
+    visible = k_pos <= q_pos
+    return visible if sliding_window is None else visible & (k_pos > q_pos - sliding_window)

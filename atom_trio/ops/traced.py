@@ -30,8 +30,10 @@ class TracedOps(KernelBackend):
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         self.device_backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
 
-    def paged_attention(self, query, key, value, k_cache, v_cache, plan, scale):
-        return self.device_backend.paged_attention(query, key, value, k_cache, v_cache, plan, scale)
+    def paged_attention(self, query, key, value, k_cache, v_cache, plan, scale, *, sinks=None, sliding_window=None):
+        return self.device_backend.paged_attention(
+            query, key, value, k_cache, v_cache, plan, scale, sinks=sinks, sliding_window=sliding_window
+        )
 
     def latent_cache_shape(self, num_blocks, block_size, latent_dim):
         return self.device_backend.latent_cache_shape(num_blocks, block_size, latent_dim)

@@ -381,6 +381,8 @@ async def handle(
         assert isinstance(req, ChatCompletionRequest)
         params = sampling.chat_params(req)
         rules = chat_rules(req, state.settings)
+        if req.skip_special_tokens is None and rules.reasoning is not None and rules.reasoning.keeps_special_tokens:
+            params = attrs.evolve(params, skip_special_tokens=False)  # the format's markers are special tokens
         if json_body.fits_inline(body):
             prompts: list[Prompt] = [sampling.chat_messages(req)]
         else:  # tool calls in the history have arguments to decode, as long as the body allows

@@ -17,6 +17,7 @@ reply back into history: newlines at both ends of the reasoning and at the start
 from __future__ import annotations
 
 from ._registry import instantiate
+from .harmony import HarmonyStream
 
 START = "<think>"
 END = "</think>"
@@ -34,6 +35,8 @@ class ReasoningParser:
     """
 
     assume_open: bool | None = True
+    keeps_special_tokens = False
+    """Whether the model's markers are special tokens, which the output's text must keep for this parser."""
 
     def extract(self, text: str, *, open_at_start: bool | None = None) -> tuple[str | None, str | None]:
         """``(reasoning, content)`` of a whole output, each ``None`` when empty."""
@@ -74,6 +77,16 @@ class DeepSeekR1ReasoningParser(ReasoningParser):
     off while thinking) is all reasoning, batch and streamed alike. A leading ``<think>`` the model
     writes itself is dropped.
     """
+
+
+class GptOssReasoningParser(ReasoningParser):
+    """GPT-OSS's harmony channels (`harmony`): ``analysis`` is reasoning, ``final`` content, calls go to the
+    ``openai`` tool parser. vLLM's name, ``openai_gptoss``."""
+
+    keeps_special_tokens = True
+
+    def stream(self, *, open_at_start: bool | None = None) -> HarmonyStream:
+        return HarmonyStream()
 
 
 class ReasoningStream:
@@ -148,6 +161,7 @@ def _partial_end(text: str) -> int:
 REASONING_PARSERS: dict[str, type[ReasoningParser]] = {
     "qwen3": Qwen3ReasoningParser,
     "deepseek_r1": DeepSeekR1ReasoningParser,
+    "openai_gptoss": GptOssReasoningParser,
 }
 
 

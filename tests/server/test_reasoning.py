@@ -130,10 +130,10 @@ def test_open_after_reads_the_prompt(prompt: str, open_after: bool | None) -> No
 
 
 def test_registry_has_vllms_names_and_refuses_others() -> None:
-    assert set(REASONING_PARSERS) == {"qwen3", "deepseek_r1"}
+    assert set(REASONING_PARSERS) == {"qwen3", "deepseek_r1", "openai_gptoss"}
     assert tuple(REASONING_PARSERS) == config.REASONING_PARSERS  # the choices --reasoning-parser offers
     for name, parser in REASONING_PARSERS.items():
         assert isinstance(get_reasoning_parser(name), parser)
-    with pytest.raises(InvalidConfig, match="qwen3, deepseek_r1") as error:
+    with pytest.raises(InvalidConfig, match="qwen3, deepseek_r1, openai_gptoss") as error:
         get_reasoning_parser("gpt_oss")
     assert error.value.options == ("reasoning_parser",)

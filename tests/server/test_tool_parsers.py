@@ -451,10 +451,10 @@ def test_a_lone_surrogate_in_arguments_stays_valid_utf8() -> None:
 
 
 def test_registry_has_vllms_names_and_refuses_others() -> None:
-    assert set(TOOL_PARSERS) == {"hermes", "llama3_json", "mistral", "deepseek_v3", "glm45", "kimi_k2"}
+    assert set(TOOL_PARSERS) == {"hermes", "llama3_json", "mistral", "deepseek_v3", "glm45", "kimi_k2", "openai"}
     assert tuple(TOOL_PARSERS) == config.TOOL_CALL_PARSERS  # the choices --tool-call-parser offers
     for name in TOOL_PARSERS:
         assert isinstance(get_tool_parser(name), TOOL_PARSERS[name])
-    with pytest.raises(InvalidConfig, match="hermes, llama3_json, mistral, deepseek_v3, glm45, kimi_k2") as error:
+    with pytest.raises(InvalidConfig, match="hermes, llama3_json, mistral, deepseek_v3, glm45, kimi_k2, openai") as error:
         get_tool_parser("qwen")
     assert error.value.options == ("tool_call_parser",)

@@ -33,10 +33,14 @@ class CpuBackend(TorchRefBackend):
         if kernels is None or not kernels.store_kv(key, value, k_cache, v_cache, slot_mapping):
             super().store_kv(key, value, k_cache, v_cache, slot_mapping)
 
-    def _decode_attention(self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float) -> torch.Tensor:
-        kernels = self._attention_kernels(q, k_cache, v_cache)
+    def _decode_attention(
+        self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float, sinks=None, sliding_window=None
+    ) -> torch.Tensor:
+        # The C++ kernel knows neither sinks nor windows (GPT-OSS): those layers take the reference's torch ops.
+        plain = sinks is None and sliding_window is None
+        kernels = self._attention_kernels(q, k_cache, v_cache) if plain else None
         if kernels is None:
-            return super()._decode_attention(q, k_cache, v_cache, plan, scale)
+            return super()._decode_attention(q, k_cache, v_cache, plan, scale, sinks, sliding_window)
         tables, context_lens = plan.decode_block_tables, plan.decode_context_lens
         return kernels.decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
 
@@ -58,11 +62,17 @@ class CpuBackend(TorchRefBackend):
             return done
         return super().silu_and_mul(x)
 
-    def fused_experts(self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0):
+    def fused_experts(
+        self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0, w13_bias=None, w2_bias=None, activation=None
+    ):
+        biases = dict(w13_bias=w13_bias, w2_bias=w2_bias)
         # Sorting by expert sizes each expert's matmul from the ids: a host read that no graph can hold.
         if hidden.device.type != "cpu" or torch.compiler.is_compiling():
-            return super().fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
-        return sorted_fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset, self.silu_and_mul)
+            return super().fused_experts(
+                hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset, activation=activation, **biases
+            )
+        activate = self.silu_and_mul if activation is None else activation
+        return sorted_fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset, activate, **biases)
 
     def apply_token_bitmask(self, logits, bitmask, rows):
         """xgrammar's C++ kernel, one row at a time (it takes a row's mask from the row's own index).

@@ -25,9 +25,12 @@ def sorted_fused_experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_offset: int,
-    silu_and_mul: Callable[[torch.Tensor], torch.Tensor],
+    activation: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`KernelBackend.fused_experts` with ``silu_and_mul`` as the activation."""
+    """`KernelBackend.fused_experts` with ``activation`` (SiLU-and-mul, or GPT-OSS's clamped SwiGLU)."""
     num_tokens, top_k = topk_ids.shape
     num_experts = w13.shape[0]
     experts, slots = (topk_ids.reshape(-1) - expert_offset).sort()  # (token, choice) pairs by expert
@@ -40,7 +43,8 @@ def sorted_fused_experts(
     for expert in range(num_experts):
         start, end = bounds[expert] - bounds[0], bounds[expert + 1] - bounds[0]
         if start < end:
-            y[start:end] = F.linear(silu_and_mul(F.linear(x[start:end], w13[expert])), w2[expert])
+            gate_up = F.linear(x[start:end], w13[expert], None if w13_bias is None else w13_bias[expert])
+            y[start:end] = F.linear(activation(gate_up), w2[expert], None if w2_bias is None else w2_bias[expert])
     out = torch.zeros(num_tokens, hidden.shape[1], dtype=torch.float32)
     out.index_add_(0, tokens, y.float() * topk_weights.reshape(-1)[held, None].float())
     return out.to(hidden.dtype)

@@ -5,7 +5,11 @@ tokens of one sequence) for one KV head, and packs the ``GROUP`` query heads
 that share that KV head into the rows of its tile, so grouped-query attention
 reads each KV tile once per KV head, not once per query head. Prefill chunks,
 chunks over cached context and decode tokens are the same case: a query at
-position ``p`` attends to cache positions ``[0, p]`` of its sequence.
+position ``p`` attends to cache positions ``[0, p]`` of its sequence, or with
+a sliding window ``w`` to ``(p - w, p]``: a program reads no key before its
+first query's window. Sinks (a logit per head with no value) join the
+softmax's denominator once, at the end: in the kernel without splits, in the
+merge with them.
 
 The grid depends only on host integers (token count, sequence count, split
 count), never on device values: sequence ``i``'s query blocks are numbered from
@@ -35,6 +39,7 @@ from .cache import cache_strides
 # Finite, so that a row with no visible key yet never computes inf - inf.
 _NEG_BIG = tl.constexpr(-1.0e30)
 _LOG2E = 1.4426950408889634
+_LOG2E_IN_KERNEL = tl.constexpr(_LOG2E)
 
 # Below this many keys per split, another split costs more than it saves.
 MIN_SPLIT_TOKENS = 128
@@ -125,10 +130,14 @@ def _find_seq(cu_seqlens_q, q_block, num_seqs, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, q_pos, start, kv_end, table, k_head, v_head, stride_kb, stride_ks, stride_vb, stride_vs,
-    scale_log2, dims, dim_valid,
+    scale_log2, dims, dim_valid, window,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
-    """One online-softmax step over keys ``[start, start + BLOCK_N)``, gathered through the block table."""
+    """One online-softmax step over keys ``[start, start + BLOCK_N)``, gathered through the block table.
+
+    A row may see none of the tile's keys (window, causality): its max stays finite (`_NEG_BIG`), so
+    its probabilities are zeros, never NaN."""
     pos = start + tl.arange(0, BLOCK_N)
     pos_valid = pos < kv_end
     block = tl.load(table + pos // BLOCK_SIZE, mask=pos_valid, other=0).to(tl.int64)
@@ -139,6 +148,8 @@ def _attend_tile(
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
     if MASKED:
         visible = (pos[None, :] <= q_pos[:, None]) & pos_valid[None, :]
+        if HAS_WINDOW:
+            visible = visible & (pos[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -162,7 +173,9 @@ def _paged_attention_kernel(
     cu_seqlens_q_ptr,
     context_lens_ptr,
     block_tables_ptr,
+    sinks_ptr,
     scale_log2,
+    window,
     num_seqs,
     num_heads,
     num_splits,
@@ -186,6 +199,8 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,
     USE_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -211,10 +226,13 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=q_mask, other=0.0)
 
     kv_end = context_len - q_len + tl.minimum(first_q + BLOCK_Q, q_len)  # past the block's last query
+    first_pos = context_len - q_len + first_q
     kv_start = 0
+    if HAS_WINDOW:  # the first query's window starts the keys any row of the block sees
+        kv_start = tl.maximum(first_pos - window + 1, 0)
     if USE_SPLITS:
-        split_len = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
-        kv_start = split * split_len
+        split_len = tl.cdiv(tl.cdiv(kv_end - kv_start, num_splits), BLOCK_N) * BLOCK_N
+        kv_start = kv_start + split * split_len
         kv_end = tl.minimum(kv_end, kv_start + split_len)
 
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
@@ -224,17 +242,20 @@ def _paged_attention_kernel(
     k_head = k_cache_ptr + kv_head * stride_kh
     v_head = v_cache_ptr + kv_head * stride_vh
     # Keys up to the block's first query are visible to every row: those whole tiles skip the mask.
-    first_pos = context_len - q_len + first_q
-    unmasked_end = kv_start + tl.maximum(tl.minimum(kv_end, first_pos + 1) - kv_start, 0) // BLOCK_N * BLOCK_N
+    # (With a window every tile takes it: the window's edge moves with each row, and covers few tiles.)
+    if HAS_WINDOW:
+        unmasked_end = kv_start
+    else:
+        unmasked_end = kv_start + tl.maximum(tl.minimum(kv_end, first_pos + 1) - kv_start, 0) // BLOCK_N * BLOCK_N
     for start in range(kv_start, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, start, kv_end, table, k_head, v_head, stride_kb, stride_ks, stride_vb,
-            stride_vs, scale_log2, dims, dim_valid, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, False,
+            stride_vs, scale_log2, dims, dim_valid, window, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, False, HAS_WINDOW,
         )
     for start in range(unmasked_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, start, kv_end, table, k_head, v_head, stride_kb, stride_ks, stride_vb,
-            stride_vs, scale_log2, dims, dim_valid, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, True,
+            stride_vs, scale_log2, dims, dim_valid, window, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, True, HAS_WINDOW,
         )
 
     if USE_SPLITS:
@@ -243,6 +264,9 @@ def _paged_attention_kernel(
         tl.store(partial_sum_ptr + partial, l_i, mask=row_valid)
         tl.store(partial_out_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=q_mask)
     else:
+        if HAS_SINKS:  # the sink's share of the softmax, in the max-shifted base-2 terms of l_i
+            sink = tl.load(sinks_ptr + head, mask=row_valid, other=0.0).to(tl.float32) * _LOG2E_IN_KERNEL
+            l_i += tl.exp2(sink - m_i)
         # A query with no visible key (a padding slot with context 0) gets zeros, not NaN.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
@@ -255,6 +279,7 @@ def _merge_splits_kernel(
     partial_out_ptr,
     partial_max_ptr,
     partial_sum_ptr,
+    sinks_ptr,
     num_heads,
     num_splits,
     stride_ot,
@@ -262,6 +287,7 @@ def _merge_splits_kernel(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     SPLITS_P2: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -272,7 +298,8 @@ def _merge_splits_kernel(
     dim_valid = dims < HEAD_DIM
     m = tl.load(partial_max_ptr + base + splits, mask=split_valid, other=float("-inf"))
     l = tl.load(partial_sum_ptr + base + splits, mask=split_valid, other=0.0)
-    weight = tl.exp2(m - tl.max(m, 0))
+    m_max = tl.max(m, 0)
+    weight = tl.exp2(m - m_max)
     acc = tl.load(
         partial_out_ptr + (base + splits)[:, None] * HEAD_DIM + dims[None, :],
         mask=split_valid[:, None] & dim_valid[None, :],
@@ -280,6 +307,8 @@ def _merge_splits_kernel(
     )
     num = tl.sum(acc * weight[:, None], 0)
     den = tl.sum(l * weight, 0)
+    if HAS_SINKS:  # once per query and head, not once per split
+        den += tl.exp2(tl.load(sinks_ptr + head).to(tl.float32) * _LOG2E_IN_KERNEL - m_max)
     out = num / tl.where(den > 0, den, 1.0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_valid)
 
@@ -292,8 +321,13 @@ def paged_attention(
     scale: float,
     num_sms: int,
     config: LaunchConfig | None = None,
+    *,
+    sinks: torch.Tensor | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """``config`` overrides the tiles `launch_config` picks (for tuning; ``block_m`` must be ``block_q * group`` or more)."""
+    """``config`` overrides the tiles `launch_config` picks (for tuning; ``block_m`` must be ``block_q * group``
+    or more). ``sinks`` ``[num_heads]`` and ``sliding_window`` as `KernelBackend.paged_attention` says.
+    """
     if query.stride(-1) != 1:
         query = query.contiguous()
     num_tokens, num_heads, head_dim = query.shape
@@ -335,7 +369,9 @@ def paged_attention(
         plan.cu_seqlens_q,
         plan.context_lens,
         plan.block_tables,
+        sinks if sinks is not None else query,  # not read without sinks
         scale * _LOG2E,
+        sliding_window or 0,
         plan.num_seqs,
         num_heads,
         config.num_splits,
@@ -355,6 +391,8 @@ def paged_attention(
         USE_SPLITS=use_splits,
         # float32 (tests) stays exact; 16-bit inputs take the backend's default, portable to ROCm.
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
+        HAS_SINKS=sinks is not None,
+        HAS_WINDOW=sliding_window is not None,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -364,6 +402,7 @@ def paged_attention(
             partial_out,
             partial_max,
             partial_sum,
+            sinks if sinks is not None else query,
             num_heads,
             config.num_splits,
             out.stride(0),
@@ -371,5 +410,6 @@ def paged_attention(
             HEAD_DIM=head_dim,
             HEAD_DIM_P2=head_dim_p2,
             SPLITS_P2=triton.next_power_of_2(config.num_splits),
+            HAS_SINKS=sinks is not None,
         )
     return out

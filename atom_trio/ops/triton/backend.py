@@ -74,10 +74,14 @@ class TritonBackend(KernelBackend):
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         store_kv(key, value, k_cache, v_cache, slot_mapping)
 
-    def paged_attention(self, query, key, value, k_cache, v_cache, plan: TritonAttentionPlan, scale):
+    def paged_attention(
+        self, query, key, value, k_cache, v_cache, plan: TritonAttentionPlan, scale, *, sinks=None, sliding_window=None
+    ):
         # ``key``/``value`` are already in the cache (store_kv ran first); reading them back
         # from there keeps one code path for fresh prefills, chunks and decodes.
-        return paged_attention(query, k_cache, v_cache, plan, scale, self.num_sms)
+        return paged_attention(
+            query, k_cache, v_cache, plan, scale, self.num_sms, sinks=sinks, sliding_window=sliding_window
+        )
 
     # The latent cache keeps the interface's layout, ``[blocks, block_size, latent + rope]``: a token's
     # vector is one contiguous row, which the store writes in one go and a decode tile reads whole.
@@ -132,8 +136,20 @@ class TritonBackend(KernelBackend):
     def silu_and_mul(self, x):
         return silu_and_mul(x)
 
-    def fused_experts(self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0):
-        return fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
+    def fused_experts(
+        self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0, w13_bias=None, w2_bias=None, activation=None
+    ):
+        return fused_experts(
+            hidden,
+            w13,
+            w2,
+            topk_weights,
+            topk_ids,
+            expert_offset=expert_offset,
+            w13_bias=w13_bias,
+            w2_bias=w2_bias,
+            activation=activation,
+        )
 
     def traced(self):
         from .opaque import TracedTritonOps  # registers the custom ops: only for a model that is compiled

@@ -17,8 +17,9 @@ in a CUDA graph and replayed with new routing:
    ``BLOCK_N`` columns of the intermediate; it streams the matching gate and up
    rows of ``w13[e]`` and writes ``silu(gate) * up`` (fp32 accumulation, the
    activation in the epilogue), so the ``[T*k, 2I]`` projection never exists.
-3. The down GEMM over that ``[T*k, I]`` activation, multiplying each row by
-   its routing weight in the epilogue.
+   GPT-OSS's experts add their biases and take `ClampedSwiGLU` in the same epilogue.
+3. The down GEMM over that ``[T*k, I]`` activation, adding the expert's bias
+   if it has one and multiplying each row by its routing weight in the epilogue.
 4. The sum over the ``k`` choices of each token, in fp32, with no atomics:
    one program per (token, column tile) adds its token's rows whose expert is
    local, so the output does not depend on which program finishes first.
@@ -44,6 +45,8 @@ import attrs
 import torch
 import triton
 import triton.language as tl
+
+from ..interface import ClampedSwiGLU
 
 CONFIG_DIR = Path(__file__).parent / "moe_configs"
 
@@ -242,6 +245,7 @@ def _expert_gemm_kernel(
     w_ptr,
     out_ptr,
     routing_weights_ptr,
+    bias_ptr,
     sorted_ids_ptr,
     expert_ids_ptr,
     num_padded_ptr,
@@ -254,9 +258,14 @@ def _expert_gemm_kernel(
     stride_wn,
     stride_om,
     up_offset,
+    stride_be,
+    swiglu_alpha,
+    swiglu_limit,
     ENTRIES_PER_A_ROW: tl.constexpr,
     SILU_AND_MUL: tl.constexpr,
     ROUTING_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CLAMPED_SWIGLU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -304,8 +313,18 @@ def _expert_gemm_kernel(
             acc_up = tl.dot(a, up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if HAS_BIAS:  # gate (or down) bias at the output columns; up bias N further on
+        bias_row = bias_ptr + expert * stride_be + w_cols
+        acc += tl.load(bias_row).to(tl.float32)[None, :]
+        if SILU_AND_MUL:
+            acc_up += tl.load(bias_row + N).to(tl.float32)[None, :]
     if SILU_AND_MUL:
-        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+        if CLAMPED_SWIGLU:  # GPT-OSS: (clamp(up) + 1) * gate * sigmoid(alpha * gate), gate clamped above
+            gate = tl.minimum(acc, swiglu_limit)
+            up = tl.minimum(tl.maximum(acc_up, -swiglu_limit), swiglu_limit)
+            acc = (up + 1.0) * (gate * tl.sigmoid(gate * swiglu_alpha))
+        else:
+            acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if ROUTING_WEIGHT:
         acc *= tl.load(routing_weights_ptr + entries, mask=row_valid, other=0.0)[:, None]
     out_ptrs = out_ptr + entries.to(tl.int64)[:, None] * stride_om + cols[None, :]
@@ -322,11 +341,14 @@ def _expert_gemm(
     entries_per_a_row: int,
     silu_and_mul: bool,
     routing_weights: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    activation: ClampedSwiGLU | None = None,
 ) -> None:
-    """``out[entry] = a[entry // entries_per_a_row] @ w[expert].T`` for every aligned entry, then the epilogues.
+    """``out[entry] = a[entry // entries_per_a_row] @ w[expert].T + bias[expert]`` for every aligned entry, then
+    the epilogues.
 
     With ``silu_and_mul`` the output has half the weight's rows: gate rows
-    ``[0, N)`` and up rows ``[N, 2N)`` of each expert.
+    ``[0, N)`` and up rows ``[N, 2N)`` of each expert, activated by SiLU-and-mul or ``activation``.
     """
     n = out.shape[1]
     k = a.shape[1]
@@ -336,6 +358,7 @@ def _expert_gemm(
         w,
         out,
         routing_weights if routing_weights is not None else out,
+        bias if bias is not None else out,  # not read without a bias
         aligned.sorted_ids,
         aligned.expert_ids,
         aligned.num_padded,
@@ -348,9 +371,14 @@ def _expert_gemm(
         w.stride(1),
         out.stride(0),
         n * w.stride(1),
+        bias.stride(0) if bias is not None else 0,
+        activation.alpha if activation is not None else 0.0,
+        activation.limit if activation is not None else 0.0,
         ENTRIES_PER_A_ROW=entries_per_a_row,
         SILU_AND_MUL=silu_and_mul,
         ROUTING_WEIGHT=routing_weights is not None,
+        HAS_BIAS=bias is not None,
+        CLAMPED_SWIGLU=activation is not None,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
@@ -395,6 +423,9 @@ def fused_experts(
     topk_ids: torch.Tensor,
     *,
     expert_offset: int = 0,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    activation: ClampedSwiGLU | None = None,
     config: MoeTileConfig | None = None,
 ) -> torch.Tensor:
     """``KernelBackend.fused_experts``: ``hidden`` ``[T, H]`` through its chosen local experts, weighted and summed.
@@ -430,13 +461,22 @@ def fused_experts(
         config = tile_config(num_experts, intermediate, top_k, tokens, device_name(hidden.device))
     aligned = moe_align_block_size(topk_ids, config.block_m, expert_offset=expert_offset, num_experts=num_experts)
     num_entries = tokens * top_k
-    activation = torch.empty(num_entries, intermediate, dtype=hidden.dtype, device=hidden.device)
+    activated = torch.empty(num_entries, intermediate, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm(
-        hidden, w13, activation, aligned, config, entries_per_a_row=top_k, silu_and_mul=True, routing_weights=None
+        hidden,
+        w13,
+        activated,
+        aligned,
+        config,
+        entries_per_a_row=top_k,
+        silu_and_mul=True,
+        routing_weights=None,
+        bias=None if w13_bias is None else w13_bias.contiguous(),
+        activation=activation,
     )
     rows = torch.empty(num_entries, hidden_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm(
-        activation,
+        activated,
         w2,
         rows,
         aligned,
@@ -444,6 +484,7 @@ def fused_experts(
         entries_per_a_row=1,
         silu_and_mul=False,
         routing_weights=topk_weights.to(torch.float32).contiguous(),
+        bias=None if w2_bias is None else w2_bias.contiguous(),
     )
     _sum_choices_kernel[(tokens, triton.cdiv(hidden_size, _SUM_BLOCK_H))](
         out, rows, topk_ids, hidden_size, expert_offset, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..interface import ClampedSwiGLU
 from ..traced import TracedOps
 from .activation import silu_and_mul
 from .gemv import gemv, rms_norm_gemv
@@ -102,12 +103,18 @@ def fused_experts_op(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_offset: int,
+    w13_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    swiglu: list[float] | None = None,
 ) -> torch.Tensor:
-    return fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
+    """``swiglu``: `ClampedSwiGLU`'s ``[alpha, limit]`` (a schema holds no attrs class); None for SiLU-and-mul."""
+    activation = None if swiglu is None else ClampedSwiGLU(*swiglu)
+    options = dict(expert_offset=expert_offset, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
+    return fused_experts(hidden, w13, w2, topk_weights, topk_ids, **options)
 
 
 @fused_experts_op.register_fake
-def _(hidden, w13, w2, topk_weights, topk_ids, expert_offset) -> torch.Tensor:
+def _(hidden, w13, w2, topk_weights, topk_ids, expert_offset, w13_bias=None, w2_bias=None, swiglu=None):
     return hidden.new_empty(hidden.shape)
 
 
@@ -135,8 +142,11 @@ class TracedTritonOps(TracedOps):
             return gemv_op(x, weight, bias, silu_and_mul, self.device_backend.num_sms)
         return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
 
-    def fused_experts(self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0):
-        return fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, expert_offset)
+    def fused_experts(
+        self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0, w13_bias=None, w2_bias=None, activation=None
+    ):
+        swiglu = None if activation is None else [activation.alpha, activation.limit]
+        return fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, expert_offset, w13_bias, w2_bias, swiglu)
 
     def rms_norm_linear(self, x, residual, norm_weight, eps, weight, bias=None, *, silu_and_mul=False):
         if not self.device_backend.uses_gemv(x, weight):

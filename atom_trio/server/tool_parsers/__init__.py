@@ -22,6 +22,7 @@ from .hermes import HermesToolParser
 from .kimi_k2 import KimiK2ToolParser
 from .llama3_json import Llama3JsonToolParser
 from .mistral import MistralToolParser
+from .openai import OpenAIToolParser
 
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "hermes": HermesToolParser,
@@ -30,6 +31,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "deepseek_v3": DeepSeekV3ToolParser,
     "glm45": Glm45ToolParser,
     "kimi_k2": KimiK2ToolParser,
+    "openai": OpenAIToolParser,
 }
 
 
