@@ -75,25 +75,30 @@ def bench(batch: int, context: int, copy_bw: float, iters: int, configs: list[ML
     q_latent, q_rope, cache, tables, lens = decode_inputs(batch, context)
     nbytes, work = moved_bytes(batch, context), flops(batch, context)
     rows = []
+    expected = None  # the first configuration's output (the default's): every other one must give the same
     for config in configs:
         splits = mla_num_splits(
             programs=-(-HEADS // config.block_h) * batch, max_context_len=context, num_sms=num_sms
         )
         row: dict[str, Any] = dict(batch=batch, context=context, config=str(config), num_splits=splits)
-        try:
-            ms = cuda_time_ms(
-                lambda: mla_decode(
-                    q_latent, q_rope, cache, tables, lens, max_context_len=context, scale=SCALE, num_sms=num_sms,
-                    config=config,
-                ),
-                iters=iters,
+        def run(config: MLALaunchConfig = config) -> torch.Tensor:
+            return mla_decode(
+                q_latent, q_rope, cache, tables, lens, max_context_len=context, scale=SCALE, num_sms=num_sms,
+                config=config,
             )
+
+        try:
+            out = run()
+            ms = cuda_time_ms(run, iters=iters)
         except Exception as exc:  # a tile that does not fit the device's registers or shared memory
             row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
             print(json.dumps(row), flush=True)
             rows.append(row)
             continue
+        if expected is None:
+            expected = out
         row.update(
+            max_abs_diff_vs_default=round((out.float() - expected.float()).abs().max().item(), 5),
             ms=round(ms, 4),
             bytes=nbytes,
             gb_per_s=round(nbytes / ms / 1e6, 1),

@@ -44,19 +44,11 @@ class MLALaunchConfig:
     num_stages: int
 
 
-DEFAULT_MLA_TILES = MLALaunchConfig(block_h=64, block_n=64, num_warps=8, num_stages=1)
-"""64 heads to a program, 64 cached vectors a step, 8 warps, one stage: the fastest of
-``benchmarks/mla_decode.py --tune``'s tiles on an H100 at DeepSeek-V3's 128 heads and latent 512 + rope 64
-(batch 64: 0.38 ms at 4k tokens, 2.88 ms at 32k; vLLM's 16-head, 32-vector tiles took 0.56 and 4.31 ms).
-A model with fewer heads takes a narrower tile (`mla_tiles`), so that no program computes masked rows."""
-
-
-def mla_tiles(num_heads: int) -> MLALaunchConfig:
-    """`DEFAULT_MLA_TILES` with the head tile cut to ``num_heads`` (rounded up to 16, `tl.dot`'s least)."""
-    block_h = min(DEFAULT_MLA_TILES.block_h, max(16, triton.next_power_of_2(num_heads)))
-    if block_h == DEFAULT_MLA_TILES.block_h:
-        return DEFAULT_MLA_TILES
-    return MLALaunchConfig(block_h=block_h, block_n=DEFAULT_MLA_TILES.block_n, num_warps=4, num_stages=2)
+DEFAULT_MLA_TILES = MLALaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=2)
+"""16 heads to a program (fewer leave rows masked), 32 cached vectors a step, 4 warps: vLLM's Triton MLA decode
+tiles, the ones checked against the reference on an H100 (tests/gpu/test_gpu_mla.py). Wider tiles ran faster
+there at DeepSeek-V3's shapes (docs/performance.md, "The MLA decode kernel"); ``benchmarks/mla_decode.py --tune``
+times them and checks each one's output against these tiles'."""
 
 
 def mla_num_splits(*, programs: int, max_context_len: int, num_sms: int) -> int:
@@ -210,7 +202,7 @@ def mla_decode(
 
     Sequence ``i`` attends to its first ``context_lens[i]`` cached vectors through ``block_tables[i]``.
     ``max_context_len`` (a host integer, at least every ``context_lens[i]``) and ``num_splits`` (forced, or
-    None for `mla_num_splits`) decide the launch; ``config`` overrides `mla_tiles` (tuning).
+    None for `mla_num_splits`) decide the launch; ``config`` overrides `DEFAULT_MLA_TILES` (tuning).
     """
     num_seqs, num_heads, latent_dim = q_latent.shape
     rope_dim = q_rope.shape[-1]
@@ -221,7 +213,7 @@ def mla_decode(
     out = q_latent.new_empty(num_seqs, num_heads, latent_dim)
     if num_seqs == 0:
         return out
-    config = config or mla_tiles(num_heads)
+    config = config or DEFAULT_MLA_TILES
     head_tiles = triton.cdiv(num_heads, config.block_h)
     if num_splits is None:
         num_splits = mla_num_splits(programs=head_tiles * num_seqs, max_context_len=max_context_len, num_sms=num_sms)
