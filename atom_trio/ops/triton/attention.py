@@ -160,6 +160,7 @@ def _paged_attention_kernel(
     context_lens_ptr,
     block_tables_ptr,
     scale_log2,
+    v_scale,
     num_seqs,
     num_heads,
     num_splits,
@@ -234,6 +235,7 @@ def _paged_attention_kernel(
             stride_vs, scale_log2, dims, dim_valid, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, True,
         )
 
+    acc *= v_scale  # 1 unless the cache is FP8
     if USE_SPLITS:
         partial = (token * num_heads + head) * num_splits + split
         tl.store(partial_max_ptr + partial, m_i, mask=row_valid)
@@ -289,8 +291,13 @@ def paged_attention(
     scale: float,
     num_sms: int,
     config: LaunchConfig | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
-    """``config`` overrides the tiles `launch_config` picks (for tuning; ``block_m`` must be ``block_q * group`` or more)."""
+    """``config`` overrides the tiles `launch_config` picks (for tuning; ``block_m`` must be ``block_q * group`` or more).
+
+    An FP8 cache holds keys and values divided by ``kv_scales``: the key scale
+    folds into the softmax scale, the value scale multiplies the output.
+    """
     if query.stride(-1) != 1:
         query = query.contiguous()
     num_tokens, num_heads, head_dim = query.shape
@@ -332,7 +339,8 @@ def paged_attention(
         plan.cu_seqlens_q,
         plan.context_lens,
         plan.block_tables,
-        scale * _LOG2E,
+        scale * _LOG2E * float(kv_scales[0]),
+        float(kv_scales[1]),
         plan.num_seqs,
         num_heads,
         config.num_splits,
