@@ -35,6 +35,9 @@ TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "deepseek_v3", "glm45",
 #: The reasoning parsers of ``--reasoning-parser`` (`atom_trio.server.reasoning` has one for each).
 REASONING_PARSERS = ("qwen3", "deepseek_r1", "openai_gptoss")
 
+#: The weight quantization schemes of ``--quantization`` (the ``quant_method`` names of config.json).
+QUANTIZATIONS = ("fp8", "compressed-tensors", "gptq", "awq", "mxfp4")
+
 # Where an option is read: `atom-trio serve`, `atom-trio generate`, and the app `hypercorn atom_trio.app:app` imports.
 COMMANDS = ("serve", "generate", "app")
 
@@ -219,6 +222,13 @@ class EngineConfig:
     )
     dtype: str = _field("auto", "weight and activation dtype", choices=_DTYPES)
     load_format: str = _field("auto", "weights format; `dummy` gives random weights", choices=_LOAD_FORMATS)
+    quantization: str | None = _field(
+        None,
+        "quantized weights: by default the scheme of config.json's `quantization_config`; a scheme named here must be "
+        "the checkpoint's, except `fp8`, which quantizes an unquantized checkpoint as it loads (per-channel FP8 "
+        "weights, dynamic per-token FP8 activations)",
+        choices=QUANTIZATIONS,
+    )
     seed: int = _field(
         0, "seeds torch's default generator at start-up (sampling without a request seed) and dummy weights",
         validator=_must(lambda n: -(2**63) <= n < 2**64, "within [-2**63, 2**64) (torch's seed range)"),

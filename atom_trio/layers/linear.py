@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from atom_trio.distributed import current_tp_group
+from atom_trio.errors import ModelLoadError
 from atom_trio.ops import current_backend
 
 from .layernorm import RMSNorm
+from .quantization import QuantMethod, quantized_build
 
 
 class LinearBase(nn.Module):
@@ -32,6 +34,9 @@ class LinearBase(nn.Module):
     """
 
     silu_and_mul = False  # whether the output goes through `silu_and_mul` (see MergedColumnParallelLinear)
+    input_is_split = False  # whether ranks hold slices of the input features (row-parallel)
+    output_is_split = False  # whether ranks hold slices of the output features (column-parallel)
+    weight_is_read = False  # whether the model reads the weight itself: it then stays dense, dequantized at load
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False) -> None:
         super().__init__()
@@ -39,8 +44,12 @@ class LinearBase(nn.Module):
         self.ops = current_backend()
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+        # In a quantized build the dense weight is a placeholder until `quantize_as` (no memory meanwhile).
+        self.weight = nn.Parameter(
+            torch.empty(output_size, input_size, device="meta" if quantized_build() else None), requires_grad=False
+        )
         self.weight.weight_loader = self.weight_loader
+        self.quant_method: QuantMethod | None = None
         if bias:
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
@@ -48,13 +57,32 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
         self.packed_weight: torch.Tensor | None = None
 
+    def quantize_as(self, method: QuantMethod | None) -> None:
+        """Give the layer of a quantized build its parameters: ``method``'s, or a dense weight (None: unquantized).
+
+        A loader the model put on the placeholder (DeepSeek reorders rotary rows) goes to a dense weight; a
+        checkpoint's quantized weight cannot take it (its scales would need the same reordering).
+        """
+        model_loader = self.weight.weight_loader
+        del self.weight  # the placeholder
+        if method is None:
+            self.weight = nn.Parameter(torch.empty(self.output_size, self.input_size), requires_grad=False)
+        else:
+            method.create_weights(self)
+        if model_loader != self.weight_loader:
+            if method is not None and not getattr(method.scheme, "online", False):
+                raise ModelLoadError("the model reorders this layer's rows at load, which its quantized format cannot")
+            self.weight.weight_loader = model_loader
+        self.quant_method = method
+
     def process_weights_after_loading(self) -> None:
         """Reorder a CPU bfloat16 weight once into oneDNN's blocked layout (see `pack_cpu_weight`).
 
         The packed copy replaces the dense one, which is freed: the layer
-        then only computes, its weight can no longer be loaded or read.
+        then only computes, its weight can no longer be loaded or read. A
+        layer that computes on quantized weights is left as it is.
         """
-        if self.packed_weight is None:
+        if self.packed_weight is None and self.quant_method is None:
             self.packed_weight = pack_cpu_weight(self.weight)
             if self.packed_weight is not None:
                 self.weight.data = torch.empty(0, dtype=self.weight.dtype)
@@ -71,7 +99,7 @@ class LinearBase(nn.Module):
         add and the norm into the matmul (the one-row GEMV does). Only for a
         layer whose input is whole on every rank (column-parallel).
         """
-        if self.packed_weight is None:
+        if self.packed_weight is None and self.quant_method is None:
             return self.ops.rms_norm_linear(
                 x, residual, norm.weight, norm.eps, self.weight, self.bias, silu_and_mul=self.silu_and_mul
             )
@@ -81,14 +109,19 @@ class LinearBase(nn.Module):
         return self._linear(normed, self.bias), residual
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.packed_weight is None:
+        if self.quant_method is not None:
+            y = self.quant_method.apply(self, x, bias)
+        elif self.packed_weight is None:
             return self.ops.linear(x, self.weight, bias, silu_and_mul=self.silu_and_mul)
-        y = cpu_linear(x, self.packed_weight, bias)
+        else:
+            y = cpu_linear(x, self.packed_weight, bias)
         return self.ops.silu_and_mul(y) if self.silu_and_mul else y
 
 
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks: each rank returns its slice of ``y``."""
+
+    output_is_split = True
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False) -> None:
         super().__init__(input_size, current_tp_group().divide(output_size, "output features"), bias=bias)
@@ -103,6 +136,8 @@ class RowParallelLinear(LinearBase):
     With ``reduce_results=False`` the layer returns this rank's partial sum, for a caller that adds other
     partial sums first and all-reduces once (a shared expert beside routed ones).
     """
+
+    input_is_split = True
 
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False, reduce_results: bool = True) -> None:
         super().__init__(current_tp_group().divide(input_size, "input features"), output_size, bias=bias)
@@ -151,7 +186,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         index = int(shard_id)
-        rows = param.data.narrow(0, sum(self.output_sizes[:index]), self.output_sizes[index])
+        rows = _rows(param, sum(self.output_sizes[:index]), self.output_sizes[index])
         _copy_shard(rows, loaded, dim=0, index=self.tp.rank, parts=self.tp.size)
 
 
@@ -192,7 +227,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             "k": (self.q_size, self.kv_size),
             "v": (self.q_size + self.kv_size, self.kv_size),
         }[shard_id]
-        rows = param.data.narrow(0, offset, size)
+        rows = _rows(param, offset, size)
         if shard_id == "q":
             _copy_shard(rows, loaded, dim=0, index=self.tp.rank, parts=self.tp.size)
         else:
@@ -225,6 +260,12 @@ def pack_cpu_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def cpu_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear`` with a weight from `pack_cpu_weight`."""
     return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+
+
+def _rows(param: nn.Parameter, offset: int, size: int) -> torch.Tensor:
+    """Rows ``[offset, offset + size)`` of a weight, in ``param``'s rows: a block scale has one per ``output_block``."""
+    block = getattr(param, "output_block", 1)
+    return param.data.narrow(0, offset // block, size // block)
 
 
 def _copy_shard(dst: torch.Tensor, src: torch.Tensor, *, dim: int, index: int, parts: int) -> None:

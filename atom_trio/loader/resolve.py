@@ -16,6 +16,7 @@ from atom_trio.errors import ModelLoadError
 from atom_trio.loader.locate import locate
 from atom_trio.loader.gguf_file import load_gguf_config
 from atom_trio.loader.hf_config import read_hf_config
+from atom_trio.loader.quant_config import QuantConfig, detect_quantization
 
 logger = logging.getLogger("atom_trio.loader")
 
@@ -30,7 +31,7 @@ class ResolvedModel:
     """A model located on disk, with everything needed to build and fill it.
 
     ``path`` is a Hugging Face directory, or the ``.gguf`` file itself when
-    ``load_format`` is "gguf".
+    ``load_format`` is "gguf". ``quant_config``: how its linear layers are quantized (None: they are not).
     """
 
     path: Path
@@ -38,6 +39,7 @@ class ResolvedModel:
     generation_config: dict[str, Any]
     load_format: str
     dtype: torch.dtype
+    quant_config: QuantConfig | None = None
 
 
 def resolve_model(config: EngineConfig) -> ResolvedModel:
@@ -71,10 +73,16 @@ def resolve_model(config: EngineConfig) -> ResolvedModel:
             )
         default_dtype = _config_dtype(hf_config)
 
+    quant_config = detect_quantization(hf_config, config.quantization)
     dtype = getattr(torch, config.dtype) if config.dtype != "auto" else default_dtype
     logger.info("model %s: %s weights, %s", path, load_format, dtype)
     return ResolvedModel(
-        path=path, hf_config=hf_config, generation_config=generation_config, load_format=load_format, dtype=dtype
+        path=path,
+        hf_config=hf_config,
+        generation_config=generation_config,
+        load_format=load_format,
+        dtype=dtype,
+        quant_config=quant_config,
     )
 
 

@@ -22,6 +22,9 @@ from atom_trio.loader.resolve import ResolvedModel
 # kernels see non-trivial values.
 DUMMY_WEIGHT_RANGE = 1e-3
 
+QUANTIZATION_SCALES = (".weight_scale_inv", ".weight_scale", ".input_scale")
+"""The checkpoint tensors of FP8 and INT8 formats that hold float32 scales."""
+
 
 def iter_weights(
     resolved: ResolvedModel,
@@ -37,6 +40,8 @@ def iter_weights(
     tensor whose name ends with one of ``keep_in_float32`` comes in float32 instead, so that a value the
     checkpoint stores in float32 reaches a float32 parameter unrounded (GLM-4-MoE's router).
     ``progress`` shows a progress bar of the files read on a terminal's stderr (one rank's is enough).
+    A quantized checkpoint's integer and FP8 tensors come as stored, and its float32 scales stay float32
+    (`stored_dtype`).
     """
     if resolved.load_format == "dummy":
         yield from iter_dummy_weights(resolved.hf_config, dtype=resolved.dtype, seed=seed, device=device)
@@ -52,9 +57,24 @@ def iter_weights(
                         stored = f.get_tensor(name)
                         bar.update(stored.nbytes)
                         keep = keep_in_float32 and name.endswith(keep_in_float32)
-                        yield name, stored.to(torch.float32 if keep else resolved.dtype)
+                        yield name, stored.to(torch.float32 if keep else stored_dtype(name, stored, resolved.dtype))
     else:
         raise ValueError(f"unknown load_format {resolved.load_format!r}")
+
+
+def stored_dtype(name: str, stored: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a checkpoint tensor reaches the model in: ``dtype``, unless it holds quantized data.
+
+    Integers (packed 4-bit values, INT8 weights, zero points), FP8 weights and
+    float32 scales keep their stored dtype: converting them would destroy the
+    packing or round the scales. Unquantized checkpoints hold none of them
+    except float32 matrices, which ``dtype`` rounds as before.
+    """
+    if not stored.is_floating_point() or stored.element_size() == 1:
+        return stored.dtype
+    if stored.dtype == torch.float32 and name.endswith(QUANTIZATION_SCALES):
+        return torch.float32
+    return dtype
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:

@@ -49,7 +49,9 @@ _LATENT_NORM_EPS = 1e-6
 
 class LatentUpProjection(ColumnParallelLinear):
     """``kv_b_proj``: read as a weight, by head (prefill expands latents through it, decode absorbs it), never
-    run as a matmul of its own, so it keeps its dense layout (no CPU packing)."""
+    run as a matmul of its own, so it keeps its dense layout (no CPU packing; dequantized when quantized)."""
+
+    weight_is_read = True
 
     def process_weights_after_loading(self) -> None:
         pass

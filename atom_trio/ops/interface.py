@@ -20,6 +20,8 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from .quant_ref import dequantize_fp8, dequantize_int8, dequantize_w4a16
+
 
 @attrs.frozen(kw_only=True)
 class AttentionMetadata:
@@ -99,6 +101,16 @@ class KernelBackend(abc.ABC):
     serves every replay. (The torch reference sizes its work from device values.)
     """
 
+    supports_fp8_kv_cache: bool = False
+    """Whether the KV cache may be float8_e4m3fn: `store_kv`, `rotary_store_kv` and `paged_attention` take its scales.
+
+    An FP8 cache holds ``fp8(x / scale)`` (rounded to nearest, saturated at
+    +-448) with one per-tensor scale for a layer's keys and one for its values,
+    host floats (the checkpoint's ``k_scale``/``v_scale``, else 1.0), and the
+    attention multiplies them back. Other backends get a cache in the model's
+    dtype and never these arguments.
+    """
+
     sampling_min_rows: int | None = None
     """Fewest drawing rows for which the sampler calls `sample` rather than its torch ops; None: no `sample` here."""
 
@@ -118,10 +130,14 @@ class KernelBackend(abc.ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        *,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> None:
         """Write this step's keys and values ``[num_tokens, num_kv_heads, head_dim]`` to their slots.
 
         Slot ``s`` is token ``s % block_size`` of block ``s // block_size``.
+        ``k_scale``/``v_scale``: an FP8 cache's scales (`supports_fp8_kv_cache`).
         """
 
     @abc.abstractmethod
@@ -137,6 +153,8 @@ class KernelBackend(abc.ABC):
         *,
         sinks: torch.Tensor | None = None,
         sliding_window: int | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         """Causal attention of every query token over its sequence's context.
 
@@ -148,6 +166,7 @@ class KernelBackend(abc.ABC):
         ``sinks`` ``[num_heads]`` (GPT-OSS): one more logit per head in the softmax's denominator, with no
         value, so a head can attend to nothing. ``sliding_window`` ``w``: the query at position ``p`` sees
         keys ``(p - w, p]`` only (transformers' sliding-window mask); the cache still holds every position.
+        ``k_scale``/``v_scale``: an FP8 cache's scales (`supports_fp8_kv_cache`).
         """
 
     def latent_cache_shape(self, num_blocks: int, block_size: int, latent_dim: int) -> tuple[int, ...]:
@@ -234,14 +253,16 @@ class KernelBackend(abc.ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        **kv_scales: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`rotary_embedding` of ``query``/``key``, then `store_kv` of the rotated keys and ``value``.
 
         Returns the rotated ``(query, key)``. One call, so that a backend can
-        do both in one pass over the step's keys.
+        do both in one pass over the step's keys. ``kv_scales``: `store_kv`'s
+        ``k_scale``/``v_scale``, for an FP8 cache.
         """
         query, key = self.rotary_embedding(positions, query, key, cos_sin_cache)
-        self.store_kv(key, value, k_cache, v_cache, slot_mapping)
+        self.store_kv(key, value, k_cache, v_cache, slot_mapping, **kv_scales)
         return query, key
 
     @abc.abstractmethod
@@ -257,6 +278,73 @@ class KernelBackend(abc.ABC):
         """
         y = F.linear(x, weight, bias)
         return self.silu_and_mul(y) if silu_and_mul else y
+
+    quantized_weights: frozenset[str] = frozenset()
+    """The weight schemes (``"fp8"``, ``"int8"``, ``"w4a16"``) this backend computes on while quantized.
+
+    A layer whose scheme is not here dequantizes its weights once at load and
+    calls `linear`; the quantized ops below still work for it (their defaults
+    dequantize on every call), so every backend is correct on every scheme.
+    """
+
+    def fp8_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        block_size: tuple[int, int] | None = None,
+        input_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x @ W.T + bias`` for an FP8 weight, ``W = weight.float() * weight_scale``, in ``x``'s dtype.
+
+        ``weight`` float8_e4m3fn ``[out, in]``; ``weight_scale`` float32
+        per-tensor ``[1]``, per-channel ``[out, 1]``, or per ``block_size``
+        ``(bo, bi)`` block ``[ceil(out / bo), ceil(in / bi)]``. A kernel
+        quantizes the activations to FP8: statically with the per-tensor
+        ``input_scale`` ``[1]`` when given, else dynamically per token (per
+        1 x ``bi`` group with block scales), as `quant_ref.fp8_activations` says.
+        This default is weight-only: it dequantizes and calls `linear`.
+        """
+        return self.linear(x, dequantize_fp8(weight, weight_scale, block_size).to(x.dtype), bias)
+
+    def int8_linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        input_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x @ W.T + bias`` for an INT8 weight ``[out, in]`` with per-channel float32 ``weight_scale`` ``[out, 1]``.
+
+        A kernel quantizes the activations to symmetric INT8 per token, or
+        statically with the per-tensor ``input_scale`` ``[1]`` when given
+        (`quant_ref.int8_activations`). This default dequantizes and calls `linear`.
+        """
+        return self.linear(x, dequantize_int8(weight, weight_scale).to(x.dtype), bias)
+
+    def w4a16_linear(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        *,
+        group_size: int,
+    ) -> torch.Tensor:
+        """``x @ W.T + bias`` for a packed 4-bit weight, ``W = (q - zero) * scale`` per ``group_size`` input columns.
+
+        ``qweight`` uint8 ``[out, in // 2]`` (column ``2j`` in the low nibble,
+        ``2j + 1`` in the high); ``scales`` ``[out, in // group_size]`` in
+        ``x``'s dtype; ``zeros`` uint8 of the same shape (0..15), or None for
+        symmetric weights (zero point 8). The activations stay in ``x``'s
+        dtype. This default dequantizes and calls `linear`.
+        """
+        return self.linear(x, dequantize_w4a16(qweight, scales, zeros, group_size).to(x.dtype), bias)
 
     def fused_experts(
         self,

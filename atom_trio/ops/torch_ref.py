@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .interface import AttentionMetadata, KernelBackend
+from .quant_ref import dequantize_fp8, dequantize_int8, dequantize_w4a16, fp8_activations, int8_activations
 
 
 @attrs.frozen(kw_only=True)
@@ -283,6 +284,34 @@ class TorchRefBackend(KernelBackend):
     def silu_and_mul(self, x):
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+    quantized_weights = frozenset({"fp8", "int8", "w4a16"})
+    """All of them: the quantized ops below are the ground truth the GPU kernels are tested against."""
+
+    def fp8_linear(self, x, weight, weight_scale, bias, *, block_size=None, input_scale=None):
+        # The activations as the kernel quantizes them; the products then exact in float32.
+        group_size = None if block_size is None else block_size[1]
+        activations = fp8_activations(x, input_scale, group_size)
+        return _float32_linear(activations, dequantize_fp8(weight, weight_scale, block_size), bias, x.dtype)
+
+    def int8_linear(self, x, weight, weight_scale, bias, *, input_scale=None):
+        activations = int8_activations(x, input_scale)
+        return _float32_linear(activations, dequantize_int8(weight, weight_scale), bias, x.dtype)
+
+    def w4a16_linear(self, x, qweight, scales, zeros, bias, *, group_size):
+        # The weight rounded once to x's dtype, as the kernels feed their dot; float32 accumulation.
+        weight = dequantize_w4a16(qweight, scales, zeros, group_size).to(x.dtype)
+        return _float32_linear(x.float(), weight.float(), bias, x.dtype)
+
+
+def _float32_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` in float32, rounded once to ``dtype`` (a quantized GEMM's epilogue)."""
+    y = x @ weight.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
 
 
 def _head_rows(blocks: torch.Tensor, num_kv_heads: int, num_blocks: int) -> torch.Tensor:

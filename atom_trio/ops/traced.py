@@ -19,6 +19,7 @@ class TracedOps(KernelBackend):
     def __init__(self, device_backend: KernelBackend) -> None:
         self.device_backend = device_backend
         self.name = device_backend.name
+        self.supports_fp8_kv_cache = device_backend.supports_fp8_kv_cache
         self._torch = TorchRefBackend()
 
     def kv_cache_shape(self, num_blocks, block_size, num_kv_heads, head_dim):
@@ -27,13 +28,11 @@ class TracedOps(KernelBackend):
     def plan_attention(self, metadata, **kwargs):
         return self.device_backend.plan_attention(metadata, **kwargs)
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        self.device_backend.store_kv(key, value, k_cache, v_cache, slot_mapping)
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, **kv_scales) -> None:
+        self.device_backend.store_kv(key, value, k_cache, v_cache, slot_mapping, **kv_scales)
 
-    def paged_attention(self, query, key, value, k_cache, v_cache, plan, scale, *, sinks=None, sliding_window=None):
-        return self.device_backend.paged_attention(
-            query, key, value, k_cache, v_cache, plan, scale, sinks=sinks, sliding_window=sliding_window
-        )
+    def paged_attention(self, query, key, value, k_cache, v_cache, plan, scale, **options):
+        return self.device_backend.paged_attention(query, key, value, k_cache, v_cache, plan, scale, **options)
 
     def latent_cache_shape(self, num_blocks, block_size, latent_dim):
         return self.device_backend.latent_cache_shape(num_blocks, block_size, latent_dim)
@@ -50,10 +49,12 @@ class TracedOps(KernelBackend):
     def rotary_embedding(self, positions, query, key, cos_sin_cache):
         return self.device_backend.rotary_embedding(positions, query, key, cos_sin_cache)
 
-    def rotary_store_kv(self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping):
+    def rotary_store_kv(
+        self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping, **kv_scales
+    ):
         # Like store_kv, inside the opaque attention op.
         return self.device_backend.rotary_store_kv(
-            positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping
+            positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping, **kv_scales
         )
 
     def silu_and_mul(self, x):

@@ -25,6 +25,7 @@ from atom_trio.core.plan import SeqChunk, StepPlan
 from atom_trio.distributed import TensorParallelGroup, use_tp_group
 from atom_trio.errors import ModelLoadError
 from atom_trio.layers.moe import use_expert_parallel
+from atom_trio.layers.quantization import finish_quantized_layers, quantize_linear_layers, use_quant_config
 from atom_trio.layers.sampler import SampleRequest, Sampler
 from atom_trio.loader.weights import iter_weights
 from atom_trio.models import get_model_class
@@ -122,8 +123,11 @@ def build_model(
             use_backend(layer_ops),
             use_tp_group(tp_group),
             use_expert_parallel(expert_parallel),
+            use_quant_config(resolved.quant_config),
         ):
-            return model_class(resolved.hf_config)
+            model = model_class(resolved.hf_config)
+            quantize_linear_layers(model, resolved.quant_config)
+            return model
     except ValueError as exc:  # a config feature the implementation lacks (rope type, activation, a TP split...)
         raise ModelLoadError(f"cannot build {model_class.__name__} from {resolved.path}: {exc}") from exc
 
@@ -139,6 +143,7 @@ def load_weights(
         keep = getattr(model, "keep_in_float32", ())
         weights = iter_weights(resolved, seed=seed, device=device, keep_in_float32=keep, progress=progress)
         model.load_weights(weights)
+        finish_quantized_layers(model)  # into the kernels' layout, or dequantized
     model.eval()
     if not freezes_weights(device, level):  # Inductor packs frozen weights itself
         for module in model.modules():  # e.g. CPU matmul weight packing

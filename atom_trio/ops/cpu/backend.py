@@ -27,6 +27,7 @@ class CpuBackend(TorchRefBackend):
     """The torch reference with the CPU's fused kernels; `TorchRefBackend` is what they are tested against."""
 
     name = "cpu"
+    quantized_weights = frozenset()  # no faster CPU kernel than dequantizing once at load
 
     def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
         kernels = self._attention_kernels(key, k_cache, v_cache)

@@ -176,6 +176,7 @@ def _paged_attention_kernel(
     sinks_ptr,
     scale_log2,
     window,
+    v_scale,
     num_seqs,
     num_heads,
     num_splits,
@@ -258,6 +259,7 @@ def _paged_attention_kernel(
             stride_vs, scale_log2, dims, dim_valid, window, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, True, HAS_WINDOW,
         )
 
+    acc *= v_scale  # 1 unless the cache is FP8
     if USE_SPLITS:
         partial = (token * num_heads + head) * num_splits + split
         tl.store(partial_max_ptr + partial, m_i, mask=row_valid)
@@ -324,9 +326,13 @@ def paged_attention(
     *,
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """``config`` overrides the tiles `launch_config` picks (for tuning; ``block_m`` must be ``block_q * group``
     or more). ``sinks`` ``[num_heads]`` and ``sliding_window`` as `KernelBackend.paged_attention` says.
+
+    An FP8 cache holds keys and values divided by ``kv_scales``: the key scale
+    folds into the softmax scale, the value scale multiplies the output.
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -370,8 +376,9 @@ def paged_attention(
         plan.context_lens,
         plan.block_tables,
         sinks if sinks is not None else query,  # not read without sinks
-        scale * _LOG2E,
+        scale * _LOG2E * float(kv_scales[0]),
         sliding_window or 0,
+        float(kv_scales[1]),
         plan.num_seqs,
         num_heads,
         config.num_splits,

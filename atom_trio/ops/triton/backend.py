@@ -13,6 +13,7 @@ import attrs
 import torch
 
 from ..interface import AttentionMetadata, KernelBackend
+from . import quant
 from .activation import silu_and_mul
 from .attention import TritonAttentionPlan, paged_attention
 from .cache import store_kv
@@ -30,6 +31,7 @@ class TritonBackend(KernelBackend):
 
     name = "triton"
     supports_cuda_graphs = True
+    supports_fp8_kv_cache = True
     sampling_min_rows = 32
     """Below it, the sampling kernels' ~16 launches from Python cost more than the torch sampler's sort.
 
@@ -71,16 +73,36 @@ class TritonBackend(KernelBackend):
             metadata=metadata,
         )
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        store_kv(key, value, k_cache, v_cache, slot_mapping)
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0) -> None:
+        store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def paged_attention(
-        self, query, key, value, k_cache, v_cache, plan: TritonAttentionPlan, scale, *, sinks=None, sliding_window=None
+        self,
+        query,
+        key,
+        value,
+        k_cache,
+        v_cache,
+        plan: TritonAttentionPlan,
+        scale,
+        *,
+        sinks=None,
+        sliding_window=None,
+        k_scale=1.0,
+        v_scale=1.0,
     ):
         # ``key``/``value`` are already in the cache (store_kv ran first); reading them back
         # from there keeps one code path for fresh prefills, chunks and decodes.
         return paged_attention(
-            query, k_cache, v_cache, plan, scale, self.num_sms, sinks=sinks, sliding_window=sliding_window
+            query,
+            k_cache,
+            v_cache,
+            plan,
+            scale,
+            self.num_sms,
+            sinks=sinks,
+            sliding_window=sliding_window,
+            kv_scales=(k_scale, v_scale),
         )
 
     # The latent cache keeps the interface's layout, ``[blocks, block_size, latent + rope]``: a token's
@@ -130,8 +152,11 @@ class TritonBackend(KernelBackend):
     def rotary_embedding(self, positions, query, key, cos_sin_cache):
         return rotary_embedding(positions, query, key, cos_sin_cache)
 
-    def rotary_store_kv(self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping):
-        return rotary_embedding(positions, query, key, cos_sin_cache, store=(value, k_cache, v_cache, slot_mapping))
+    def rotary_store_kv(
+        self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0
+    ):
+        store = (value, k_cache, v_cache, slot_mapping)
+        return rotary_embedding(positions, query, key, cos_sin_cache, store=store, kv_scales=(k_scale, v_scale))
 
     def silu_and_mul(self, x):
         return silu_and_mul(x)
@@ -166,6 +191,19 @@ class TritonBackend(KernelBackend):
         if self.uses_gemv(x, weight):
             return gemv(x, weight, bias, silu_and_mul=silu_and_mul, num_sms=self.num_sms)
         return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
+
+    quantized_weights = frozenset({"fp8", "int8", "w4a16"})
+
+    def fp8_linear(self, x, weight, weight_scale, bias, *, block_size=None, input_scale=None):
+        return quant.fp8_linear(
+            x, weight, weight_scale, bias, block_size=block_size, input_scale=input_scale, num_sms=self.num_sms
+        )
+
+    def int8_linear(self, x, weight, weight_scale, bias, *, input_scale=None):
+        return quant.int8_linear(x, weight, weight_scale, bias, input_scale=input_scale, num_sms=self.num_sms)
+
+    def w4a16_linear(self, x, qweight, scales, zeros, bias, *, group_size):
+        return quant.w4a16_linear(x, qweight, scales, zeros, bias, group_size=group_size, num_sms=self.num_sms)
 
     def rms_norm_linear(self, x, residual, norm_weight, eps, weight, bias=None, *, silu_and_mul=False):
         if self.uses_gemv(x, weight):

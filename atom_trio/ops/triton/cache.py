@@ -2,6 +2,8 @@
 
 `slot_row`, `load_rows` and `store_rows` are the store's body, shared with
 the rotary kernel that writes its rotated keys and the values in the same pass.
+An FP8 (e4m3) cache holds ``x / scale`` with one per-tensor scale for the keys
+and one for the values (`to_cache_dtype`); the attention kernel multiplies them back.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .fp8 import to_fp8
 
 
 def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
@@ -42,13 +46,23 @@ def load_rows(
 
 
 @triton.jit
+def to_cache_dtype(x, cache_ptr, scale):
+    """``x`` as a cache of ``cache_ptr``'s dtype holds it: ``fp8(x / scale)`` in an FP8 cache, else ``x`` cast."""
+    if cache_ptr.dtype.element_ty == tl.float8e4nv:
+        y = to_fp8(x, scale)
+    else:
+        y = x.to(cache_ptr.dtype.element_ty)
+    return y
+
+
+@triton.jit
 def store_rows(
-    row_ptr, rows, stride_h,
+    row_ptr, rows, stride_h, scale,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
 ):
-    """`load_rows`' ``rows`` into a cache row (from `slot_row`), cast to the cache's dtype."""
+    """`load_rows`' ``rows`` into a cache row (from `slot_row`), in the cache's dtype (`to_cache_dtype`)."""
     offsets, mask = _head_offsets(stride_h, NUM_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
-    tl.store(row_ptr + offsets, rows.to(row_ptr.dtype.element_ty), mask=mask)
+    tl.store(row_ptr + offsets, to_cache_dtype(rows, row_ptr, scale), mask=mask)
 
 
 @triton.jit
@@ -59,6 +73,8 @@ def _store_kv_kernel(
     v_cache_ptr,
     slot_mapping_ptr,
     block_size,
+    k_scale,
+    v_scale,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -82,14 +98,20 @@ def _store_kv_kernel(
     v = load_rows(value_ptr + token * stride_vt, stride_vh, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
     k_row = slot_row(k_cache_ptr, slot, block_size, stride_kcb, stride_kcs)
     v_row = slot_row(v_cache_ptr, slot, block_size, stride_vcb, stride_vcs)
-    store_rows(k_row, k, stride_kch, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
-    store_rows(v_row, v, stride_vch, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    store_rows(k_row, k, stride_kch, k_scale, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    store_rows(v_row, v, stride_vch, v_scale, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
 
 
 def store_kv(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """One program per token; tokens whose slot is negative are skipped."""
+    """One program per token; tokens whose slot is negative are skipped. The scales matter to an FP8 cache only."""
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
@@ -101,6 +123,8 @@ def store_kv(
         v_cache,
         slot_mapping,
         k_cache.shape[1],
+        float(k_scale),
+        float(v_scale),
         key.stride(0),
         key.stride(1),
         value.stride(0),

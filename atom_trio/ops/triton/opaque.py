@@ -1,4 +1,4 @@
-"""The hand-fused elementwise kernels, the one-row GEMV and the fused experts as custom ops, for a compiled forward.
+"""The hand-fused elementwise kernels, the one-row GEMV, the fused experts and the quantized GEMMs as custom ops, for a compiled forward.
 
 Dynamo records one opaque call per op instead of tracing into Triton's
 launcher, and Inductor schedules the matmuls and glue around it. Plain torch
@@ -21,6 +21,7 @@ import torch
 
 from ..interface import ClampedSwiGLU
 from ..traced import TracedOps
+from . import quant
 from .activation import silu_and_mul
 from .gemv import gemv, rms_norm_gemv
 from .moe import fused_experts
@@ -118,6 +119,64 @@ def _(hidden, w13, w2, topk_weights, topk_ids, expert_offset, w13_bias=None, w2_
     return hidden.new_empty(hidden.shape)
 
 
+@torch.library.custom_op("atom_trio::fp8_linear", mutates_args=())
+def fp8_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_n: int,
+    block_k: int,
+    input_scale: torch.Tensor | None,
+    num_sms: int,
+) -> torch.Tensor:
+    """`quant.fp8_linear`; ``block_n = block_k = 0``: no block scales."""
+    block_size = (block_n, block_k) if block_n else None
+    return quant.fp8_linear(
+        x, weight, weight_scale, bias, block_size=block_size, input_scale=input_scale, num_sms=num_sms
+    )
+
+
+@fp8_linear_op.register_fake
+def _(x, weight, weight_scale, bias, block_n, block_k, input_scale, num_sms) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("atom_trio::int8_linear", mutates_args=())
+def int8_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: torch.Tensor | None,
+    num_sms: int,
+) -> torch.Tensor:
+    return quant.int8_linear(x, weight, weight_scale, bias, input_scale=input_scale, num_sms=num_sms)
+
+
+@int8_linear_op.register_fake
+def _(x, weight, weight_scale, bias, input_scale, num_sms) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("atom_trio::w4a16_linear", mutates_args=())
+def w4a16_linear_op(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group_size: int,
+    num_sms: int,
+) -> torch.Tensor:
+    return quant.w4a16_linear(x, qweight, scales, zeros, bias, group_size=group_size, num_sms=num_sms)
+
+
+@w4a16_linear_op.register_fake
+def _(x, qweight, scales, zeros, bias, group_size, num_sms) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
 def _gemv_output(x: torch.Tensor, weight: torch.Tensor, silu_and_mul: bool) -> torch.Tensor:
     """An empty tensor shaped like a GEMV's output (half the rows of ``weight`` after SiLU-and-mul)."""
     return x.new_empty(*x.shape[:-1], weight.shape[0] // 2 if silu_and_mul else weight.shape[0])
@@ -147,6 +206,22 @@ class TracedTritonOps(TracedOps):
     ):
         swiglu = None if activation is None else [activation.alpha, activation.limit]
         return fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, expert_offset, w13_bias, w2_bias, swiglu)
+
+    @property
+    def quantized_weights(self):
+        return self.device_backend.quantized_weights
+
+    def fp8_linear(self, x, weight, weight_scale, bias, *, block_size=None, input_scale=None):
+        block_n, block_k = block_size if block_size is not None else (0, 0)
+        return fp8_linear_op(
+            x, weight, weight_scale, bias, block_n, block_k, input_scale, self.device_backend.num_sms
+        )
+
+    def int8_linear(self, x, weight, weight_scale, bias, *, input_scale=None):
+        return int8_linear_op(x, weight, weight_scale, bias, input_scale, self.device_backend.num_sms)
+
+    def w4a16_linear(self, x, qweight, scales, zeros, bias, *, group_size):
+        return w4a16_linear_op(x, qweight, scales, zeros, bias, group_size, self.device_backend.num_sms)
 
     def rms_norm_linear(self, x, residual, norm_weight, eps, weight, bias=None, *, silu_and_mul=False):
         if not self.device_backend.uses_gemv(x, weight):
