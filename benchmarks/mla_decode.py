@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from atom_trio.ops.triton import DEFAULT_MLA_TILES, MLALaunchConfig, TritonBackend, mla_decode, mla_num_splits
+from atom_trio.ops.triton import MLALaunchConfig, TritonBackend, mla_decode, mla_num_splits, mla_tiles
 from benchmarks.benchmark_gpu import BF16_PEAK_TFLOPS
 from benchmarks.benchmark_kernels import copy_bandwidth, cuda_time_ms
 
@@ -123,10 +123,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     copy_bw = copy_bandwidth(args.iters)
-    configs = [DEFAULT_MLA_TILES] + ([c for c in TUNE_CONFIGS if c != DEFAULT_MLA_TILES] if args.tune else [])
+    default = mla_tiles(HEADS)
+    configs = [default] + ([c for c in TUNE_CONFIGS if c != default] if args.tune else [])
     rows = [row for context in args.contexts for row in bench(args.batch, context, copy_bw, args.iters, configs)]
     result = dict(
-        device=torch.cuda.get_device_name(), copy_gb_per_s=round(copy_bw / 1e9, 1), default=str(DEFAULT_MLA_TILES), rows=rows
+        device=torch.cuda.get_device_name(), copy_gb_per_s=round(copy_bw / 1e9, 1), default=str(default), rows=rows
     )
     print(json.dumps(result, indent=1))
     if args.json:

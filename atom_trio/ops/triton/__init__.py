@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .attention import MAX_SPLITS, MIN_SPLIT_TOKENS, TritonAttentionPlan, launch_config
 from .backend import TritonBackend
-from .mla import DEFAULT_MLA_TILES, MLALaunchConfig, mla_decode, mla_num_splits
+from .mla import DEFAULT_MLA_TILES, WIDE_MLA_TILES, MLALaunchConfig, mla_decode, mla_num_splits, mla_tiles
 from .moe import MoeTileConfig, fused_experts, moe_align_block_size
 from .sampling import cutoffs, sample
 
@@ -17,6 +17,7 @@ __all__ = [
     "MAX_SPLITS",
     "MIN_SPLIT_TOKENS",
     "MLALaunchConfig",
+    "WIDE_MLA_TILES",
     "MoeTileConfig",
     "TritonAttentionPlan",
     "TritonBackend",
@@ -25,6 +26,7 @@ __all__ = [
     "launch_config",
     "mla_decode",
     "mla_num_splits",
+    "mla_tiles",
     "moe_align_block_size",
     "sample",
 ]

@@ -46,9 +46,17 @@ class MLALaunchConfig:
 
 DEFAULT_MLA_TILES = MLALaunchConfig(block_h=16, block_n=32, num_warps=4, num_stages=2)
 """16 heads to a program (fewer leave rows masked), 32 cached vectors a step, 4 warps: vLLM's Triton MLA decode
-tiles, the ones checked against the reference on an H100 (tests/gpu/test_gpu_mla.py). Wider tiles ran faster
-there at DeepSeek-V3's shapes (docs/performance.md, "The MLA decode kernel"); ``benchmarks/mla_decode.py --tune``
-times them and checks each one's output against these tiles'."""
+tiles, for fewer than 64 heads (DeepSeek-V2-Lite's 16, a TP rank's share)."""
+
+WIDE_MLA_TILES = MLALaunchConfig(block_h=64, block_n=64, num_warps=8, num_stages=1)
+"""64 heads to a program, 64 cached vectors a step, 8 warps, one stage: at DeepSeek-V3's 128 heads the fastest
+of the tiles ``benchmarks/mla_decode.py --tune`` times on an H100 (1.5x the default tiles at batch 64, contexts
+4k and 32k: docs/performance.md, "The MLA decode kernel"), each cached vector read once per 64 heads."""
+
+
+def mla_tiles(num_heads: int) -> MLALaunchConfig:
+    """The tiles for ``num_heads`` query heads: wide ones when they fill a program, else `DEFAULT_MLA_TILES`."""
+    return WIDE_MLA_TILES if num_heads >= WIDE_MLA_TILES.block_h else DEFAULT_MLA_TILES
 
 
 def mla_num_splits(*, programs: int, max_context_len: int, num_sms: int) -> int:
@@ -202,7 +210,7 @@ def mla_decode(
 
     Sequence ``i`` attends to its first ``context_lens[i]`` cached vectors through ``block_tables[i]``.
     ``max_context_len`` (a host integer, at least every ``context_lens[i]``) and ``num_splits`` (forced, or
-    None for `mla_num_splits`) decide the launch; ``config`` overrides `DEFAULT_MLA_TILES` (tuning).
+    None for `mla_num_splits`) decide the launch; ``config`` overrides `mla_tiles` (tuning).
     """
     num_seqs, num_heads, latent_dim = q_latent.shape
     rope_dim = q_rope.shape[-1]
@@ -213,7 +221,7 @@ def mla_decode(
     out = q_latent.new_empty(num_seqs, num_heads, latent_dim)
     if num_seqs == 0:
         return out
-    config = config or DEFAULT_MLA_TILES
+    config = config or mla_tiles(num_heads)
     head_tiles = triton.cdiv(num_heads, config.block_h)
     if num_splits is None:
         num_splits = mla_num_splits(programs=head_tiles * num_seqs, max_context_len=max_context_len, num_sms=num_sms)
@@ -266,6 +274,7 @@ def mla_decode(
             partial_out,
             partial_max,
             partial_sum,
+            out,  # no sinks in latent attention: an unread placeholder pointer
             num_heads,
             num_splits,
             out.stride(0),
@@ -273,6 +282,7 @@ def mla_decode(
             HEAD_DIM=latent_dim,
             HEAD_DIM_P2=latent_p2,
             SPLITS_P2=triton.next_power_of_2(num_splits),
+            HAS_SINKS=False,
         )
     return out
 
@@ -287,7 +297,7 @@ def _store_latent_kernel(
     if slot < 0:  # a padding token (a CUDA graph's spare batch rows) owns no slot
         return
     row = load_rows(latent_ptr + token * stride_lt, 0, 1, DIM, 1, DIM_P2)
-    store_rows(slot_row(cache_ptr, slot, block_size, stride_cb, stride_cs), row, 0, 1, DIM, 1, DIM_P2)
+    store_rows(slot_row(cache_ptr, slot, block_size, stride_cb, stride_cs), row, 0, 1.0, 1, DIM, 1, DIM_P2)
 
 
 def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
