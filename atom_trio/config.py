@@ -311,8 +311,9 @@ class EngineConfig:
 
     kernel_backend: str = _field(
         "auto",
-        "kernel implementation (`auto`: the fastest available on the device; `triton` needs a GPU, `cpu` the CPU)",
-        choices=("auto", "torch", "cpu", "triton"),
+        "kernel implementation (`auto`: the fastest available on the device; `triton` needs a GPU, `cpu` the CPU, "
+        "`aiter` a GPU and amd-aiter: AMD's kernels, ours where it has none)",
+        choices=("auto", "torch", "cpu", "triton", "aiter"),
         section="Compilation",
     )
     enforce_eager: bool = _field(

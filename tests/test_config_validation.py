@@ -44,7 +44,7 @@ NOWHERE = "/nonexistent/model"
         (dict(device="gpu"), ("device",), "device must be auto, cpu, cuda or cuda:N; got 'gpu'"),
         (dict(num_kv_blocks=8, block_size=4, max_model_len=33), ("max_model_len", "num_kv_blocks", "block_size"),
          "max_model_len 33 does not fit the KV cache: num_kv_blocks 8 of block_size 4 hold 32 tokens"),
-        (dict(kernel_backend="aiter"), ("kernel_backend",), "kernel_backend must be one of auto, torch, cpu, triton"),
+        (dict(kernel_backend="cuda"), ("kernel_backend",), "kernel_backend must be one of auto, torch, cpu, triton, aiter"),
         (dict(level=4), ("level",), "level must be 0, 1, 2 or 3; got 4"),
         (dict(gpu_memory_utilization=1.5), ("gpu_memory_utilization",), "gpu_memory_utilization must be in (0, 1]"),
         (dict(num_kv_blocks=0), ("num_kv_blocks",), "num_kv_blocks must be positive; got 0"),

@@ -130,7 +130,7 @@ def test_help_shows_every_option_with_its_default_env_var_and_section() -> None:
         "Model", "KV cache", "Scheduling", "Parallelism", "Compilation", "Speculative decoding", "Server", "Logging",
         "Tools and reasoning"]
     assert "--dtype {auto,float32,bfloat16,float16}" in shown and "[default: auto; env ATOM_TRIO_DTYPE]" in shown
-    assert "--executor {auto,thread,process}" in shown and "--kernel-backend {auto,torch,cpu,triton}" in shown
+    assert "--executor {auto,thread,process}" in shown and "--kernel-backend {auto,torch,cpu,triton,aiter}" in shown
     assert "[default: 16; env ATOM_TRIO_BLOCK_SIZE]" in shown
     assert "hypercorn's --bind HOST:PORT does its job" in shown
     assert "`" not in shown and "``" not in shown  # the docs' code marks stay in the docs

@@ -39,6 +39,10 @@ def get_backend(name: str = "auto", device: torch.device | str = "cpu") -> Kerne
         return TorchRefBackend()
     if name == "cpu":
         return CpuBackend()
+    if name == "aiter":
+        from .aiter import AiterBackend
+
+        return AiterBackend(device)
     from .triton import TritonBackend
 
     return TritonBackend(device)
@@ -63,8 +67,11 @@ def backend_name(name: str, device_type: str) -> str:
             raise ValueError(f"kernel backend 'triton' is not available on {device_type!r}: it needs a CUDA or ROCm GPU")
         if not _triton_importable():
             raise ValueError("kernel backend 'triton' is not available: the triton package is not installed")
-    if name not in ("torch", "cpu", "triton"):
-        raise ValueError(f"kernel backend {name!r} is not available in this build; use 'auto', 'torch', 'cpu' or 'triton'")
+    if name == "aiter":
+        if device_type != "cuda" or not _triton_importable():
+            raise ValueError(f"kernel backend 'aiter' is not available on {device_type!r}: it needs a GPU and Triton")
+        if importlib.util.find_spec("aiter") is None:
+            raise ValueError("kernel backend 'aiter' is not available: amd-aiter is not installed (pip install 'atom-trio[rocm]')")
     return name
 
 

@@ -53,7 +53,7 @@ def test_serve_accepts_atom_and_vllm_spellings() -> None:
          "enforce_eager means level 0, and level 2 was asked for: drop one of them (set by ATOM_TRIO_LEVEL)"),
         (["serve", "--device", "cuda:1", "-tp", "2"], {}, "device 'cuda:1' names one GPU"),
         (["serve", "--device", "tpu"], {}, "device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
-        (["serve", "--kernel-backend", "aiter"], {}, "kernel_backend must be one of auto, torch, cpu, triton"),
+        (["serve", "--kernel-backend", "cuda"], {}, "kernel_backend must be one of auto, torch, cpu, triton, aiter"),
         (["serve", "--port", "0", "--device", "cpu", "--kernel-backend", "triton"], {},
          "kernel backend 'triton' is not available on 'cpu': it needs a CUDA or ROCm GPU"),
         (["generate", "hi", "--device", "cpu", "--kernel-backend", "triton"], {}, "it needs a CUDA or ROCm GPU"),
