@@ -117,7 +117,9 @@ def _type_checked(cls: type, fields: list[attrs.Attribute]) -> list[attrs.Attrib
 
 #: Speculative-decoding methods, as vLLM and ATOM name them; only `SPECULATIVE_METHODS_AVAILABLE` run in this build.
 SPECULATIVE_METHODS = ("ngram", "eagle", "eagle3", "mtp")
-SPECULATIVE_METHODS_AVAILABLE = ("ngram",)
+SPECULATIVE_METHODS_AVAILABLE = ("ngram", "eagle")
+#: The methods whose drafts come from a draft model (``draft_model``); the others need none.
+SPECULATIVE_METHODS_WITH_DRAFT_MODEL = ("eagle", "eagle3")
 
 
 def _spec_error(message: str) -> InvalidConfig:
@@ -130,10 +132,12 @@ class SpeculativeConfig:
 
     ``ngram`` (prompt lookup) drafts the tokens that followed the latest
     earlier occurrence of the sequence's last ``n`` tokens, ``n`` from
-    ``prompt_lookup_max`` down to ``prompt_lookup_min``; the target verifies
-    up to ``num_speculative_tokens`` of them in one step, so outputs keep the
-    target's distribution exactly. Unset lookup bounds follow vLLM: both 5
-    when neither is given, else the one given.
+    ``prompt_lookup_max`` down to ``prompt_lookup_min``. Unset lookup bounds
+    follow vLLM: both 5 when neither is given, else the one given. ``eagle``
+    drafts with an EAGLE head, ``draft_model`` (vLLM's ``model``), reading the
+    target's hidden states. Either way the target verifies up to
+    ``num_speculative_tokens`` drafts in one step, so outputs keep the target's
+    distribution exactly.
 
     Raises:
         InvalidConfig: an unknown method or field, a method this build does not run yet, or a bad value.
@@ -174,8 +178,14 @@ class SpeculativeConfig:
             raise _spec_error(f"method must be one of {', '.join(SPECULATIVE_METHODS)}; got {method!r}")
         if method not in SPECULATIVE_METHODS_AVAILABLE:
             raise _spec_error(f"method {method!r} is not available yet in this build; use 'ngram'")
-        if fields.get("draft_model") is not None:
-            raise _spec_error(f"a draft model ({fields['draft_model']!r}) is not supported yet; method 'ngram' needs none")
+        draft_model = fields.get("draft_model")
+        if method in SPECULATIVE_METHODS_WITH_DRAFT_MODEL:
+            if not isinstance(draft_model, str) or not draft_model:
+                raise _spec_error(
+                    f"method {method!r} needs a draft model (draft_model, or --draft-model); got {draft_model!r}"
+                )
+        elif draft_model is not None:
+            raise _spec_error(f"method {method!r} takes no draft model; got {draft_model!r}")
         k = fields.get("num_speculative_tokens")
         if type(k) is not int or not 1 <= k <= 16:
             raise _spec_error(f"num_speculative_tokens must be an integer in [1, 16]; got {k!r}")
@@ -186,7 +196,8 @@ class SpeculativeConfig:
                 raise _spec_error(f"{name} must be a positive integer; got {n!r}")
         if low > high:
             raise _spec_error(f"prompt_lookup_min {low} is above prompt_lookup_max {high}")
-        return cls(method=method, num_speculative_tokens=k, prompt_lookup_min=low, prompt_lookup_max=high)
+        return cls(method=method, num_speculative_tokens=k, prompt_lookup_min=low, prompt_lookup_max=high,
+                   draft_model=draft_model)
 
     def __str__(self) -> str:
         """The JSON an env var or ``--speculative-config`` would hold."""
@@ -337,7 +348,8 @@ class EngineConfig:
         "speculative decoding, as JSON: `{\"method\": \"ngram\", \"num_speculative_tokens\": 3, "
         "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}` (prompt lookup; the target verifies the drafts "
         "exactly, by rejection sampling). ATOM's `--method`, `--num-speculative-tokens` and `--draft-model` set "
-        "its fields too. eagle, eagle3 and mtp are not available yet",
+        "its fields too; `{\"method\": \"eagle\", \"num_speculative_tokens\": 3, \"draft_model\": PATH}` "
+        "drafts with an EAGLE head. eagle3 and mtp are not available yet",
         section="Speculative decoding",
         converter=SpeculativeConfig.parse,
     )
@@ -382,6 +394,13 @@ def check_combinations(config: EngineConfig) -> None:
             f"device {config.device!r} names one GPU, and tensor_parallel_size {tp} needs one per rank: use device "
             "'cuda' (rank r on GPU r; pick the GPUs with CUDA_VISIBLE_DEVICES)",
             options=("device", "tensor_parallel_size"),
+        )
+    spec = config.speculative_config
+    if spec is not None and spec.draft_model is not None and tp > 1:
+        raise InvalidConfig(
+            f"speculative method {spec.method!r} drafts on one rank, and tensor_parallel_size is {tp}: use "
+            "tensor_parallel_size 1, or method 'ngram'",
+            options=("speculative_config", "tensor_parallel_size"),
         )
     if config.num_kv_blocks is not None and config.max_model_len is not None:
         holds = config.num_kv_blocks * config.block_size

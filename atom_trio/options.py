@@ -151,11 +151,11 @@ class _NotHere(argparse.Action):
 
 
 ATOM_SPEC_FLAGS = {
-    "method": ("--method", str, "ATOM's spelling of speculative_config's method (ngram; eagle, eagle3, mtp not yet)"),
+    "method": ("--method", str, "ATOM's spelling of speculative_config's method (ngram, eagle; eagle3, mtp not yet)"),
     "num_speculative_tokens": (
         "--num-speculative-tokens", int, "ATOM's spelling of speculative_config's num_speculative_tokens",
     ),
-    "draft_model": ("--draft-model", str, "ATOM's spelling of speculative_config's draft model (not supported yet)"),
+    "draft_model": ("--draft-model", str, "ATOM's spelling of speculative_config's draft model (an EAGLE head's directory or hub id)"),
 }
 """ATOM's flags for the fields of ``--speculative-config``; given with it, they override its fields."""
 

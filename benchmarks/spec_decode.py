@@ -1,7 +1,8 @@
-"""Speculative decoding (n-gram prompt lookup): what it gains, measured against plain decoding in the same run.
+"""Speculative decoding (n-gram prompt lookup, EAGLE): what it gains, measured against plain decoding in the same run.
 
     python -m benchmarks.spec_decode                 # CPU, default model, batch 1: copy-heavy and chat prompts
     python -m benchmarks.spec_decode --gpu           # GPU, Llama-3.1-8B shapes, dummy weights: verify vs decode
+    python -m benchmarks.spec_decode --gpu --method eagle   # the same, drafting with an EAGLE head's shapes
 
 CPU mode: two engines on the default model, one with
 ``speculative_config={"method": "ngram", ...}`` and one without, generate
@@ -18,8 +19,11 @@ plain decode step (one token per sequence, CUDA graphs) and of a verify step
 with k = 1..4 drafts per sequence (k + 1 tokens each, eager), and from those
 the implied speed-up at per-draft acceptance rates 0.5-0.9: a verify step
 yields ``(1 - a**(k + 1)) / (1 - a)`` tokens per sequence on average, so the
-speed-up is that times ``t_decode / t_verify`` (the n-gram drafter's own cost,
-measured on the host, is added to the verify step).
+speed-up is that times ``t_decode / t_verify`` (the drafter's own cost is
+added to the verify step: the n-gram drafter's, measured on the host, or
+with ``--method eagle`` an EAGLE head's at Llama-3.1-8B's shapes, one layer,
+dummy weights: the median time of one proposal of k drafts for the whole
+batch, each sequence's window of target hidden states full, in steady state).
 """
 
 from __future__ import annotations
@@ -163,17 +167,24 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
         return statistics.median(times[2:])
 
     context = [int(t) for t in torch.randint(0, 32000, (args.context_len,))]
-    drafter = NgramDrafter(4, 2, 4)
-    start = time.perf_counter()
-    for _ in range(100):
-        drafter.propose_one(context)
-    draft_s = (time.perf_counter() - start) / 100
-    results["ngram_propose_s_per_seq"] = draft_s
+    if args.method == "eagle":
+        eagle = eagle_drafter(runner, model_dir)
+        draft_cost = {(batch, k): eagle_propose_s(eagle, batch, k, context, steps) for batch in batch_sizes
+                      for k in range(1, 5)}
+        results["eagle_propose_s"] = {f"batch{b}_k{k}": s for (b, k), s in draft_cost.items()}
+    else:
+        drafter = NgramDrafter(4, 2, 4)
+        start = time.perf_counter()
+        for _ in range(100):
+            drafter.propose_one(context)
+        draft_s = (time.perf_counter() - start) / 100
+        results["ngram_propose_s_per_seq"] = draft_s
+        draft_cost = {(batch, k): draft_s * batch for batch in batch_sizes for k in range(1, 5)}
     for batch in batch_sizes:
         decode = timed(batch, 0)
         row = {"decode_s": decode}
         for k in range(1, 5):
-            verify = timed(batch, k) + draft_s * batch
+            verify = timed(batch, k) + draft_cost[batch, k]
             row[f"verify_k{k}_s"] = verify
             for a in (0.5, 0.6, 0.7, 0.8, 0.9):
                 tokens = (1 - a ** (k + 1)) / (1 - a)
@@ -184,9 +195,53 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     return results
 
 
+def eagle_drafter(runner, model_dir: Path):
+    """An EAGLE drafter on ``runner``'s target: a head of Llama-3.1-8B's shapes (one layer), dummy weights."""
+    import attrs
+
+    from atom_trio.runner.drafter import EagleDrafter
+    from atom_trio.testing import REAL_CONFIGS, write_model_dir
+
+    head_config = {**REAL_CONFIGS["llama-3.1-8b"], "num_hidden_layers": 1}
+    head_dir = write_model_dir(model_dir.parent / "eagle-head", head_config)
+    spec = {"method": "eagle", "num_speculative_tokens": 4, "draft_model": str(head_dir)}
+    runner.config = attrs.evolve(runner.config, speculative_config=spec)
+    return EagleDrafter(runner)
+
+
+def eagle_propose_s(drafter, batch: int, k: int, context: list[int], steps: int) -> float:
+    """Median seconds of one proposal of ``k`` drafts for ``batch`` greedy sequences whose windows are full."""
+    import torch
+
+    from atom_trio.runner.drafter import DraftRequest
+    from atom_trio.sampling_params import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, ignore_eos=True)
+    hidden_size = drafter.model.config.hidden_size
+
+    def hidden(n: int) -> torch.Tensor:
+        return torch.randn(n, hidden_size, dtype=torch.bfloat16, device=drafter.device)
+
+    drafter.num_tokens = k
+    tokens = list(context)
+    drafter.forget(range(batch))
+    window = drafter.hidden_window
+    drafter.propose([DraftRequest(i, tokens, len(context), greedy, hidden(window)) for i in range(batch)])
+    times = []
+    for _ in range(steps):  # two tokens a step (one draft accepted), continuing each window
+        tokens = tokens + [11, 7]
+        requests = [DraftRequest(i, tokens, len(context), greedy, hidden(2)) for i in range(batch)]
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        drafter.propose(requests)  # reads the drafts on the host: the step's sync
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the GPU mode (Llama-3.1-8B shapes, dummy weights)")
+    parser.add_argument("--method", choices=["ngram", "eagle"], default="ngram", help="GPU mode: whose drafting cost")
     parser.add_argument("--k", type=int, default=3, help="num_speculative_tokens (CPU mode)")
     parser.add_argument("--prompt-lookup-min", type=int, default=2)
     parser.add_argument("--prompt-lookup-max", type=int, default=4)

@@ -161,13 +161,23 @@ class Sampler:
         """
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(requests)} requests")
+        logits, _, token_ids = self.draw(logits, requests, token_bitmask)
+        logprobs, top_logprobs = self.token_logprobs(logits, token_ids, requests)
+        return token_ids, logprobs, top_logprobs
+
+    def draw(
+        self, logits: torch.Tensor, requests: list[SampleRequest], token_bitmask: TokenBitmask | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 0 and 2-5: the float32 (masked) logits, the processed logits and the sampled tokens, all on the device.
+
+        `sample_on_device` without the logprobs: a caller that changes some
+        tokens (the rejection sampler) reads the logprobs of its own tokens after.
+        """
         logits = logits.float()
         if token_bitmask is not None:
             self._apply_token_bitmask(logits, token_bitmask)
         processed = self.process_logits(logits, requests)
-        token_ids = self._sample(processed, requests)
-        logprobs, top_logprobs = self._logprobs(logits, token_ids, requests)
-        return token_ids, logprobs, top_logprobs
+        return logits, processed, self._sample(processed, requests)
 
     def _apply_token_bitmask(self, logits: torch.Tensor, token_bitmask: TokenBitmask) -> None:
         """Step 0: -inf for every token a constrained row's grammar forbids (the backend's kernel)."""
@@ -255,25 +265,7 @@ class Sampler:
         all_random = len(random_rows) == len(requests)
         random_index = None if all_random else _row_index(random_rows, logits.device)
         x = logits if all_random else logits[random_index]
-        params = [requests[i].params for i in random_rows]
-        device = x.device
-
-        def column(values: list[float], dtype=torch.float32) -> torch.Tensor:
-            return host_to_device(torch.tensor(values, dtype=dtype), device).unsqueeze(1)
-
-        if any(p.temperature != 1.0 for p in params):
-            x = x / column([p.temperature for p in params])
-        elif x is logits:
-            x = x.clone()  # the filters below write in place
-        if any(p.min_p > 0 for p in params):
-            # probs < min_p * max_prob  <=>  logit < max_logit + log(min_p); no softmax needed.
-            # min_p = 0 gives a threshold of -inf, which removes nothing.
-            threshold = x.amax(dim=-1, keepdim=True) + torch.log(column([p.min_p for p in params]))
-            x.masked_fill_(x < threshold, -math.inf)
-        self._top_k(x, params)
-        self._top_p(x, params)
-
-        probs = x.softmax(dim=-1)
+        probs = self.probs(x, [requests[i].params for i in random_rows])
         noise = self._exponential_noise(probs, [requests[i] for i in random_rows])
         sampled = probs.div_(noise).argmax(dim=-1)
         if all_random:
@@ -281,6 +273,30 @@ class Sampler:
         tokens = first_argmax(logits)
         tokens[random_index] = sampled
         return tokens
+
+    def probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Each row's sampling distribution: softmax after its temperature, min-p, top-k and top-p (step 5).
+
+        ``logits`` are processed ones (`process_logits`) of rows that draw; they
+        are not written to. The rejection sampler verifies drafts against these.
+        """
+        device = logits.device
+
+        def column(values: list[float], dtype=torch.float32) -> torch.Tensor:
+            return host_to_device(torch.tensor(values, dtype=dtype), device).unsqueeze(1)
+
+        if any(p.temperature != 1.0 for p in params):
+            x = logits / column([p.temperature for p in params])
+        else:
+            x = logits.clone()  # the filters below write in place
+        if any(p.min_p > 0 for p in params):
+            # probs < min_p * max_prob  <=>  logit < max_logit + log(min_p); no softmax needed.
+            # min_p = 0 gives a threshold of -inf, which removes nothing.
+            threshold = x.amax(dim=-1, keepdim=True) + torch.log(column([p.min_p for p in params]))
+            x.masked_fill_(x < threshold, -math.inf)
+        self._top_k(x, params)
+        self._top_p(x, params)
+        return x.softmax(dim=-1)
 
     def _uses_kernel(self, num_random_rows: int) -> bool:
         if self._fused is not None:
@@ -389,7 +405,7 @@ class Sampler:
     # -- logprobs ----------------------------------------------------------------------
 
     @staticmethod
-    def _logprobs(
+    def token_logprobs(
         logits: torch.Tensor, token_ids: torch.Tensor, requests: list[SampleRequest]
     ) -> tuple[list[float | None], list[list[tuple[int, float]] | None]]:
         """The sampled token's logprob and the top-N, from the raw (unprocessed) logits."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from .eagle import EagleLlamaForCausalLM
 from .glm4_moe import Glm4MoeForCausalLM
 from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
@@ -15,6 +16,7 @@ __all__ = [
     "MODEL_REGISTRY",
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
+    "EagleLlamaForCausalLM",
     "Glm4MoeForCausalLM",
     "GptOssForCausalLM",
     "LlamaForCausalLM",

@@ -59,10 +59,14 @@ class LlamaAttention(nn.Module):
         self.qk_norm = qk_norm
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, input_norm: RMSNorm
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, input_norm: RMSNorm | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention of ``input_norm(hidden + residual)``; returns it with ``hidden + residual``."""
-        qkv, residual = self.qkv_proj.forward_normed(input_norm, hidden, residual)
+        """Attention of ``input_norm(hidden + residual)`` (no norm when None: EAGLE's first draft layer); returns it with ``hidden + residual``."""
+        if input_norm is None:
+            residual = hidden if residual is None else hidden + residual
+            qkv = self.qkv_proj(residual)
+        else:
+            qkv, residual = self.qkv_proj.forward_normed(input_norm, hidden, residual)
         q, k, v = self.qkv_proj.split(qkv)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)

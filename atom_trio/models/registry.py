@@ -7,6 +7,7 @@ from torch import nn
 from atom_trio.errors import ModelLoadError
 
 from .deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+from .eagle import EagleLlamaForCausalLM
 from .glm4_moe import Glm4MoeForCausalLM
 from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
@@ -23,6 +24,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "GptOssForCausalLM": GptOssForCausalLM,
+    # Draft heads: the drafter names them in the draft checkpoint's config (which says LlamaForCausalLM).
+    "EagleLlamaForCausalLM": EagleLlamaForCausalLM,
 }
 
 # Configs built from GGUF metadata may name only the model type.

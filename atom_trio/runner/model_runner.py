@@ -42,7 +42,7 @@ from atom_trio.ops import AttentionMetadata, get_backend
 from atom_trio.runner import startup
 from atom_trio.runner.compile import CompiledForward, effective_level, freezes_weights, use_compile_cache
 from atom_trio.runner.cuda_graphs import DecodeGraphs, decode_batch_sizes
-from atom_trio.runner.drafter import Drafter, make_drafter
+from atom_trio.runner.drafter import Drafter, DraftRequest, hidden_rows, make_drafter
 from atom_trio.runner.input_batch import FlatBatch, InputBatch
 from atom_trio.runner.kv_cache import KVCacheLayout, kv_cache_dtype
 from atom_trio.runner.prompt_logprobs import PromptLogprobs, wants_prompt_logprobs
@@ -62,7 +62,9 @@ class LaunchedStep:
     draft_token_ids: list[list[int]] | None
     """...the drafts each verifies (``None`` when no chunk has any: one token each)..."""
     propose: list[bool] | None
-    """...and whether each asks for drafts (``None`` when none does)."""
+    """...and whether each asks for drafts (``None`` when none does)..."""
+    sampling_params: list | None
+    """...with its sampling parameters (``None`` when none asks)."""
     tokens: torch.Tensor
     """Their tokens on the device, one per row (rank 0; other ranks hold them only to feed the next step)."""
     host_tokens: torch.Tensor
@@ -73,6 +75,8 @@ class LaunchedStep:
     prompt_logprobs: list[list[TokenLogprobs | None] | None] | None
     token_ids: list[int] | None = None
     """The tokens as a list, once read."""
+    hidden: tuple[torch.Tensor, list[int]] | None = None
+    """The target's hidden states a drafter reads (`hidden_rows`), and how many rows each sampling chunk has."""
 
 
 class ModelRunner:
@@ -119,10 +123,11 @@ class ModelRunner:
 
         self.sampler = Sampler(self.eos_token_ids, backend=self.backend)
         self.rejection_sampler = RejectionSampler(self.sampler)
-        self.drafter: Drafter | None = (
-            None if config.speculative_config is None else make_drafter(config.speculative_config)
-        )
+        self.drafter: Drafter | None = None if config.speculative_config is None else make_drafter(self)
         """Proposes the drafts sequences ask for (`SeqChunk.propose_drafts`); None without speculative decoding."""
+        self._draft_probs: dict[int, torch.Tensor] = {}
+        """The distribution each sequence's pending drafts were drawn from, where its drafter has one."""
+        self._step_hidden: tuple[torch.Tensor, list[int]] | None = None
         self.inputs = InputBatch(block_size=self.block_size, max_model_len=self.max_model_len, device=self.device)
         self._prompt_logprobs = PromptLogprobs(vocab_size=self.vocab_size, device=self.device)
         self._unread: deque[LaunchedStep] = deque()
@@ -203,8 +208,9 @@ class ModelRunner:
             if drafts is None:
                 tokens, logprobs, top_logprobs = self.sampler.sample_on_device(logits, requests, plan.token_bitmask)
             else:
+                probs = [self._draft_probs.pop(c.seq_id, None) for c in sampled]
                 tokens, logprobs, top_logprobs = self.rejection_sampler.sample(
-                    logits, requests, drafts, plan.token_bitmask
+                    logits, requests, drafts, plan.token_bitmask, probs
                 )
         else:
             tokens = torch.zeros(num_rows, dtype=torch.long, device=self.device)  # filled by a broadcast if fed back
@@ -218,12 +224,14 @@ class ModelRunner:
             positions=[c.end_pos - c.num_draft_tokens for c in sampled],
             draft_token_ids=drafts,
             propose=[c.propose_drafts for c in sampled] if any(c.propose_drafts for c in sampled) else None,
+            sampling_params=[c.sampling_params for c in sampled] if any(c.propose_drafts for c in sampled) else None,
             tokens=tokens,
             host_tokens=host_tokens,
             ready=ready,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
             prompt_logprobs=prompt_logprobs,
+            hidden=self._step_hidden,
         )
         self._unread.append(step)
         return step
@@ -266,21 +274,32 @@ class ModelRunner:
         """The drafter's proposals for the sampling chunks of ``step`` that ask, given the tokens they produced."""
         histories = self.inputs.histories
         asking: list[int] = []
-        contexts: list[list[int]] = []
-        start = 0
+        requests: list[DraftRequest] = []
+        start = row = 0
         for i, (seq_id, position) in enumerate(zip(step.seq_ids, step.positions)):
             count = 1 if num_tokens is None else num_tokens[i]
             history = histories.get(seq_id)
             num_drafts = 0 if step.draft_token_ids is None else len(step.draft_token_ids[i])
+            hidden = None
+            if step.hidden is not None:  # the rows of the positions that produced the kept tokens
+                num_rows = step.hidden[1][i]
+                hidden = step.hidden[0][row : row + max(0, num_rows - num_drafts - 1 + count)]
+                row += num_rows
             # A sequence that asks is in no later plan, so its history ends with this chunk.
             if step.propose[i] and history is not None and len(history) == position + num_drafts:
                 asking.append(i)
-                contexts.append(history.tokens(position) + token_ids[start : start + count])
+                context = history.tokens(position) + token_ids[start : start + count]
+                requests.append(DraftRequest(seq_id, context, history.prompt_len, step.sampling_params[i], hidden))
             start += count
         proposals: list[list[int]] = [[] for _ in step.seq_ids]
         if asking and self.drafter is not None:
-            for i, drafts in zip(asking, self.drafter.propose(contexts)):
+            proposal = self.drafter.propose(requests)
+            for i, drafts, probs in zip(asking, proposal.token_ids, proposal.draft_probs):
                 proposals[i] = drafts
+                if probs is None:
+                    self._draft_probs.pop(step.seq_ids[i], None)
+                else:
+                    self._draft_probs[step.seq_ids[i]] = probs
         return proposals
 
     @torch.inference_mode()
@@ -298,7 +317,7 @@ class ModelRunner:
 
     def close(self) -> None:
         """Free the model and the KV cache (idempotent); the runner is unusable afterwards."""
-        self.model = self.kv_cache = self.decode_graphs = self.compiled = self.model_forward = None
+        self.model = self.kv_cache = self.decode_graphs = self.compiled = self.model_forward = self.drafter = None
         self.kv_layout.layers = []
         self.inputs.clear()
         self._prompt_logprobs.clear()
@@ -318,6 +337,11 @@ class ModelRunner:
         """
         self.inputs.forget(plan.finished_seq_ids)
         self._prompt_logprobs.forget(plan.finished_seq_ids)
+        self._step_hidden = None
+        if self.drafter is not None:
+            self.drafter.forget(plan.finished_seq_ids)
+            for seq_id in plan.finished_seq_ids:
+                self._draft_probs.pop(seq_id, None)
         if not plan.chunks:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device), None
         self.inputs.record(plan.chunks)
@@ -327,8 +351,10 @@ class ModelRunner:
         sampled = [i for i, chunk in enumerate(plan.chunks) if chunk.sample]
         wants_prompt = any(wants_prompt_logprobs(chunk) for chunk in plan.chunks)
         graphs = self.decode_graphs
+        window = 0 if self.drafter is None else self.drafter.hidden_window
         if (
             graphs is not None
+            and not window  # a graph keeps no hidden states for the drafter
             and batch.is_decode
             and not wants_prompt
             and len(plan.chunks) <= graphs.max_batch_size
@@ -347,6 +373,10 @@ class ModelRunner:
         batch = self.inputs.feed_previous_tokens(batch.to(self.device))
         ends = batch.cu_query_lens[1:]
         hidden = self.run_model(batch)
+        if window:
+            kept, counts = hidden_rows(plan.chunks, batch.cu_query_lens, window)
+            kept = host_to_device(torch.tensor(kept, dtype=torch.long), self.device)
+            self._step_hidden = hidden.index_select(0, kept), counts
         # A chunk with j drafts samples at its last j + 1 positions (verify steps run eagerly: graphs hold decodes).
         chunks = plan.chunks
         rows = [row for i in sampled for row in range(ends[i] - 1 - chunks[i].num_draft_tokens, ends[i])]

@@ -9,12 +9,16 @@ continuation). Generated tokens 2 and 3 then come out of one verify step
 (position 1 and 2, or a resample after a rejection). Their joint frequency is
 compared with the exact distribution computed from transformers' logits on
 the same weights; a deliberately broken verifier (ATOM's: accept a draft when
-it is the target's argmax) must be rejected by the same test.
+it is the target's argmax) must be rejected by the same test. A random EAGLE
+head, whose drafts come with their distribution, runs the general rule
+through the same test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +27,9 @@ import torch
 from atom_trio.config import EngineConfig
 from atom_trio.core.scheduler import Scheduler
 from atom_trio.layers.rejection_sampler import RejectionSampler, first_rows
+from atom_trio.runner.drafter import Proposal
 from atom_trio.sampling_params import SamplingParams
+from atom_trio.testing import write_tiny_eagle_head
 from atom_trio.testing.models import TINY_CONFIGS, transformers_config
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -49,8 +55,8 @@ def model_dir(tmp_path_factory):
     return path, model
 
 
-@pytest.fixture(scope="module")
-def runner(model_dir):
+@contextlib.contextmanager
+def _runner(model_dir: Path, speculative_config: dict):
     from atom_trio.runner import ModelRunner
 
     # Each verify chunk is one small attention call on the CPU: with one thread they cost 30 times less than
@@ -59,14 +65,22 @@ def runner(model_dir):
     torch.set_num_threads(1)
     model_runner = ModelRunner(
         EngineConfig(
-            model=str(model_dir[0]), dtype="float32", num_kv_blocks=BATCH + 8, block_size=16, max_model_len=64,
+            model=str(model_dir), dtype="float32", num_kv_blocks=BATCH + 8, block_size=16, max_model_len=64,
             max_num_seqs=BATCH, max_num_batched_tokens=BATCH * len(PROMPT), seed=0,
-            speculative_config={"method": "ngram", "num_speculative_tokens": 2},
+            speculative_config=speculative_config,
         )
     )
-    yield model_runner
-    model_runner.close()
-    torch.set_num_threads(threads)
+    try:
+        yield model_runner
+    finally:
+        model_runner.close()
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir):
+    with _runner(model_dir[0], {"method": "ngram", "num_speculative_tokens": 2}) as model_runner:
+        yield model_runner
 
 
 def _target_probs(model, contexts: list[list[int]]) -> torch.Tensor:
@@ -103,18 +117,24 @@ class TableDrafter:
     def __init__(self, table: dict[int, list[int]] | None = None, fixed: list[int] | None = None) -> None:
         self.table, self.fixed = table, fixed
 
-    def propose(self, contexts):
-        return [
+    hidden_window = 0
+
+    def propose(self, requests):
+        contexts = [r.context for r in requests]
+        return Proposal([
             (self.fixed if self.table is None else self.table[c[-1]]) if len(c) == len(PROMPT) + 1 else []
             for c in contexts
-        ]
+        ], [None] * len(contexts))
+
+    def forget(self, seq_ids):
+        pass
 
 
 class ArgmaxVerifier(RejectionSampler):
     """Broken on purpose: a draft that is the target's argmax is accepted whatever the sample says."""
 
-    def sample(self, logits, requests, draft_token_ids, token_bitmask=None):
-        tokens, logprobs, top = super().sample(logits, requests, draft_token_ids, token_bitmask)
+    def sample(self, logits, requests, draft_token_ids, token_bitmask=None, draft_probs=None):
+        tokens, logprobs, top = super().sample(logits, requests, draft_token_ids, token_bitmask, draft_probs)
         argmax = logits.argmax(-1)
         for chunk, row in zip(draft_token_ids, first_rows(draft_token_ids)):
             for i, draft in enumerate(chunk):
@@ -177,3 +197,13 @@ def test_a_broken_verifier_is_caught(runner, exact) -> None:
         runner.rejection_sampler = RejectionSampler(runner.sampler)
     assert _chi_square_p(counts, joint) < 1e-6
     assert math.isfinite(counts.sum())
+
+
+def test_eagle_drafts_keep_the_target_distribution(model_dir, exact, tmp_path) -> None:
+    """A random EAGLE head: real draft distributions q, through the literal rule (accepts and rejections)."""
+    joint, _ = exact
+    head = write_tiny_eagle_head(model_dir[0], tmp_path / "head", seed=1)
+    with _runner(model_dir[0], {"method": "eagle", "num_speculative_tokens": 2, "draft_model": str(head)}) as eagle:
+        counts, accepted = _sample_pairs(eagle, BATCH)
+    assert accepted > 0
+    assert _chi_square_p(counts, joint) > 1e-3

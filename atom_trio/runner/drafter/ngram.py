@@ -1,30 +1,12 @@
-"""Drafters for speculative decoding: what proposes the tokens the target then verifies.
-
-A drafter sees, for each sequence that asks (`SeqChunk.propose_drafts`),
-its tokens so far, including the ones just sampled, and proposes up to
-``num_speculative_tokens`` tokens to follow them. The runner calls it once
-per step, after reading the sampled tokens, and sends the drafts back with
-the step's result; the scheduler plans them as the sequence's next verify
-chunk. Drafters that need the target's hidden states (EAGLE, MTP) take the
-same place with more inputs.
-"""
+"""N-gram prompt lookup: drafts copied from earlier in the sequence, no draft model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from atom_trio.config import SpeculativeConfig
-
-
-class Drafter(Protocol):
-    """Proposes draft tokens for sequences from their tokens so far."""
-
-    def propose(self, contexts: Sequence[Sequence[int]]) -> list[list[int]]:
-        """For each context (a sequence's tokens, prompt first), up to ``num_speculative_tokens`` drafts (maybe none)."""
-        ...
+from .base import DraftRequest, Proposal
 
 
 class NgramDrafter:
@@ -36,13 +18,19 @@ class NgramDrafter:
     a search costs one pass over the context plus a few per candidate.
     """
 
+    hidden_window = 0
+
     def __init__(self, num_tokens: int, min_n: int, max_n: int) -> None:
         self.num_tokens = num_tokens
         self.min_n = min_n
         self.max_n = max_n
 
-    def propose(self, contexts: Sequence[Sequence[int]]) -> list[list[int]]:
-        return [self.propose_one(context) for context in contexts]
+    def propose(self, requests: Sequence[DraftRequest]) -> Proposal:
+        """Point-mass drafts: the verifier accepts each with the target's probability of it."""
+        return Proposal([self.propose_one(r.context) for r in requests], [None] * len(requests))
+
+    def forget(self, seq_ids: Iterable[int]) -> None:
+        """Nothing is kept between steps."""
 
     def propose_one(self, context: Sequence[int]) -> list[int]:
         tokens = np.asarray(context, dtype=np.int64)
@@ -64,10 +52,3 @@ class NgramDrafter:
             return []
         end = int(ends[np.flatnonzero(lengths == best)[-1]])
         return tokens[end + 1 : end + 1 + self.num_tokens].tolist()
-
-
-def make_drafter(config: SpeculativeConfig) -> Drafter:
-    """The drafter of ``config.method`` (only ``ngram`` in this build; the config refuses the others)."""
-    if config.method != "ngram":
-        raise ValueError(f"no drafter for speculative method {config.method!r}")
-    return NgramDrafter(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
