@@ -19,3 +19,6 @@ class ModelFacts:
     """The model's context length, capped by ``--max-model-len``."""
     vocab_size: int
     eos_token_ids: frozenset[int]
+    kv_cache_windows: tuple[int | None, ...] = (None,)
+    """The KV cache groups (`BlockManager`): ``None`` for full attention, then each sliding window; one group
+    (``(None,)``) unless the model's attention layers are of several kinds."""

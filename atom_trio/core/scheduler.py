@@ -144,8 +144,11 @@ class Scheduler:
     """Turns requests into step plans and step results into per-sequence outputs.
 
     ``max_model_len`` is capped at the KV cache's capacity
-    (``num_blocks * block_size``) so that a sequence running alone always
-    fits; read the effective value from ``scheduler.max_model_len``.
+    (``num_blocks * block_size`` for one KV cache group) so that a sequence
+    running alone always fits; read the effective value from
+    ``scheduler.max_model_len``. ``kv_cache_windows``: the model's KV cache
+    groups (`BlockManager`): a sliding group's blocks are released as they
+    leave the window.
     Up to ``max_in_flight`` plans from `schedule` await their `update`, which
     takes them oldest first. ``num_speculative_tokens`` > 0 turns speculative
     decoding on: at most that many drafts per verify chunk.
@@ -163,6 +166,7 @@ class Scheduler:
         eos_token_ids: frozenset[int] = frozenset(),
         max_in_flight: int = 1,
         num_speculative_tokens: int = 0,
+        kv_cache_windows: tuple[int | None, ...] = (None,),
     ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_model_len < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and max_model_len must be positive")
@@ -171,12 +175,16 @@ class Scheduler:
             # could be readmitted before that token is known.
             raise ValueError("max_in_flight is 1 (one step at a time) or 2 (asynchronous scheduling)")
         self.block_manager = BlockManager(
-            num_blocks=num_blocks, block_size=block_size, enable_prefix_caching=enable_prefix_caching
+            num_blocks=num_blocks,
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            windows=kv_cache_windows,
         )
+        self._windowed = self.block_manager.num_groups > 1
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_model_len = min(max_model_len, num_blocks * block_size)
+        self.max_model_len = min(max_model_len, self.block_manager.max_tokens_alone())
         self.enable_prefix_caching = enable_prefix_caching
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_in_flight = max_in_flight
@@ -320,6 +328,8 @@ class Scheduler:
                 continue
             if num_tokens >= seq.max_len:  # its pending token is its last
                 continue
+            if self._windowed:
+                self.block_manager.release(seq)
             drafts = seq.draft_token_ids
             if drafts:
                 drafts = self._fit_drafts(seq, budget, scheduled)
@@ -334,7 +344,11 @@ class Scheduler:
                     seq_id=seq.seq_id,
                     token_ids=[PREVIOUS_TOKEN] if pending else tokens[-1:] + drafts if drafts else tokens[-1:],
                     start_pos=num_tokens - 1,
-                    block_table=seq.block_table[:],
+                    block_table=(
+                        self.block_manager.chunk_table(seq, len(seq.block_table))
+                        if self._windowed
+                        else seq.block_tables[0][:]
+                    ),
                     prompt_len=seq.prompt_len,
                     sample=True,
                     sampling_params=seq.params,
@@ -425,8 +439,12 @@ class Scheduler:
         """
         manager = self.block_manager
         size = self.block_size
+        if self._windowed:
+            manager.release(seq)
         while True:
-            room = (len(seq.block_table) + manager.num_free_blocks) * size - seq.num_computed_tokens
+            # every KV cache group takes a block for each new block of positions
+            num_blocks = len(seq.block_table) + manager.num_free_blocks // manager.num_groups
+            room = num_blocks * size - seq.num_computed_tokens
             if room > 0:
                 num_tokens = min(num_tokens, room)
                 manager.grow(seq, seq.num_computed_tokens + num_tokens)
@@ -447,9 +465,9 @@ class Scheduler:
                 break  # share the prompt's blocks once sibling 0 has computed them
             lookup = self.enable_prefix_caching and seq.params.prompt_logprobs is None
             shared = manager.match_prefix(seq) if lookup else self._leader_blocks(seq)
-            num_shared_tokens = len(shared) * size
+            num_shared_tokens = len(shared[0]) * size
             free_blocks = manager.num_free_blocks - manager.num_evictable_among(shared)
-            room = (len(shared) + free_blocks) * size - num_shared_tokens
+            room = free_blocks // manager.num_groups * size
             num_tokens = min(budget, len(seq.token_ids) - num_shared_tokens, room)
             if num_tokens <= 0:
                 break
@@ -482,14 +500,15 @@ class Scheduler:
             return False
         return not any(c.seq_id == leader.seq_id and c.start_pos < prompt_len for c in chunks)
 
-    def _leader_blocks(self, seq: Sequence) -> list[int]:
-        """Without a prefix cache, a sibling shares the full prompt blocks sibling 0 has computed."""
+    def _leader_blocks(self, seq: Sequence) -> list[list[int]]:
+        """Without a prefix cache, a sibling shares the full prompt blocks sibling 0 has computed (in every group)."""
         leader = seq.leader
+        manager = self.block_manager
         if leader is None or leader.status is not _RUNNING:
-            return []
+            return [[] for _ in manager.windows]
         size = self.block_size
         num_blocks = min((len(seq.token_ids) - 1) // size, seq.prompt_len // size, leader.num_computed_tokens // size)
-        return leader.block_table[:num_blocks]
+        return manager.prefix_of(leader.block_tables, num_blocks)
 
     def _chunk(self, seq: Sequence, num_tokens: int) -> SeqChunk:
         """The next chunk of a sequence whose tokens are all known, counted as computed from now on."""
@@ -504,7 +523,7 @@ class Scheduler:
             seq_id=seq.seq_id,
             token_ids=tokens[start:end],
             start_pos=start,
-            block_table=seq.block_table[: -(-end // self.block_size)],
+            block_table=self.block_manager.chunk_table(seq, -(-end // self.block_size)),
             prompt_len=seq.prompt_len,
             sample=sample,
             sampling_params=seq.params if sample or seq.prompt_logprobs is not None else None,

@@ -53,7 +53,11 @@ class Sequence:
             plans in order, so any later plan finds its KV written.
         num_pending_tokens: tokens sampled by plans in flight whose values
             are not known yet (0, or 1 under asynchronous scheduling).
-        block_table: physical blocks covering at least ``num_computed_tokens`` positions.
+        block_tables: per KV cache group (one unless the model mixes attention
+            kinds, see `BlockManager`), the physical blocks covering at least
+            ``num_computed_tokens`` positions; ``block_table`` is the first
+            group's. A sliding group's table holds the null block where its
+            blocks fell out of the window, the first ``num_released_blocks`` at least.
         block_hashes: chained hashes of the first full blocks of ``token_ids``,
             computed lazily and kept across preemption (they depend on the
             tokens only), so a prompt is hashed once however often it is looked up.
@@ -101,7 +105,8 @@ class Sequence:
         "status",
         "num_computed_tokens",
         "num_pending_tokens",
-        "block_table",
+        "block_tables",
+        "num_released_blocks",
         "block_hashes",
         "num_published_blocks",
         "num_cached_tokens",
@@ -142,7 +147,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
-        self.block_table: list[int] = []
+        self.block_tables: list[list[int]] = [[]]
+        self.num_released_blocks = 0
         self.block_hashes: list[int] = []
         self.num_published_blocks = 0
         self.num_cached_tokens: int | None = None
@@ -154,6 +160,11 @@ class Sequence:
         self.awaits_drafts = False
         self.draft_misses = 0
         self.draft_cooldown = 0
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first (full attention) group's block table."""
+        return self.block_tables[0]
 
     @property
     def num_output_tokens(self) -> int:

@@ -461,6 +461,7 @@ async def open_engine(config: EngineConfig | None = None, /, **fields: Any) -> A
                 num_speculative_tokens=(
                     0 if config.speculative_config is None else config.speculative_config.num_speculative_tokens
                 ),
+                kv_cache_windows=executor.facts.kv_cache_windows,
             )
             engine = AsyncEngine(config, tokenizer, executor, scheduler)
             try:

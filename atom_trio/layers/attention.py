@@ -28,8 +28,20 @@ from .rotary import RotaryEmbedding
 
 @attrs.frozen
 class ForwardContext:
+    """One step's attention metadata and the backend's plan for it, as the first KV cache group sees them.
+
+    ``windowed``: the same for each further group (a model with sliding-window
+    layers beside full ones, see `atom_trio.core.BlockManager`), whose block
+    tables and slots differ; empty for a model with one group.
+    """
+
     metadata: AttentionMetadata
     attn_plan: Any
+    windowed: tuple[ForwardContext, ...] = ()
+
+    def group(self, index: int) -> ForwardContext:
+        """The context of KV cache group ``index``."""
+        return self.windowed[index - 1] if index else self
 
 
 _context: contextvars.ContextVar[ForwardContext | None] = contextvars.ContextVar("atom_trio_forward", default=None)
@@ -55,11 +67,18 @@ class CachedAttention(nn.Module):
     new kind of attention needs no change to the runner.
 
     Each gets a ``layer_id``, by which a compiled graph's opaque attention op finds it.
+
+    ``sliding_window``: the positions each query sees (``None``: all), by which
+    the runner puts the layer in a KV cache group; ``kv_group`` is that group,
+    whose block tables the layer reads (set with its cache, `bind_kv_cache`).
     """
+
+    sliding_window: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
         self.layer_id = next(_layer_ids)
+        self.kv_group = 0
         _layers[self.layer_id] = self
 
     def kv_cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
@@ -81,8 +100,9 @@ class Attention(CachedAttention):
     says) are bound by the runner after it sizes the cache; they are plain
     attributes, not buffers, so they stay out of the state dict.
 
-    ``sliding_window``: each query sees only the last that many positions (the cache still holds all of
-    them, so a sequence's blocks serve layers of either kind). ``sinks``: a learned logit per head in the
+    ``sliding_window``: each query sees only the last that many positions; beside full-attention layers
+    such layers form a KV cache group of their own, whose blocks before the window are released (their
+    table entries then name a null block, which the window masks out). ``sinks``: a learned logit per head in the
     softmax's denominator (GPT-OSS), the parameter ``sinks`` holding this rank's heads.
     """
 
@@ -145,7 +165,7 @@ class Attention(CachedAttention):
     def _attend(
         self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ) -> torch.Tensor:
-        context = get_forward_context()
+        context = get_forward_context().group(self.kv_group)
         cos_sin_cache, rotary_dim = self.rotary_emb.cos_sin_cache, self.rotary_emb.rotary_dim
         if rotary_dim == self.head_dim:
             query, key = self.ops.rotary_store_kv(

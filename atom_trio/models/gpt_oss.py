@@ -3,8 +3,8 @@
 - Attention: Llama's, with q/k/v/o biases (``attention_bias``), ``head_dim`` from the config, YaRN rope
   (transformers' frequencies and cos/sin scaling, `get_rope`), a learned sink logit per head
   (``self_attn.sinks``) in the softmax's denominator, and a window of ``sliding_window`` positions on
-  the layers ``layer_types`` marks ``sliding_attention``. The KV cache keeps every position for both
-  kinds, so prefix caching is the same for both (docs/scheduling.md).
+  the layers ``layer_types`` marks ``sliding_attention``. The two kinds are two KV cache groups: the
+  sliding layers' blocks are released as they leave the window (docs/scheduling.md).
 - Experts: every layer sparse; the router (``mlp.router``, with a bias) takes the top
   ``num_experts_per_tok`` logits and softmaxes over them, which is `select_experts`' softmax over all
   experts renormalized over the chosen ones. Each expert is ``down(act(gate_up(x) + b1)) + b2`` with

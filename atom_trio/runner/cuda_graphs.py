@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import attrs
 import torch
 
 from atom_trio.layers import ForwardContext, forward_context
@@ -74,6 +75,7 @@ class DecodeGraphs:
         block_size: int,
         vocab_size: int,
         device: torch.device,
+        num_kv_groups: int = 1,
     ) -> None:
         self.model = model
         self.forward = forward
@@ -85,6 +87,9 @@ class DecodeGraphs:
         max_blocks = -(-max_model_len // block_size)
         self._inputs = {size: _PackedInputs(size, device) for size in self.batch_sizes}
         self.block_tables = torch.zeros(largest, max_blocks, dtype=torch.int32, device=device)
+        # Further KV cache groups (sliding-window layers beside full ones): their own tables and slots.
+        self.group_tables = torch.zeros(num_kv_groups - 1, largest, max_blocks, dtype=torch.int32, device=device)
+        self.group_slots = torch.full((num_kv_groups - 1, largest), -1, dtype=torch.long, device=device)
         self.cu_seqlens_q = torch.arange(largest + 1, dtype=torch.int32, device=device)
         # One output buffer for every size: a graph's own output would stay allocated in the pool.
         self.logits = torch.empty(largest, vocab_size, dtype=torch.float32, device=device)
@@ -132,11 +137,13 @@ class DecodeGraphs:
         feed_rows: Sequence[int] = (),
         feed_sources: Sequence[int] = (),
         previous_tokens: torch.Tensor | None = None,
+        windowed: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
     ) -> torch.Tensor:
         """Replay the step for ``n`` decode tokens given on the host; float32 logits ``[n, vocab]``.
 
         Rows ``feed_rows`` of ``input_ids`` take ``previous_tokens[feed_sources]``
         on the device (the previous step's sampled tokens, not on the host yet).
+        ``windowed``: each further KV cache group's block tables and slots.
         The result is a view of the graph's output: the next replay overwrites it.
         """
         n = input_ids.shape[0]
@@ -147,6 +154,12 @@ class DecodeGraphs:
         # Columns past a row's context are never read, so only the used ones are copied.
         tables = block_tables[:, : self.block_tables.shape[1]]
         self.block_tables[:n, : tables.shape[1]].copy_(tables.contiguous().pin_memory(), non_blocking=True)
+        for group, (group_tables, group_slots) in enumerate(windowed):
+            tables = group_tables[:, : self.block_tables.shape[1]]
+            self.group_tables[group, :n, : tables.shape[1]].copy_(tables.contiguous().pin_memory(), non_blocking=True)
+            slots = torch.full((size,), -1, dtype=torch.long)  # padding rows store nothing
+            slots[:n] = group_slots
+            self.group_slots[group, :size].copy_(slots.pin_memory(), non_blocking=True)
         if feed_rows:
             rows, sources = inputs.feed_indices(len(feed_rows))
             inputs.input_ids.index_copy_(0, rows, previous_tokens.index_select(0, sources))
@@ -164,7 +177,12 @@ class DecodeGraphs:
             context_lens_host=[self.max_model_len] * size,
             block_size=self.block_size,
         )
-        return ForwardContext(metadata=metadata, attn_plan=self.backend.plan_attention(metadata))
+        windowed = []
+        for tables, slots in zip(self.group_tables, self.group_slots):
+            group = attrs.evolve(metadata, block_tables=tables[:size], slot_mapping=slots[:size])
+            windowed.append(ForwardContext(metadata=group, attn_plan=self.backend.plan_attention(group)))
+        plan = self.backend.plan_attention(metadata)
+        return ForwardContext(metadata=metadata, attn_plan=plan, windowed=tuple(windowed))
 
     def _step(self, size: int) -> None:
         inputs = self._inputs[size]

@@ -5,6 +5,10 @@ sampler's penalties and seeds) from the tokens the plans carry, and forgets
 them when a plan lists the sequence as finished. A plan's chunks become one
 `FlatBatch`: all tokens back to back (``input_ids``, ``positions``,
 ``slot_mapping``), and per sequence ``context_lens`` and ``block_tables``.
+A model with several KV cache groups (`atom_trio.core.BlockManager`) gets a
+chunk's tables interleaved, and each further group its own ``block_tables``
+and ``slot_mapping`` (`FlatBatch.windowed`), its entries before the window of
+the chunk's first token pointing at the null page.
 
 A decode chunk may carry `PREVIOUS_TOKEN` where the host does not know its
 token yet: the token its sequence sampled in the step launched just before,
@@ -79,6 +83,8 @@ class FlatBatch:
     """Rows of ``input_ids`` that take a token sampled by the previous step (`PREVIOUS_TOKEN`)..."""
     feed_sources: list[int]
     """...and which row of that step's tokens each takes."""
+    windowed: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+    """Each further KV cache group's ``block_tables`` and ``slot_mapping`` (none for a model with one group)."""
 
     def to(self, device: torch.device) -> FlatBatch:
         """The batch with its tensors on ``device``, copied without waiting for the device to be idle."""
@@ -89,6 +95,7 @@ class FlatBatch:
             slot_mapping=host_to_device(self.slot_mapping, device),
             block_tables=host_to_device(self.block_tables, device),
             context_lens=host_to_device(self.context_lens, device),
+            windowed=tuple((host_to_device(t, device), host_to_device(s, device)) for t, s in self.windowed),
         )
 
     @property
@@ -107,13 +114,24 @@ class InputBatch:
 
     ``histories`` by sequence; ``last_tokens`` the tokens the last step
     launched sampled (on the device), ``last_rows`` each sampling sequence's
-    row of them.
+    row of them. ``kv_cache_windows``: the KV cache groups; ``null_block``
+    the page that a sliding group's entries out of the window name, once the
+    cache is allocated.
     """
 
-    def __init__(self, *, block_size: int, max_model_len: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        *,
+        block_size: int,
+        max_model_len: int,
+        device: torch.device,
+        kv_cache_windows: tuple[int | None, ...] = (None,),
+    ) -> None:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.device = device
+        self.kv_cache_windows = kv_cache_windows
+        self.null_block: int | None = None
         self.histories: dict[int, SeqHistory] = {}
         self.last_tokens = torch.empty(0, dtype=torch.long, device=device)
         self.last_rows: dict[int, int] = {}
@@ -157,10 +175,11 @@ class InputBatch:
             raise ValueError(f"sequence {chunk.seq_id}: a chunk must carry at least one token")
         if end > self.max_model_len:
             raise ValueError(f"sequence {chunk.seq_id}: position {end - 1} is past max_model_len {self.max_model_len}")
-        if len(chunk.block_table) * self.block_size < end:
+        num_groups = len(self.kv_cache_windows)
+        if len(chunk.block_table) // num_groups * self.block_size < end or len(chunk.block_table) % num_groups:
             raise ValueError(
                 f"sequence {chunk.seq_id}: {len(chunk.block_table)} blocks of {self.block_size} "
-                f"cannot hold {end} tokens"
+                f"for {num_groups} KV cache groups cannot hold {end} tokens"
             )
         if chunk.sample and chunk.sampling_params is None:
             raise ValueError(f"sequence {chunk.seq_id}: sample=True needs sampling_params")
@@ -195,6 +214,10 @@ class InputBatch:
             [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks], dtype=torch.int32
         )
         seq_of_token = torch.repeat_interleave(torch.arange(len(chunks)), torch.tensor(query_lens))
+        windowed = ()
+        if len(self.kv_cache_windows) > 1:
+            starts = [c.start_pos for c in chunks]
+            block_tables, windowed = self._split_groups(block_tables, starts, seq_of_token, positions)
         slot_mapping = (
             block_tables[seq_of_token, positions // self.block_size].long() * self.block_size
             + positions % self.block_size
@@ -209,7 +232,36 @@ class InputBatch:
             context_lens_host=context_lens,
             feed_rows=feed_rows,
             feed_sources=[self.last_rows[chunks[i].seq_id] for i in fed],
+            windowed=windowed,
         )
+
+    def _split_groups(
+        self, tables: torch.Tensor, starts: list[int], seq_of_token: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[tuple[torch.Tensor, torch.Tensor], ...]]:
+        """The first group's block tables, and each further group's tables and slots, from the interleaved tables.
+
+        A sliding group's entries before the window of a chunk's first token
+        become the null page: the scheduler releases those blocks, and a
+        table the peer holds may still name them (the wire sends a table's
+        growth only), so they must not be read.
+        """
+        size = self.block_size
+        by_group = tables.view(tables.shape[0], -1, len(self.kv_cache_windows)).permute(2, 0, 1)
+        columns = torch.arange(by_group.shape[2])
+        windowed = []
+        for group, window in enumerate(self.kv_cache_windows[1:], start=1):
+            table = by_group[group].contiguous()
+            if self.null_block is not None:
+                first = (torch.tensor(starts) - window + 1).clamp_(min=0) // size
+                table.masked_fill_(columns[None, :] < first[:, None], self.null_block)
+            slots = table[seq_of_token, positions // size].long() * size + positions % size
+            windowed.append((table, slots))
+        return by_group[0].contiguous(), tuple(windowed)
+
+    def table_for_groups(self, blocks: list[int]) -> list[int]:
+        """A chunk's table that gives every KV cache group ``blocks`` (for warm-up steps, whose KV is thrown away)."""
+        num_groups = len(self.kv_cache_windows)
+        return blocks if num_groups == 1 else [block for block in blocks for _ in range(num_groups)]
 
     def feed_previous_tokens(self, batch: FlatBatch) -> FlatBatch:
         """Write into ``batch.input_ids`` (on the device) the tokens its `PREVIOUS_TOKEN` chunks stand for."""

@@ -11,6 +11,16 @@ the units the model caches. A GPU's budget is
 the peak activations of the largest step and the decode CUDA graphs (both
 measured at start-up, see `atom_trio.runner.startup`), and memory other
 processes and libraries hold. The CPU's is ``cpu_kv_cache_space_gb``.
+
+A model whose layers attend in several ways (full attention beside a sliding
+window: GPT-OSS) has one KV cache group per way (`atom_trio.core.BlockManager`).
+The groups share one pool of pages: slot ``i`` of the tensor's layer axis holds
+the ``i``-th layer of every group, so a page holds one group's layers, and
+a page is the full group's or a sliding group's as the block manager hands it
+out. A sliding group keeps only its window's pages per sequence, so the pool
+holds about ``layers / slots`` times the tokens (twice for GPT-OSS) of a cache
+that keeps every position in every layer. One page more, past the pool, is the
+null page that released table entries name: never written, it stays zero.
 """
 
 from __future__ import annotations
@@ -53,6 +63,32 @@ class KVCacheLayout:
     dtype: torch.dtype
     device: torch.device
 
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """The KV cache groups: ``(None,)`` when every layer attends alike, else ``None`` (full) then each window."""
+        kinds = {layer.sliding_window for layer in self.layers}
+        if len(kinds) <= 1:
+            return (None,)
+        return (None, *sorted(kinds - {None}))
+
+    def _slots(self) -> list[tuple[int, int]]:
+        """Each layer's KV cache group and its slot on the tensor's layer axis (its index among the group's layers)."""
+        windows = self.windows
+        if len(windows) == 1:
+            return [(0, i) for i in range(len(self.layers))]
+        counts = [0] * len(windows)
+        slots = []
+        for layer in self.layers:
+            group = windows.index(layer.sliding_window)
+            slots.append((group, counts[group]))
+            counts[group] += 1
+        return slots
+
+    @property
+    def num_slots(self) -> int:
+        """Layers a page holds: the most of any group (every layer for one group)."""
+        return 1 + max((slot for _, slot in self._slots()), default=-1)
+
     def layer_shapes(self, num_blocks: int) -> tuple[tuple[int, ...], ...]:
         """The cache tensors each layer keeps for ``num_blocks`` blocks; every layer must declare the same."""
         shapes = {layer.kv_cache_shapes(num_blocks, self.block_size) for layer in self.layers}
@@ -62,12 +98,14 @@ class KVCacheLayout:
 
     @property
     def block_bytes(self) -> int:
-        """Bytes of one block: what every layer caches for ``block_size`` tokens."""
+        """Bytes of one block: what a page's layers (every layer, for one group) cache for ``block_size`` tokens."""
         per_layer = sum(math.prod(shape) for shape in self.layer_shapes(1))
-        return len(self.layers) * per_layer * self.dtype.itemsize
+        return self.num_slots * per_layer * self.dtype.itemsize
 
     def allocate(self, num_blocks: int) -> torch.Tensor:
-        """One tensor ``[tensors, layers, *layout]``; each layer gets views of its own.
+        """One tensor ``[tensors, slots, *layout]``; each layer gets views of its own (its group's slot).
+
+        With several KV cache groups it holds ``num_blocks + 1`` pages: the last is the null page.
 
         Zeroed, because the decode path reads whole blocks, and a never-written
         slot must be finite for its (masked, zero-weight) value row to vanish.
@@ -76,8 +114,9 @@ class KVCacheLayout:
         anonymous mapping reads as zeros and takes memory only for the pages
         the cache writes.
         """
-        tensors = self.layer_shapes(num_blocks)
-        shape = (len(tensors), len(self.layers), *tensors[0])
+        slots = self._slots()
+        tensors = self.layer_shapes(num_blocks + (len(self.windows) > 1))
+        shape = (len(tensors), self.num_slots, *tensors[0])
         if any(t != tensors[0] for t in tensors):
             raise ModelLoadError(f"an attention layer's cache tensors differ in shape: {tensors}")
         if self.device.type == "cpu":
@@ -85,8 +124,9 @@ class KVCacheLayout:
             kv = torch.frombuffer(pages, dtype=self.dtype).view(shape)
         else:
             kv = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        for i, attn in enumerate(self.layers):
-            attn.bind_kv_cache(*kv[:, i])
+        for attn, (group, slot) in zip(self.layers, slots):
+            attn.kv_group = group
+            attn.bind_kv_cache(*kv[:, slot])
         return kv
 
     def unbind(self) -> None:
@@ -108,6 +148,34 @@ class KVCacheLayout:
             where,
         )
         return blocks
+
+    def log_groups(self, num_blocks: int, max_model_len: int) -> None:
+        """Log the KV cache groups, and how many more tokens their pool holds than one that keeps every layer's.
+
+        The gain is counted for sequences of ``max_model_len`` tokens: each
+        takes its length in full-group blocks, and a sliding group's window
+        (at most ``ceil(W / block_size) + 1`` blocks).
+        """
+        windows = self.windows
+        if len(windows) == 1:
+            return
+        size = self.block_size
+        counts = [sum(1 for group, _ in self._slots() if group == g) for g in range(len(windows))]
+        blocks = -(-max_model_len // size)
+        pages = blocks + sum(min(blocks, -(-w // size) + 1) for w in windows[1:])
+        # per sequence: today every layer keeps every block; here `pages` pages of `num_slots` layers
+        ratio = blocks * len(self.layers) / (pages * self.num_slots)
+        logger.info(
+            "KV cache groups: full attention (%d layers) and sliding windows %s (%s layers) share %d pages of %d "
+            "layers; at %d tokens a sequence: %.2fx the tokens of a cache that keeps every position in every layer",
+            counts[0],
+            list(windows[1:]),
+            counts[1:],
+            num_blocks,
+            self.num_slots,
+            max_model_len,
+            ratio,
+        )
 
 
 def gpu_budget(config: EngineConfig, device: torch.device, *, peak: int, graph_bytes: int) -> tuple[float, str]:

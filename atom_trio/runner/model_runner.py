@@ -128,7 +128,6 @@ class ModelRunner:
         self._draft_probs: dict[int, torch.Tensor] = {}
         """The distribution each sequence's pending drafts were drawn from, where its drafter has one."""
         self._step_hidden: tuple[torch.Tensor, list[int]] | None = None
-        self.inputs = InputBatch(block_size=self.block_size, max_model_len=self.max_model_len, device=self.device)
         self._prompt_logprobs = PromptLogprobs(vocab_size=self.vocab_size, device=self.device)
         self._unread: deque[LaunchedStep] = deque()
         """Launched steps whose tokens the host has not read, oldest first."""
@@ -137,6 +136,12 @@ class ModelRunner:
             block_size=self.block_size,
             dtype=kv_dtype,
             device=self.device,
+        )
+        self.inputs = InputBatch(
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+            device=self.device,
+            kv_cache_windows=self.kv_layout.windows,
         )
         self.decode_graphs: DecodeGraphs | None = None
         self.compiled: CompiledForward | None = None
@@ -151,6 +156,8 @@ class ModelRunner:
             clock.lap("compile")
         self.num_kv_blocks, self.graph_bytes_budgeted = startup.size_kv_cache(self, clock)
         self.kv_cache = self.kv_layout.allocate(self.num_kv_blocks)
+        self.inputs.null_block = self.num_kv_blocks  # the page past the pool (several KV cache groups only)
+        self.kv_layout.log_groups(self.num_kv_blocks, self.max_model_len)
         clock.lap("KV allocation")
         self.warm_up()
         clock.lap("warm-up")
@@ -180,6 +187,7 @@ class ModelRunner:
             max_model_len=self.max_model_len,
             vocab_size=self.vocab_size,
             eos_token_ids=frozenset(self.eos_token_ids),
+            kv_cache_windows=self.kv_layout.windows,
         )
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -368,6 +376,7 @@ class ModelRunner:
                 feed_rows=batch.feed_rows,
                 feed_sources=batch.feed_sources,
                 previous_tokens=self.inputs.last_tokens,
+                windowed=batch.windowed,
             )
             return (logits if len(sampled) == len(plan.chunks) else logits[sampled]), None
         batch = self.inputs.feed_previous_tokens(batch.to(self.device))
@@ -397,7 +406,12 @@ class ModelRunner:
             context_lens_host=batch.context_lens_host,
             block_size=self.block_size,
         )
-        context = ForwardContext(metadata=metadata, attn_plan=self.backend.plan_attention(metadata))
+        windowed = []
+        for block_tables, slot_mapping in batch.windowed:  # further KV cache groups: their own tables and slots
+            group = attrs.evolve(metadata, block_tables=block_tables.to(device), slot_mapping=slot_mapping.to(device))
+            windowed.append(ForwardContext(metadata=group, attn_plan=self.backend.plan_attention(group)))
+        plan = self.backend.plan_attention(metadata)
+        context = ForwardContext(metadata=metadata, attn_plan=plan, windowed=tuple(windowed))
         with forward_context(context):
             return self.model_forward(batch.input_ids.to(device), batch.positions.to(device))
 

@@ -177,7 +177,12 @@ def compile_forward(runner: ModelRunner) -> None:
         with runner.compiled.tracing():
             for n in (2, 1):
                 chunk = SeqChunk(
-                    seq_id=0, token_ids=[0] * n, start_pos=0, block_table=[0] * n, prompt_len=n, sample=False
+                    seq_id=0,
+                    token_ids=[0] * n,
+                    start_pos=0,
+                    block_table=runner.inputs.table_for_groups([0] * n),
+                    prompt_len=n,
+                    sample=False,
                 )
                 runner.run_model(runner.inputs.prepare([chunk]))
     finally:
@@ -226,7 +231,14 @@ def profile_peak_memory(runner: ModelRunner) -> int:
         num_blocks = -(-length // block_size)
         table = list(range(first_block, first_block + num_blocks))
         chunks.append(
-            SeqChunk(seq_id=i, token_ids=[0] * length, start_pos=0, block_table=table, prompt_len=length, sample=False)
+            SeqChunk(
+                seq_id=i,
+                token_ids=[0] * length,
+                start_pos=0,
+                block_table=runner.inputs.table_for_groups(table),
+                prompt_len=length,
+                sample=False,
+            )
         )
         first_block += num_blocks
     torch.cuda.synchronize(device)
@@ -292,7 +304,7 @@ def warm_up(runner: ModelRunner) -> None:
                     seq_id=next(seq_ids),
                     token_ids=[0] * query_len,
                     start_pos=start,
-                    block_table=[0] * -(-context_len // runner.block_size),
+                    block_table=runner.inputs.table_for_groups([0] * -(-context_len // runner.block_size)),
                     prompt_len=context_len,
                     sample=True,
                     sampling_params=random if i % 2 else greedy,
@@ -348,6 +360,7 @@ def capture_decode_graphs(runner: ModelRunner, batch_sizes: list[int]) -> tuple[
         block_size=runner.block_size,
         vocab_size=runner.vocab_size,
         device=device,
+        num_kv_groups=len(runner.kv_layout.windows),
     )
     graphs.capture()
     torch.cuda.empty_cache()  # the warm-up steps' temporaries; what stays is the graphs' own

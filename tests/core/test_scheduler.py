@@ -103,7 +103,9 @@ class FakeRunner:
                 event("verified drafts")
             assert chunk.propose_drafts <= (sched.num_speculative_tokens > 0 and chunk.sample)
             assert chunk.prompt_len == seq.prompt_len
-            assert len(chunk.block_table) == -(-end // size)
+            manager = sched.block_manager
+            num_groups = manager.num_groups
+            assert len(chunk.block_table) == -(-end // size) * num_groups
             assert chunk.sample == (end - num_drafts == len(tokens))
             asks = seq.params.prompt_logprobs is not None
             assert (chunk.sampling_params is not None) == (chunk.sample or asks)
@@ -121,13 +123,19 @@ class FakeRunner:
             assert chunk.start_pos <= len(history)
             assert history[: chunk.start_pos] == tokens[: chunk.start_pos], "rolled back to tokens it had"
             del history[chunk.start_pos :]  # rejected drafts
-            for pos in range(chunk.start_pos):  # attention reads exactly this sequence's prefix
-                assert self.kv[chunk.block_table[pos // size], pos % size] == tuple(tokens[: pos + 1])
             written = tokens[: end - num_drafts] + drafts
-            for pos in range(chunk.start_pos, end):
-                block = blocks[chunk.block_table[pos // size]]
-                assert block.ref_count == 1 and block.block_hash is None, "wrote a shared or cached block"
-                self.kv[block.block_id, pos % size] = tuple(written[: pos + 1])
+            for group, window in enumerate(manager.windows):
+                table = chunk.block_table[group::num_groups]
+                # attention reads exactly this sequence's prefix, within the window of the chunk's first token
+                for pos in range(0 if window is None else max(0, chunk.start_pos - window + 1), chunk.start_pos):
+                    assert self.kv[table[pos // size], pos % size] == tuple(tokens[: pos + 1])
+                if manager.null_block in table:
+                    event("sliding-window blocks released")
+                for pos in range(chunk.start_pos, end):
+                    assert table[pos // size] != manager.null_block, "a token's KV goes to the null block"
+                    block = blocks[table[pos // size]]
+                    assert block.ref_count == 1 and block.block_hash is None, "wrote a shared or cached block"
+                    self.kv[block.block_id, pos % size] = tuple(written[: pos + 1])
             history.extend(written[chunk.start_pos : end])
             if chunk.sample:
                 new = self.verify(drafts)
@@ -169,20 +177,25 @@ class FakeRunner:
 def check_invariants(sched: Scheduler) -> None:
     manager = sched.block_manager
     size = sched.block_size
+    null = manager.null_block
     refs = [0] * manager.num_blocks
     for seq in sched.running:
         assert seq.status is SequenceStatus.RUNNING
-        assert len(seq.block_table) == -(-seq.num_computed_tokens // size)
+        assert len(seq.block_tables) == manager.num_groups
         assert seq.num_computed_tokens < len(seq.token_ids) + seq.num_pending_tokens + sched.num_speculative_tokens
         assert 0 <= seq.num_pending_tokens <= sched.max_in_flight
-        for block_id in seq.block_table:
-            refs[block_id] += 1
-        for i in range(seq.num_published_blocks):
-            block = manager.blocks[seq.block_table[i]]
-            if block.block_hash is not None:
-                assert block.token_ids == tuple(seq.token_ids[i * size : (i + 1) * size])
+        for group, table in enumerate(seq.block_tables):
+            assert len(table) == -(-seq.num_computed_tokens // size)
+            # released only what no token still to compute attends to
+            assert null not in table[manager.window_start(group, seq.num_computed_tokens) :]
+            for block_id in table:
+                if block_id != null:
+                    refs[block_id] += 1
+            for i in range(seq.num_published_blocks):
+                if table[i] != null and manager.blocks[table[i]].block_hash is not None:
+                    assert manager.blocks[table[i]].token_ids == tuple(seq.token_ids[i * size : (i + 1) * size])
     for seq in sched.waiting:
-        assert seq.status is SequenceStatus.WAITING and not seq.block_table and seq.num_computed_tokens == 0
+        assert seq.status is SequenceStatus.WAITING and not any(seq.block_tables) and seq.num_computed_tokens == 0
     num_free = 0
     for block in manager.blocks:
         assert block.ref_count == refs[block.block_id], "reference count differs from the block tables"
@@ -191,11 +204,12 @@ def check_invariants(sched: Scheduler) -> None:
         if block.ref_count > 1:
             assert block.block_hash is not None or not sched.enable_prefix_caching
     assert num_free == manager.num_free_blocks
-    for block_hash, block_id in manager.cached_blocks.items():
-        block = manager.blocks[block_id]
-        assert block.block_hash == block_hash and len(block.token_ids) == size
-        assert bm_module.hash_block(block.parent_hash, block.token_ids) == block_hash
-    assert sum(b.block_hash is not None for b in manager.blocks) == len(manager.cached_blocks)
+    for group, cached in enumerate(manager.cached_by_group):
+        for block_hash, block_id in cached.items():
+            block = manager.blocks[block_id]
+            assert block.block_hash == block_hash and len(block.token_ids) == size and block.group == group
+            assert bm_module.hash_block(block.parent_hash, block.token_ids) == block_hash
+    assert sum(b.block_hash is not None for b in manager.blocks) == sum(map(len, manager.cached_by_group))
     assert len(sched.running) <= sched.max_num_seqs
     stats = sched.stats()
     assert (stats.num_running, stats.num_waiting) == (len(sched.running), len(sched.waiting))
@@ -246,12 +260,15 @@ class SchedulerMachine(RuleBasedStateMachine):
         max_in_flight=st.sampled_from([1, 2]),
         seed=st.integers(0, 2**16),
         num_speculative_tokens=st.sampled_from([0, 0, 1, 3]),
+        windows=st.sampled_from([(None,), (None,), (None, 1), (None, 3), (None, 6), (None, 2, 5)]),
     )
     def setup(
         self, num_blocks, block_size, max_num_seqs, max_num_batched_tokens, caching, max_in_flight, seed,
-        num_speculative_tokens,
+        num_speculative_tokens, windows,
     ) -> None:
+        """``windows``: KV cache groups, some sliding (as GPT-OSS's), whose blocks come on top of ``num_blocks``."""
         self.in_flight: deque[tuple[StepPlan, StepResult]] = deque()
+        num_blocks += sum(-(-w // block_size) + 1 for w in windows[1:])
         self.sched = Scheduler(
             num_blocks=num_blocks,
             block_size=block_size,
@@ -262,6 +279,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             eos_token_ids=frozenset({EOS}),
             max_in_flight=max_in_flight,
             num_speculative_tokens=num_speculative_tokens,
+            kv_cache_windows=windows,
         )
         self.runner = FakeRunner(self.sched, seed)
 
@@ -376,6 +394,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         stats = self.sched.stats()
         event("preempted", stats.num_preemptions > 0)
         event("prefix cache hit", stats.prefix_cache_hits > 0)
+        if self.sched.block_manager.num_groups > 1:
+            event("prefix cache hit with sliding-window groups", stats.prefix_cache_hits > 0)
         assert not self.live_requests()
         manager = self.sched.block_manager
         assert manager.num_free_blocks == manager.num_blocks, "blocks leaked"

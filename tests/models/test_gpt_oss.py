@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 
+import attrs
 import pytest
 import safetensors.torch
 import torch
@@ -20,6 +21,7 @@ from test_models import check_mixed_step_logits
 
 from atom_trio import LLM, SamplingParams
 from atom_trio.config import EngineConfig
+from atom_trio.core import Scheduler
 from atom_trio.errors import ModelLoadError
 from atom_trio.models import GptOssForCausalLM
 from atom_trio.runner import ModelRunner
@@ -114,6 +116,49 @@ def test_greedy_batched_chunked_and_prefix_cached_matches_transformers_generate(
         assert [out.outputs[0].token_ids[: len(want)] for out, want in zip(outputs, expected)] == expected
     assert all(out.num_cached_tokens >= 12 for out in again[:4])
     assert len({t for tokens in expected for t in tokens}) > 3 * len(prompts), "a degenerate reference tests little"
+
+
+def test_sliding_window_blocks_are_released_as_generation_goes_on(gpt_oss_dir, reference, prompts):
+    """The scheduler and the runner, step by step: a sequence holds at most ``ceil(W / block) + 1`` blocks of the
+    sliding layers' group while it decodes, its full group one per 4 tokens, and the tokens stay transformers'."""
+    runner = ModelRunner(
+        EngineConfig(model=str(gpt_oss_dir), dtype="float32", kernel_backend="cpu", num_kv_blocks=64, block_size=4)
+    )
+    facts = runner.facts
+    assert facts.kv_cache_windows == (None, WINDOW)
+    scheduler = Scheduler(
+        num_blocks=facts.num_kv_blocks,
+        block_size=facts.block_size,
+        max_num_seqs=4,
+        max_num_batched_tokens=16,
+        max_model_len=facts.max_model_len,
+        eos_token_ids=facts.eos_token_ids,
+        kv_cache_windows=facts.kv_cache_windows,
+    )
+    manager = scheduler.block_manager
+    long_run = attrs.evolve(GREEDY, max_tokens=20)
+    for i, prompt in enumerate(prompts[4:]):
+        scheduler.add_request(str(i), prompt, long_run)
+    outputs = {"0": [], "1": []}
+    most_sliding = most_full = 0
+    try:
+        while scheduler.has_unfinished():
+            plan = scheduler.schedule()
+            for seq in scheduler.running:
+                full, sliding = (sum(b != manager.null_block for b in table) for table in seq.block_tables)
+                assert full == len(seq.block_table) == -(-seq.num_computed_tokens // 4)
+                if seq.num_computed_tokens > seq.prompt_len:  # decoding
+                    assert sliding <= min(full, -(-WINDOW // 4) + 1)
+                    most_sliding, most_full = max(most_sliding, sliding), max(most_full, full)
+            for out in scheduler.update(plan, runner.execute(plan)):
+                outputs[out.request_id] += out.new_token_ids
+    finally:
+        runner.close()
+    # the window of a decode token spans at most ceil((W - 1) / block) + 1 blocks, all the sequence keeps
+    assert most_sliding == -(-(WINDOW - 1) // 4) + 1 and most_full == -(-(23 + 20 - 1) // 4)
+    assert manager.num_free_blocks == manager.num_blocks
+    for i, prompt in enumerate(prompts[4:]):
+        assert outputs[str(i)] == transformers_greedy(reference, prompt, 20, GREEDY.repetition_penalty)
 
 
 def test_experts_load_split_and_transposed(gpt_oss_dir, reference):

@@ -26,14 +26,17 @@ from atom_trio.runner import ModelRunner
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def chunk(seq_id, tokens, start, *, prompt_len, sample, block_size=4, blocks_offset=0):
-    """A chunk whose sequence owns the contiguous blocks from ``blocks_offset`` on (enough for the chunk)."""
+def chunk(seq_id, tokens, start, *, prompt_len, sample, block_size=4, blocks_offset=0, num_kv_groups=1):
+    """A chunk whose sequence owns the contiguous blocks from ``blocks_offset`` on (enough for the chunk).
+
+    With several KV cache groups, group ``g`` owns them ``g * 8`` blocks further on, interleaved as the scheduler does.
+    """
     nblocks = -(-(start + len(tokens)) // block_size)
     return SeqChunk(
         seq_id=seq_id,
         token_ids=list(tokens),
         start_pos=start,
-        block_table=list(range(blocks_offset, blocks_offset + nblocks)),
+        block_table=[blocks_offset + i + g * 8 for i in range(nblocks) for g in range(num_kv_groups)],
         prompt_len=prompt_len,
         sample=sample,
         sampling_params=GREEDY if sample else None,
@@ -60,6 +63,7 @@ def check_mixed_step_logits(model_dir, *, block_size, **fields):
                 sample=sample,
                 block_size=block_size,
                 blocks_offset=seq_id * 20,
+                num_kv_groups=len(runner.kv_layout.windows),
             )
 
         step0 = StepPlan(step_id=0, chunks=[c(0, p1, 0, p1, True), c(1, p2[:8], 0, p2, False), c(2, p3, 0, p3, True)])

@@ -143,3 +143,58 @@ def test_triton_matches_the_reference(window, with_sinks, seqs, num_splits):
     out = backend.paged_attention(q, k, v, k_cache, v_cache, plan, 0.2, sinks=sinks, sliding_window=window)
     tolerance = dict(atol=4e-3, rtol=4e-3) if dtype == torch.float16 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.float(), expected.float(), **tolerance)
+
+
+def _null_before_window(metadata, window, num_blocks):
+    """``metadata`` whose table entries wholly before the window of each sequence's first query name one
+    unused block, as a sliding-window KV cache group's released entries name the null page; and that block."""
+    null = min(set(range(num_blocks)) - set(metadata.block_tables.flatten().tolist()))
+    tables = metadata.block_tables.clone()
+    for i, (n, ctx) in enumerate(zip(metadata.query_lens_host, metadata.context_lens_host)):
+        tables[i, : max(0, ctx - n - window + 1) // metadata.block_size] = null
+    assert (tables == null).any()
+    return attrs.evolve(metadata, block_tables=tables), null
+
+
+@pytest.mark.parametrize("backend", [CpuBackend(), TorchRefBackend()], ids=lambda b: b.name)
+def test_null_blocks_before_the_window_are_never_weighed(backend):
+    """Whatever the null page holds (here huge finite values), a sliding layer's output is that of its real blocks."""
+    window = 5
+    q, k, v, k_cache, v_cache, metadata, ref_layout = _step(MIXED, torch.float32, seed=7)
+    k_cache, v_cache = ref_layout(k_cache), ref_layout(v_cache)
+    backend.store_kv(k, v, k_cache, v_cache, metadata.slot_mapping)
+    nulled, null = _null_before_window(metadata, window, k_cache.shape[1])
+
+    def attend(meta):
+        plan = backend.plan_attention(meta)
+        return backend.paged_attention(q, k, v, k_cache, v_cache, plan, 0.2, sinks=_sinks(1), sliding_window=window)
+
+    expected = attend(metadata)
+    k_cache[:, null], v_cache[:, null] = 1e4, -1e4
+    torch.testing.assert_close(attend(nulled), expected)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRET), reason="needs a GPU or Triton's interpreter")
+@pytest.mark.parametrize("num_splits", [None, 2])
+def test_triton_matches_the_reference_with_null_blocks_before_the_window(num_splits):
+    """The Triton kernel reads no block before a query block's window: a null page of NaN changes nothing."""
+    from atom_trio.ops.triton import TritonBackend  # noqa: PLC0415
+
+    window, device = 5, "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.float16 if INTERPRET else torch.bfloat16
+    q, k, v, k_cache, v_cache, metadata, ref_layout = _step([(1, 45), (7, 23), (1, 3)], dtype, seed=9, on_cpu=False)
+    ref_k, ref_v = ref_layout(k_cache), ref_layout(v_cache)
+    REF.store_kv(k, v, ref_k, ref_v, metadata.slot_mapping)
+    expected = REF.paged_attention(
+        q, k, v, ref_k, ref_v, REF.plan_attention(metadata), 0.2, sinks=_sinks(2).to(device, dtype), sliding_window=window
+    )
+    nulled, null = _null_before_window(metadata, window, k_cache.shape[0])
+    k_cache[null], v_cache[null] = float("nan"), float("nan")
+    backend = TritonBackend(device)
+    backend.store_kv(k, v, k_cache, v_cache, nulled.slot_mapping)
+    plan = backend.plan_attention(nulled, num_splits=num_splits)
+    out = backend.paged_attention(
+        q, k, v, k_cache, v_cache, plan, 0.2, sinks=_sinks(2).to(device, dtype), sliding_window=window
+    )
+    tolerance = dict(atol=4e-3, rtol=4e-3) if dtype == torch.float16 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), expected.float(), **tolerance)
