@@ -7,6 +7,8 @@
         --transformers-batch-sizes 1 --gpu-memory-utilization 0.95      # a mixture of experts
     python3 -m benchmarks.benchmark_gpu --config deepseek-v2-lite --batch-sizes 1 32 128 \
         --transformers-batch-sizes 1 --transformers-experts eager      # latent attention
+    for kv in auto fp8; do python3 -m benchmarks.benchmark_gpu --skip-transformers --batch-sizes 32 128 \
+        --kv-cache-dtype $kv --json kv-$kv.json; done                  # an FP8 KV cache against bf16
 
 ``--config`` picks the model's shapes (``atom_trio.testing.REAL_CONFIGS``). Measured, all in one process on
 one card:
@@ -31,9 +33,11 @@ one card:
   freed, and the runner takes the card;
 - the runner (Triton kernels, KV cache sized by ``gpu_memory_utilization``)
   at ``--level`` (results under ``level_N``): its start-up time by phase and
-  the decode graphs' memory; for latent attention (DeepSeek), how many
-  ``--capacity-tokens`` sequences its cache holds at once, against the same
-  bytes holding keys and values per head (`latent_cache_capacity`);
+  the decode graphs' memory; how many ``--capacity-tokens`` sequences its
+  cache holds at once (``max_seqs_N``: halve the bytes of an element with
+  ``--kv-cache-dtype fp8`` and it doubles), and for latent attention
+  (DeepSeek) against the same bytes holding keys and values per head
+  (`latent_cache_capacity`);
   prefill of one 2048-token prompt (time, TFLOP/s of the parameters each
   token multiplies, a mixture's active experts only, against the bf16
   peak); time per decode step at batch 1, with CUDA graphs and, on the same
@@ -62,6 +66,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import attrs
 import torch
 
 from atom_trio.config import EngineConfig
@@ -371,11 +376,11 @@ class PerHeadKV(CachedAttention):
 
     def __init__(self, backend, num_heads: int, key_dim: int, value_dim: int) -> None:
         super().__init__()
-        self.backend, self.num_heads, self.key_dim, self.value_dim = backend, num_heads, key_dim, value_dim
+        self.ops, self.num_heads, self.key_dim, self.value_dim = backend, num_heads, key_dim, value_dim
 
     def kv_cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
         return tuple(
-            self.backend.kv_cache_shape(num_blocks, block_size, self.num_heads, dim) for dim in (self.key_dim, self.value_dim)
+            self.ops.kv_cache_shape(num_blocks, block_size, self.num_heads, dim) for dim in (self.key_dim, self.value_dim)
         )
 
 
@@ -423,6 +428,7 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
         max_num_batched_tokens=args.prefill_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         level=level,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     runner = ModelRunner(config)
     results["runner_start_s"] = time.perf_counter() - start
@@ -430,6 +436,8 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
     results["graph_GiB"] = runner.graph_bytes / 2**30
     results["graph_GiB_set_aside"] = runner.graph_bytes_budgeted / 2**30
     results["kv_cache_tokens"] = runner.num_kv_blocks * runner.block_size
+    results["kv_cache_dtype"] = str(runner.kv_layout.dtype).removeprefix("torch.")
+    results[f"max_seqs_{args.capacity_tokens}"] = runner.num_kv_blocks // -(-args.capacity_tokens // runner.block_size)
     if any(isinstance(layer, MLAAttention) for layer in runner.kv_layout.layers):
         results.update(latent_cache_capacity(runner, args.capacity_tokens))
     results["weight_GB"] = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 1e9
@@ -471,6 +479,8 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
     for batch in args.batch_sizes:  # last: the routing is counted eagerly, after every compiled and graphed step
         distinct = routed_experts(driver, batch, args.input_len, ROUTING_STEPS, rng) if moe else None
         floor = step_bytes(hf_config, [context] * batch, distinct_experts=distinct)
+        # The floor's cache in the cache's element size (step_bytes counts the weights' 2 bytes).
+        floor = attrs.evolve(floor, kv_cache=floor.kv_cache * runner.kv_layout.dtype.itemsize // 2)
         results[f"decode_b{batch}_floor_GB"] = floor.total / 1e9
         results[f"decode_b{batch}_floor_ms"] = floor_ms = floor.floor_ms(bandwidth)
         if moe:
@@ -516,7 +526,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--capacity-tokens",
         type=int,
         default=4096,
-        help="latent attention: count the sequences of this many tokens the KV cache holds, latent and per head",
+        help="count the sequences of this many tokens the KV cache holds (latent attention: also stored per head)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8"],
+        default="auto",
+        help="the KV cache's elements: the model's bf16, or FP8 (e4m3, scales 1.0 with dummy weights)",
     )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

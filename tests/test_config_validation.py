@@ -29,11 +29,13 @@ NOWHERE = "/nonexistent/model"
 @pytest.mark.parametrize(
     ("fields", "options", "message"),
     [
-        (dict(kv_cache_dtype="fp8"), ("kv_cache_dtype",),
-         "kv_cache_dtype must be one of auto, float32, bfloat16, float16 (the model's dtype: this build has no FP8 or "
-         "other quantized KV cache); got 'fp8'"),
+        (dict(kv_cache_dtype="fp8_e5m2"), ("kv_cache_dtype",),
+         "kv_cache_dtype 'fp8_e5m2' is not supported: the FP8 KV cache is e4m3 with per-tensor scales; use 'fp8' "
+         "(or 'fp8_e4m3')"),
+        (dict(kv_cache_dtype="int8"), ("kv_cache_dtype",),
+         "kv_cache_dtype must be one of auto, float32, bfloat16, float16, fp8, fp8_e4m3; got 'int8'"),
         (dict(dtype="bfloat16", kv_cache_dtype="float32"), ("kv_cache_dtype", "dtype"),
-         "kv_cache_dtype 'float32' differs from dtype 'bfloat16': the KV cache holds the model's dtype"),
+         "kv_cache_dtype 'float32' differs from dtype 'bfloat16': the KV cache holds the model's dtype or FP8"),
         (dict(executor="thread", tensor_parallel_size=2), ("executor", "tensor_parallel_size"),
          "executor 'thread' cannot run tensor_parallel_size 2: tensor parallelism needs one worker process per rank; "
          "use executor 'process' or 'auto'"),
@@ -117,8 +119,8 @@ def test_any_keywords_give_a_config_that_crosses_the_wire_or_one_invalid_config(
 
 async def test_open_engine_keywords_are_checked_before_anything_loads() -> None:
     # NOWHERE would raise ModelLoadError if anything got as far as loading.
-    with pytest.raises(InvalidConfig, match="this build has no FP8"):
-        async with open_engine(model=NOWHERE, kv_cache_dtype="fp8"):
+    with pytest.raises(InvalidConfig, match="kv_cache_dtype 'fp8_e5m2' is not supported"):
+        async with open_engine(model=NOWHERE, kv_cache_dtype="fp8_e5m2"):
             pass
     with pytest.raises(InvalidConfig, match="kernel backend 'triton' is not available on 'cpu'") as info:
         async with open_engine(EngineConfig(model=NOWHERE), device="cpu", kernel_backend="triton"):

@@ -75,7 +75,7 @@ def test_the_table_documents_every_option_as_its_field_defines_it() -> None:
         assert ("app" in opt.commands) == (opt.hypercorn is None), opt.name
     dtype = next(o for o in OPTIONS if o.name == "dtype")
     assert dtype.choices == ("auto", "float32", "bfloat16", "float16") and dtype.section == "Model"
-    assert next(o for o in OPTIONS if o.name == "kv_cache_dtype").choices == dtype.choices  # no FP8 cache yet
+    assert next(o for o in OPTIONS if o.name == "kv_cache_dtype").choices == (*dtype.choices, "fp8", "fp8_e4m3")
     assert next(o for o in OPTIONS if o.name == "profile_dir").flags == [
         "--profile-dir", "--profile_dir", "--torch-profiler-dir", "--torch_profiler_dir"]
 

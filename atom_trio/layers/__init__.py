@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .attention import Attention, CachedAttention, ForwardContext, forward_context, get_forward_context
+from .attention import (
+    Attention,
+    CachedAttention,
+    ForwardContext,
+    forward_context,
+    get_forward_context,
+    take_kv_scales,
+)
 from .embedding import ParallelLMHead, VocabParallelEmbedding
 from .layernorm import RMSNorm
 from .linear import (
@@ -35,5 +42,6 @@ __all__ = [
     "get_forward_context",
     "get_rope",
     "select_experts",
+    "take_kv_scales",
     "use_expert_parallel",
 ]

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import itertools
+import math
 import weakref
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -21,6 +23,7 @@ from torch import nn
 
 from atom_trio._scoped import scoped
 from atom_trio.distributed import current_tp_group
+from atom_trio.errors import ModelLoadError
 from atom_trio.ops import AttentionMetadata, current_backend
 
 from .rotary import RotaryEmbedding
@@ -71,6 +74,13 @@ class CachedAttention(nn.Module):
     ``sliding_window``: the positions each query sees (``None``: all), by which
     the runner puts the layer in a KV cache group; ``kv_group`` is that group,
     whose block tables the layer reads (set with its cache, `bind_kv_cache`).
+
+    ``k_scale``/``v_scale``: the per-tensor scales of an FP8 cache (float32
+    ``[1]`` buffers, 1.0 until the checkpoint's are loaded by `take_kv_scales`;
+    ``kv_scales_loaded`` says whether they were). A cache in the model's dtype
+    ignores them. Buffers, so that they live on the layer's device and a CUDA
+    graph reads them where they are; not in the state dict, which is the
+    model's weights.
     """
 
     sliding_window: int | None = None
@@ -80,6 +90,16 @@ class CachedAttention(nn.Module):
         self.layer_id = next(_layer_ids)
         self.kv_group = 0
         _layers[self.layer_id] = self
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.kv_scales_loaded = False
+
+    def load_kv_scale(self, which: str, scale: torch.Tensor) -> None:
+        """Take the checkpoint's ``which`` (``"k_scale"`` or ``"v_scale"``), a positive finite scalar."""
+        if scale.numel() != 1 or not (math.isfinite(value := float(scale.float().reshape(()))) and value > 0):
+            raise ValueError(f"a KV cache scale must be one positive finite number; got {scale.reshape(-1)[:4]}")
+        getattr(self, which).fill_(value)
+        self.kv_scales_loaded = True
 
     def kv_cache_shapes(self, num_blocks: int, block_size: int) -> tuple[tuple[int, ...], ...]:
         """The shapes of the cache tensors this layer keeps for ``num_blocks`` blocks, in its backend's layout."""
@@ -167,14 +187,23 @@ class Attention(CachedAttention):
     ) -> torch.Tensor:
         context = get_forward_context().group(self.kv_group)
         cos_sin_cache, rotary_dim = self.rotary_emb.cos_sin_cache, self.rotary_emb.rotary_dim
+        kv_scales = dict(k_scale=self.k_scale, v_scale=self.v_scale)
         if rotary_dim == self.head_dim:
             query, key = self.ops.rotary_store_kv(
-                positions, query, key, value, cos_sin_cache, self.k_cache, self.v_cache, context.metadata.slot_mapping
+                positions,
+                query,
+                key,
+                value,
+                cos_sin_cache,
+                self.k_cache,
+                self.v_cache,
+                context.metadata.slot_mapping,
+                **kv_scales,
             )
         else:  # partial rotary: the first rotary_dim features of each head turn, the others pass through
             turned = self.ops.rotary_embedding(positions, query[..., :rotary_dim], key[..., :rotary_dim], cos_sin_cache)
             query, key = (torch.cat((t, x[..., rotary_dim:]), dim=-1) for t, x in zip(turned, (query, key)))
-            self.ops.store_kv(key, value, self.k_cache, self.v_cache, context.metadata.slot_mapping)
+            self.ops.store_kv(key, value, self.k_cache, self.v_cache, context.metadata.slot_mapping, **kv_scales)
         return self.ops.paged_attention(
             query,
             key,
@@ -185,7 +214,51 @@ class Attention(CachedAttention):
             self.scale,
             sinks=self.sinks,
             sliding_window=self.sliding_window,
+            **kv_scales,
         )
+
+
+KV_SCALE_SUFFIXES = {
+    "k_scale": ("k_scale",),
+    "v_scale": ("v_scale",),
+    "kv_scale": ("k_scale", "v_scale"),
+    "k_proj.output_scale": ("k_scale",),
+    "v_proj.output_scale": ("v_scale",),
+}
+"""Checkpoint names of the FP8 KV cache scales, after a layer's prefix, and the scales each fills.
+
+``k_scale``/``v_scale`` as llm-compressor (compressed-tensors' ``kv_cache_scheme``) and
+vLLM write them; ``kv_scale`` (one for both) and the ``k_proj``/``v_proj`` output scales
+as older FP8 checkpoints do."""
+
+
+def take_kv_scales(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``weights`` less the KV cache scales, which go to the attention layers they name as they pass.
+
+    A scale names its layer by the attention module's own path
+    (``model.layers.0.self_attn.attn.k_scale``) or by its parent's, the
+    Hugging Face attention block (``model.layers.0.self_attn.k_scale``).
+    Every rank of a tensor-parallel group takes the same per-tensor scales.
+    """
+    owners: dict[str, CachedAttention] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, CachedAttention):
+            owners[name] = owners[name.rpartition(".")[0]] = module
+    for name, tensor in weights:
+        targets = [
+            (owners[prefix], scales)
+            for suffix, scales in KV_SCALE_SUFFIXES.items()
+            if (prefix := name.removesuffix("." + suffix)) != name and prefix in owners
+        ]
+        if not targets:
+            yield name, tensor
+            continue
+        layer, scales = targets[0]
+        try:
+            for which in scales:
+                layer.load_kv_scale(which, tensor)
+        except ValueError as exc:
+            raise ModelLoadError(f"checkpoint tensor {name!r}: {exc}") from exc
 
 
 _layer_ids = itertools.count()

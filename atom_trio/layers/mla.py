@@ -24,6 +24,9 @@ class MLAAttention(CachedAttention):
     ``num_heads`` are this rank's; the latent cache is whole on every rank (the heads split, the
     compressed vector they share does not). ``num_kv_heads`` is 1: every query head reads the same
     cached vector, multi-query attention in the latent space.
+
+    An FP8 latent cache keeps one per-tensor scale, ``k_scale`` (the keys and values are both
+    projections of the one cached vector); a checkpoint's ``v_scale`` has nothing to scale, as in vLLM.
     """
 
     num_kv_heads = 1
@@ -58,6 +61,10 @@ class MLAAttention(CachedAttention):
     def bind_kv_cache(self, *caches: torch.Tensor) -> None:
         (self.latent_cache,) = caches
 
+    def load_kv_scale(self, which: str, scale: torch.Tensor) -> None:
+        if which == "k_scale":
+            super().load_kv_scale(which, scale)
+
     def forward(
         self,
         positions: torch.Tensor,
@@ -88,9 +95,11 @@ class MLAAttention(CachedAttention):
         )
         query = torch.cat((query[..., :nope], q_rope), dim=-1)
         latent = torch.cat((compressed_kv, k_rope.squeeze(1)), dim=-1)
-        self.ops.store_latent(latent, self.latent_cache, context.metadata.slot_mapping)
+        self.ops.store_latent(latent, self.latent_cache, context.metadata.slot_mapping, cache_scale=self.k_scale)
         kv_b = kv_b.view(self.num_heads, -1, self.kv_lora_rank)
-        out = self.ops.mla_attention(query, latent, self.latent_cache, kv_b, context.attn_plan, self.scale)
+        out = self.ops.mla_attention(
+            query, latent, self.latent_cache, kv_b, context.attn_plan, self.scale, cache_scale=self.k_scale
+        )
         return out.flatten(1)
 
 

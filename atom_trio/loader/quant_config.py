@@ -189,10 +189,22 @@ def _parse_fp8(raw: Mapping[str, Any]) -> QuantConfig:
 _CT_FORMATS = {"float-quantized": "fp8", "int-quantized": "int8", "pack-quantized": "w4a16"}
 
 
+_FP8_KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+"""The one ``kv_cache_scheme`` read: llm-compressor's FP8 KV cache, static per-tensor ``k_scale``/``v_scale``
+(which ``--kv-cache-dtype fp8`` uses; `atom_trio.layers.take_kv_scales` takes them)."""
+
+
 def _parse_compressed_tensors(raw: Mapping[str, Any]) -> QuantConfig:
-    for field in ("sparsity_config", "transform_config", "kv_cache_scheme"):
+    for field in ("sparsity_config", "transform_config"):
         if raw.get(field):
-            _unsupported(field, raw[field], "none (sparse, transformed or quantized-KV checkpoints are not read)")
+            _unsupported(field, raw[field], "none (sparse or transformed checkpoints are not read)")
+    kv_scheme = raw.get("kv_cache_scheme")
+    if kv_scheme and (
+        not isinstance(kv_scheme, Mapping)
+        or any(kv_scheme.get(key, wanted) != wanted for key, wanted in _FP8_KV_CACHE_SCHEME.items())
+        or (kv_scheme.get("num_bits"), kv_scheme.get("type")) != (8, "float")
+    ):
+        _unsupported("kv_cache_scheme", kv_scheme, f"none or static per-tensor FP8, {_FP8_KV_CACHE_SCHEME}")
     status = raw.get("quantization_status", "compressed")
     if status != "compressed":
         _unsupported("quantization_status", status, "'compressed'")

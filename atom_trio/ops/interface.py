@@ -102,13 +102,16 @@ class KernelBackend(abc.ABC):
     """
 
     supports_fp8_kv_cache: bool = False
-    """Whether the KV cache may be float8_e4m3fn: `store_kv`, `rotary_store_kv` and `paged_attention` take its scales.
+    """Whether the KV cache (and the latent cache) may be float8_e4m3fn.
 
     An FP8 cache holds ``fp8(x / scale)`` (rounded to nearest, saturated at
-    +-448) with one per-tensor scale for a layer's keys and one for its values,
-    host floats (the checkpoint's ``k_scale``/``v_scale``, else 1.0), and the
-    attention multiplies them back. Other backends get a cache in the model's
-    dtype and never these arguments.
+    +-448) with one per-tensor scale for a layer's keys and one for its values
+    (one for a latent cache): float32 ``[1]`` device tensors (the checkpoint's
+    ``k_scale``/``v_scale``, else 1.0) that `store_kv`, `rotary_store_kv`,
+    `paged_attention` and the latent ops take, and that the attention
+    multiplies back. Tensors, not host floats, so that a CUDA graph reads them
+    where they live. A cache in the model's dtype ignores them (None means
+    1.0). Other backends get a cache in the model's dtype only.
     """
 
     sampling_min_rows: int | None = None
@@ -131,8 +134,8 @@ class KernelBackend(abc.ABC):
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
         *,
-        k_scale: float = 1.0,
-        v_scale: float = 1.0,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> None:
         """Write this step's keys and values ``[num_tokens, num_kv_heads, head_dim]`` to their slots.
 
@@ -153,8 +156,8 @@ class KernelBackend(abc.ABC):
         *,
         sinks: torch.Tensor | None = None,
         sliding_window: int | None = None,
-        k_scale: float = 1.0,
-        v_scale: float = 1.0,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Causal attention of every query token over its sequence's context.
 
@@ -177,8 +180,18 @@ class KernelBackend(abc.ABC):
         """
         return (num_blocks, block_size, latent_dim)
 
-    def store_latent(self, latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Write this step's latent vectors ``[num_tokens, latent_dim]`` to their slots (as `store_kv` does)."""
+    def store_latent(
+        self,
+        latent: torch.Tensor,
+        cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        *,
+        cache_scale: torch.Tensor | None = None,
+    ) -> None:
+        """Write this step's latent vectors ``[num_tokens, latent_dim]`` to their slots (as `store_kv` does).
+
+        ``cache_scale``: an FP8 latent cache's one scale (`supports_fp8_kv_cache`); this default has none.
+        """
         cache.view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, latent)
 
     def mla_attention(
@@ -189,6 +202,8 @@ class KernelBackend(abc.ABC):
         kv_b: torch.Tensor,
         plan: Any,
         scale: float,
+        *,
+        cache_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Multi-head latent attention of every query token over its sequence's latent context.
 
@@ -199,11 +214,19 @@ class KernelBackend(abc.ABC):
         ``nope`` rows, ``W_UK``) and value (``W_UV``). Returns ``[num_tokens,
         heads, v]``. Prefill chunks expand their context to per-head keys and
         values; decode tokens attend in the latent space (`mla_decode`).
+        ``cache_scale``: an FP8 latent cache's scale, as `store_latent` took it.
         """
         raise NotImplementedError(f"kernel backend {self.name!r} has no multi-head latent attention")
 
     def mla_decode(
-        self, query: torch.Tensor, cache: torch.Tensor, plan: Any, scale: float, value_dim: int
+        self,
+        query: torch.Tensor,
+        cache: torch.Tensor,
+        plan: Any,
+        scale: float,
+        value_dim: int,
+        *,
+        cache_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode attention in the latent space: one query ``[seqs, heads, latent + rope]`` per decode sequence.
 
@@ -253,7 +276,7 @@ class KernelBackend(abc.ABC):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
-        **kv_scales: float,
+        **kv_scales: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`rotary_embedding` of ``query``/``key``, then `store_kv` of the rotated keys and ``value``.
 

@@ -13,6 +13,11 @@ The KV cache is head-major, ``[num_kv_heads, num_blocks, block_size,
 head_dim]``: gathering a batch's blocks then yields ``[kv_heads, seqs, len,
 dim]`` with each head's keys contiguous, which batched matmuls read without
 a copy (several times faster on CPU than the token-major layout).
+
+An FP8 cache (`KernelBackend.supports_fp8_kv_cache`) holds ``fp8(x / scale)``;
+attention reads it back as ``x``'s dtype times the scale (`_from_cache`), and
+a chunk with nothing cached attends to its keys and values as the cache holds
+them, so the result never depends on whether a prefix was cached.
 """
 
 from __future__ import annotations
@@ -24,7 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from .interface import AttentionMetadata, KernelBackend
-from .quant_ref import dequantize_fp8, dequantize_int8, dequantize_w4a16, fp8_activations, int8_activations
+from .quant_ref import (
+    FP8_DTYPE,
+    dequantize_fp8,
+    dequantize_int8,
+    dequantize_w4a16,
+    fp8_activations,
+    int8_activations,
+    quantize_fp8_static,
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -77,6 +90,7 @@ class TorchRefBackend(KernelBackend):
     """Plain torch kernels."""
 
     name = "torch"
+    supports_fp8_kv_cache = True
 
     def __init__(self) -> None:
         # Every layer of a step rotates by the same positions: gather their
@@ -146,13 +160,27 @@ class TorchRefBackend(KernelBackend):
             prefills=tuple(prefills),
         )
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
-        num_kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
-        k_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, key.transpose(0, 1))
-        v_cache.view(num_kv_heads, -1, head_dim).index_copy_(1, slot_mapping, value.transpose(0, 1))
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:
+        for x, cache, x_scale in ((key, k_cache, k_scale), (value, v_cache, v_scale)):
+            num_kv_heads, head_dim = cache.shape[0], cache.shape[-1]
+            _bytes(cache).view(num_kv_heads, -1, head_dim).index_copy_(
+                1, slot_mapping, _bytes(_to_cache(x, cache, x_scale)).transpose(0, 1)
+            )
 
     def paged_attention(
-        self, query, key, value, k_cache, v_cache, plan: TorchAttentionPlan, scale, *, sinks=None, sliding_window=None
+        self,
+        query,
+        key,
+        value,
+        k_cache,
+        v_cache,
+        plan: TorchAttentionPlan,
+        scale,
+        *,
+        sinks=None,
+        sliding_window=None,
+        k_scale=None,
+        v_scale=None,
     ):
         # Sinks and windows need the mask spelled out: the fused kernel's is_causal knows neither.
         explicit_mask = sinks is not None or sliding_window is not None
@@ -160,13 +188,15 @@ class TorchRefBackend(KernelBackend):
         def keys_values(chunk: PrefillChunk, tokens: int):
             if chunk.block_table is None:  # nothing cached: plain causal attention over the chunk's own tokens
                 k, v = (
-                    x[chunk.start : chunk.end].unflatten(0, (chunk.num_seqs, tokens)).transpose(1, 2)
-                    for x in (key, value)
+                    _as_cached(x[chunk.start : chunk.end], cache, x_scale)
+                    .unflatten(0, (chunk.num_seqs, tokens))
+                    .transpose(1, 2)
+                    for x, cache, x_scale in ((key, k_cache, k_scale), (value, v_cache, v_scale))
                 )
                 return k, v, _causal_mask(tokens, tokens, query.device, sliding_window) if explicit_mask else None
             rows = _head_rows(chunk.block_table, *k_cache.shape[:2])
-            k = _gather_rows(k_cache, rows)[None, :, : chunk.context_len]
-            v = _gather_rows(v_cache, rows)[None, :, : chunk.context_len]
+            k = _from_cache(_gather_rows(k_cache, rows)[None, :, : chunk.context_len], k_scale, query.dtype)
+            v = _from_cache(_gather_rows(v_cache, rows)[None, :, : chunk.context_len], v_scale, query.dtype)
             return k, v, _causal_mask(tokens, chunk.context_len, query.device, sliding_window)
 
         decode = functools.partial(
@@ -177,11 +207,22 @@ class TorchRefBackend(KernelBackend):
             scale=scale,
             sinks=sinks,
             sliding_window=sliding_window,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         return _attend_by_kind(query, query.shape[-1], plan, scale, decode, keys_values, sinks)
 
     def _decode_attention(
-        self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float, sinks=None, sliding_window=None
+        self,
+        q,
+        k_cache,
+        v_cache,
+        plan: TorchAttentionPlan,
+        scale: float,
+        sinks=None,
+        sliding_window=None,
+        k_scale=None,
+        v_scale=None,
     ) -> torch.Tensor:
         """One query per sequence over its padded context.
 
@@ -197,8 +238,8 @@ class TorchRefBackend(KernelBackend):
             hidden = padded[None, :] >= plan.decode_context_lens[:, None]
             mask = torch.zeros(hidden.shape, dtype=torch.float32, device=q.device).masked_fill_(hidden, float("-inf"))
             memo = self._decode_rows = (plan, num_kv_heads, num_blocks, rows, mask[None, :, None, :])
-        k = _gather_rows(k_cache, memo[3]).view(num_kv_heads, num_seqs, -1, head_dim)
-        v = _gather_rows(v_cache, memo[3]).view(num_kv_heads, num_seqs, -1, head_dim)
+        k = _from_cache(_gather_rows(k_cache, memo[3]), k_scale, q.dtype).view(num_kv_heads, num_seqs, -1, head_dim)
+        v = _from_cache(_gather_rows(v_cache, memo[3]), v_scale, q.dtype).view(num_kv_heads, num_seqs, -1, head_dim)
         mask = memo[4]
         if sinks is None and sliding_window is None:
             if num_seqs == 1 and plan.decode_max_context <= _FUSED_DECODE_MAX_CONTEXT:
@@ -224,22 +265,28 @@ class TorchRefBackend(KernelBackend):
         out = torch.matmul(probs, v)  # [kv_heads, seqs, group, dim]
         return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
 
-    def mla_attention(self, query, latent, cache, kv_b, plan: TorchAttentionPlan, scale):
+    def store_latent(self, latent, cache, slot_mapping, *, cache_scale=None) -> None:
+        stored = _bytes(_to_cache(latent, cache, cache_scale))
+        _bytes(cache).view(-1, cache.shape[-1]).index_copy_(0, slot_mapping, stored)
+
+    def mla_attention(self, query, latent, cache, kv_b, plan: TorchAttentionPlan, scale, *, cache_scale=None):
         def keys_values(chunk: PrefillChunk, tokens: int):
-            if chunk.block_table is None:  # nothing cached: the chunk's own latents, causal
-                context, mask = latent[chunk.start : chunk.end], None
+            if chunk.block_table is None:  # nothing cached: the chunk's own latents (as cached), causal
+                context, mask = _as_cached(latent[chunk.start : chunk.end], cache, cache_scale), None
             else:
                 blocks = cache.index_select(0, chunk.block_table.long())
-                context = blocks.view(-1, cache.shape[-1])[: chunk.context_len]
+                context = _from_cache(blocks.view(-1, cache.shape[-1])[: chunk.context_len], cache_scale, query.dtype)
                 mask = _causal_mask(tokens, chunk.context_len, query.device)
             k, v = _expand_latent(context, kv_b, query.shape[-1])
             return *(x.unflatten(0, (chunk.num_seqs, -1)).transpose(1, 2) for x in (k, v)), mask
 
         nope = query.shape[-1] - (cache.shape[-1] - kv_b.shape[-1])
-        decode = functools.partial(self._absorbed_decode, cache=cache, kv_b=kv_b, plan=plan, scale=scale)
+        decode = functools.partial(
+            self._absorbed_decode, cache=cache, kv_b=kv_b, plan=plan, scale=scale, cache_scale=cache_scale
+        )
         return _attend_by_kind(query, kv_b.shape[1] - nope, plan, scale, decode, keys_values)
 
-    def _absorbed_decode(self, query, cache, kv_b, plan: TorchAttentionPlan, scale):
+    def _absorbed_decode(self, query, cache, kv_b, plan: TorchAttentionPlan, scale, cache_scale=None):
         """Decode tokens with the up-projection absorbed: ``W_UK`` into the query, ``W_UV`` after the latent output.
 
         Each head's score ``q_nope . (W_UK c)`` equals ``(W_UK^T q_nope) . c``, so the query moves into the
@@ -251,12 +298,13 @@ class TorchRefBackend(KernelBackend):
         w_uk, w_uv = kv_b[:, :nope], kv_b[:, nope:]  # [heads, nope, latent], [heads, v, latent]
         q_latent = torch.bmm(query[..., :nope].transpose(0, 1), w_uk).transpose(0, 1)  # [seqs, heads, latent]
         q = torch.cat((q_latent, query[..., nope:]), dim=-1)
-        out_latent = self.mla_decode(q, cache, plan, scale, latent_dim)
+        out_latent = self.mla_decode(q, cache, plan, scale, latent_dim, cache_scale=cache_scale)
         return torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [seqs, heads, v]
 
-    def mla_decode(self, query, cache, plan: TorchAttentionPlan, scale, value_dim):
+    def mla_decode(self, query, cache, plan: TorchAttentionPlan, scale, value_dim, *, cache_scale=None):
         tables = plan.decode_block_tables.long()
         context = cache.index_select(0, tables.reshape(-1)).view(tables.shape[0], -1, cache.shape[-1])
+        context = _from_cache(context, cache_scale, query.dtype)
         hidden = torch.arange(context.shape[1], device=query.device)[None, :] >= plan.decode_context_lens[:, None]
         scores = torch.matmul(query, context.transpose(1, 2)).float() * scale  # [seqs, heads, len]
         probs = torch.softmax(scores.masked_fill_(hidden[:, None, :], float("-inf")), dim=-1).to(query.dtype)
@@ -312,6 +360,31 @@ def _float32_linear(
     if bias is not None:
         y = y + bias.float()
     return y.to(dtype)
+
+
+def _bytes(x: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor seen as its bytes (torch's CPU ``index_copy_`` takes no FP8), any other as it is."""
+    return x.view(torch.uint8) if x.dtype == FP8_DTYPE else x
+
+
+def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as ``cache`` holds it: ``fp8(x / scale)`` (scale None: 1.0) in an FP8 cache, else ``x``."""
+    if cache.dtype != FP8_DTYPE:
+        return x
+    return quantize_fp8_static(x, torch.ones(1, device=x.device) if scale is None else scale)
+
+
+def _from_cache(cached: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """Values read from a cache, in the compute ``dtype``: FP8 ones times their scale (None: 1.0), others as read."""
+    if cached.dtype != FP8_DTYPE:
+        return cached
+    values = cached.float()
+    return (values if scale is None else values * scale).to(dtype)
+
+
+def _as_cached(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as attention reads it back from ``cache``: rounded through FP8 in an FP8 cache, else ``x`` itself."""
+    return _from_cache(_to_cache(x, cache, scale), scale, x.dtype)
 
 
 def _head_rows(blocks: torch.Tensor, num_kv_heads: int, num_blocks: int) -> torch.Tensor:

@@ -37,11 +37,11 @@ class TracedOps(KernelBackend):
     def latent_cache_shape(self, num_blocks, block_size, latent_dim):
         return self.device_backend.latent_cache_shape(num_blocks, block_size, latent_dim)
 
-    def store_latent(self, latent, cache, slot_mapping) -> None:
-        self.device_backend.store_latent(latent, cache, slot_mapping)
+    def store_latent(self, latent, cache, slot_mapping, **cache_scale) -> None:
+        self.device_backend.store_latent(latent, cache, slot_mapping, **cache_scale)
 
-    def mla_attention(self, query, latent, cache, kv_b, plan, scale):
-        return self.device_backend.mla_attention(query, latent, cache, kv_b, plan, scale)
+    def mla_attention(self, query, latent, cache, kv_b, plan, scale, **cache_scale):
+        return self.device_backend.mla_attention(query, latent, cache, kv_b, plan, scale, **cache_scale)
 
     def rms_norm(self, x, weight, eps, residual=None):
         return self._torch.rms_norm(x, weight, eps, residual)

@@ -21,6 +21,11 @@ out. A sliding group keeps only its window's pages per sequence, so the pool
 holds about ``layers / slots`` times the tokens (twice for GPT-OSS) of a cache
 that keeps every position in every layer. One page more, past the pool, is the
 null page that released table entries name: never written, it stays zero.
+
+An FP8 cache (``kv_cache_dtype`` "fp8") stores one byte an element, so the
+same budget holds twice the blocks of a 16-bit cache; each layer's keys and
+values carry per-tensor scales (`CachedAttention.k_scale`), the checkpoint's
+or 1.0.
 """
 
 from __future__ import annotations
@@ -32,19 +37,24 @@ import mmap
 import attrs
 import torch
 
-from atom_trio.config import EngineConfig
+from atom_trio.config import FP8_KV_CACHE_DTYPES, EngineConfig
 from atom_trio.errors import ModelLoadError
 from atom_trio.layers import CachedAttention
 
 logger = logging.getLogger("atom_trio.runner")
 
 
+FP8_KV_CACHE_DTYPE = torch.float8_e4m3fn
+
+
 def kv_cache_dtype(config: EngineConfig, model_dtype: torch.dtype) -> torch.dtype:
-    """The cache's element type: the model's (``kv_cache_dtype`` "auto" or its name); nothing else is supported.
+    """The cache's element type: float8 e4m3 for ``kv_cache_dtype`` "fp8", else the model's ("auto" or its name).
 
     `EngineConfig` refuses other names and a ``dtype`` that differs; what is
     left to check is the dtype a model with ``dtype`` "auto" turned out to have.
     """
+    if config.kv_cache_dtype in FP8_KV_CACHE_DTYPES:
+        return FP8_KV_CACHE_DTYPE
     name = str(model_dtype).removeprefix("torch.")
     if config.kv_cache_dtype not in ("auto", name):
         raise ModelLoadError(
@@ -88,6 +98,22 @@ class KVCacheLayout:
     def num_slots(self) -> int:
         """Layers a page holds: the most of any group (every layer for one group)."""
         return 1 + max((slot for _, slot in self._slots()), default=-1)
+
+    def __attrs_post_init__(self) -> None:
+        if self.dtype != FP8_KV_CACHE_DTYPE:
+            return
+        if missing := sorted({layer.ops.name for layer in self.layers if not layer.ops.supports_fp8_kv_cache}):
+            raise ModelLoadError(
+                f"kv_cache_dtype fp8: kernel backend {', '.join(missing)} has no FP8 KV cache; use kv_cache_dtype "
+                "'auto' or another kernel backend"
+            )
+        if unscaled := sum(not layer.kv_scales_loaded for layer in self.layers):
+            logger.warning(
+                "FP8 KV cache: the checkpoint has no k_scale/v_scale for %d of %d attention layers; they use 1.0 "
+                "(values beyond +-448 saturate)",
+                unscaled,
+                len(self.layers),
+            )
 
     def layer_shapes(self, num_blocks: int) -> tuple[tuple[int, ...], ...]:
         """The cache tensors each layer keeps for ``num_blocks`` blocks; every layer must declare the same."""
@@ -140,11 +166,13 @@ class KVCacheLayout:
         if blocks < 1:
             raise ValueError(f"no memory left for the KV cache with {where}; raise it or set num_kv_blocks")
         logger.info(
-            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB) with %s",
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s: %d bytes an element) with %s",
             blocks,
             self.block_size,
             blocks * self.block_size,
             blocks * self.block_bytes / 2**30,
+            str(self.dtype).removeprefix("torch."),
+            self.dtype.itemsize,
             where,
         )
         return blocks

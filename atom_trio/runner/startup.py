@@ -24,6 +24,7 @@ from atom_trio.config import EngineConfig
 from atom_trio.core.plan import SeqChunk, StepPlan
 from atom_trio.distributed import TensorParallelGroup, use_tp_group
 from atom_trio.errors import ModelLoadError
+from atom_trio.layers import take_kv_scales
 from atom_trio.layers.moe import use_expert_parallel
 from atom_trio.layers.quantization import finish_quantized_layers, quantize_linear_layers, use_quant_config
 from atom_trio.layers.sampler import SampleRequest, Sampler
@@ -142,7 +143,7 @@ def load_weights(
     with torch.no_grad():
         keep = getattr(model, "keep_in_float32", ())
         weights = iter_weights(resolved, seed=seed, device=device, keep_in_float32=keep, progress=progress)
-        model.load_weights(weights)
+        model.load_weights(take_kv_scales(model, weights))  # the FP8 KV cache's scales go to the attention layers
         finish_quantized_layers(model)  # into the kernels' layout, or dequantized
     model.eval()
     if not freezes_weights(device, level):  # Inductor packs frozen weights itself

@@ -165,8 +165,8 @@ def test_fp8_kv_decode_is_bf16_kv_decode_within_fp8_rounding(triton_ops, num_spl
     )
     keys = (torch.randn(len(slots), kv_heads, head_dim, device="cuda") * 2).to(torch.bfloat16)
     values = torch.randn(len(slots), kv_heads, head_dim, device="cuda").to(torch.bfloat16)
-    k_scale = keys.float().abs().max().item() / FP8_MAX
-    v_scale = values.float().abs().max().item() / FP8_MAX
+    k_scale = (keys.float().abs().max() / FP8_MAX).reshape(1)  # float32 [1] tensors, as a layer holds them
+    v_scale = (values.float().abs().max() / FP8_MAX).reshape(1)
     shape = triton_ops.kv_cache_shape(sum(blocks), block_size, kv_heads, head_dim)
     caches = {dtype: (torch.zeros(shape, dtype=dtype, device="cuda"), torch.zeros(shape, dtype=dtype, device="cuda"))
               for dtype in (torch.bfloat16, FP8_DTYPE)}  # fmt: skip

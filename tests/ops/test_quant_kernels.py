@@ -458,7 +458,7 @@ def test_triton_fp8_kv_cache_holds_the_scaled_values_and_attends_as_their_dequan
         context_lens_host=context_lens,
         block_size=block_size,
     )
-    k_scale, v_scale = 0.0123, 0.0371
+    k_scale, v_scale = (torch.tensor([s], device=DEVICE) for s in (0.0123, 0.0371))  # a layer's scale tensors
     keys = (torch.randn(tokens, kv_heads, head_dim, generator=gen) * 3).to(dtype).to(DEVICE)
     values = (torch.randn(tokens, kv_heads, head_dim, generator=gen) * 9).to(dtype).to(DEVICE)
     shape = ops.kv_cache_shape(next_block, block_size, kv_heads, head_dim)
@@ -467,7 +467,7 @@ def test_triton_fp8_kv_cache_holds_the_scaled_values_and_attends_as_their_dequan
     # The whole context in one store, then the rotary store over it (rotating by position 0 keeps the keys).
     ops.store_kv(keys, values, k_cache, v_cache, all_slots, k_scale=k_scale, v_scale=v_scale)
     flat = k_cache.view(-1, kv_heads, head_dim)[all_slots]
-    assert torch.equal(flat.view(torch.uint8), quantize_fp8_static(keys.cpu(), torch.tensor([k_scale])).to(DEVICE).view(torch.uint8))
+    assert torch.equal(flat.view(torch.uint8), quantize_fp8_static(keys.cpu(), k_scale.cpu()).to(DEVICE).view(torch.uint8))
     rotary_k, rotary_v = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
     cos_sin = torch.cat((torch.ones(1, head_dim // 2), torch.zeros(1, head_dim // 2)), dim=1).to(DEVICE)
     queries_for_rotary = torch.zeros(tokens, heads, head_dim, dtype=dtype, device=DEVICE)

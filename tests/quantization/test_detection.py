@@ -156,7 +156,9 @@ BAD_FIELDS = [
     (W4A16, ("config_groups", "group_0", "targets"), st.sampled_from([[], None, [3]]),
      "config_groups.group_0.targets"),
     (W4A16, ("ignore",), st.sampled_from(["lm_head", [None], ["re:("]]), "ignore"),
-    (W4A16, ("kv_cache_scheme",), st.just({"num_bits": 8, "type": "float"}), "kv_cache_scheme"),
+    (W4A16, ("kv_cache_scheme",), st.sampled_from([{"num_bits": 8, "type": "int"}, {"num_bits": 4, "type": "float"},
+     {"num_bits": 8, "type": "float", "strategy": "channel"}, {"num_bits": 8, "type": "float", "dynamic": True}, 8]),
+     "kv_cache_scheme"),
     (W4A16, ("sparsity_config",), st.just({"format": "sparse-24-bitmask"}), "sparsity_config"),
     (W4A16, ("quantization_status",), st.sampled_from(["frozen", "initialized"]), "quantization_status"),
 ]

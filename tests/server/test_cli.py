@@ -41,8 +41,8 @@ def test_serve_accepts_atom_and_vllm_spellings() -> None:
     ("argv", "env", "message"),
     [
         (["serve", "--dtype", "float7"], {}, "dtype must be one of auto, float32, bfloat16, float16; got 'float7'"),
-        (["serve", "--kv_cache_dtype", "fp8"], {},
-         "kv_cache_dtype must be one of auto, float32, bfloat16, float16 (the model's dtype: this build has no FP8"),
+        (["serve", "--kv_cache_dtype", "fp8_e5m2"], {},
+         "kv_cache_dtype 'fp8_e5m2' is not supported: the FP8 KV cache is e4m3 with per-tensor scales"),
         (["serve", "--dtype", "float16", "--kv-cache-dtype", "bfloat16"], {},
          "kv_cache_dtype 'bfloat16' differs from dtype 'float16'"),
         (["serve", "--executor", "thread", "-tp", "2"], {},

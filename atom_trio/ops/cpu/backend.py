@@ -29,19 +29,21 @@ class CpuBackend(TorchRefBackend):
     name = "cpu"
     quantized_weights = frozenset()  # no faster CPU kernel than dequantizing once at load
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping) -> None:
+    # An FP8 cache (its dtype is not the query's) takes the reference's torch ops, which quantize and dequantize.
+
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, **kv_scales) -> None:
         kernels = self._attention_kernels(key, k_cache, v_cache)
         if kernels is None or not kernels.store_kv(key, value, k_cache, v_cache, slot_mapping):
-            super().store_kv(key, value, k_cache, v_cache, slot_mapping)
+            super().store_kv(key, value, k_cache, v_cache, slot_mapping, **kv_scales)
 
     def _decode_attention(
-        self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float, sinks=None, sliding_window=None
+        self, q, k_cache, v_cache, plan: TorchAttentionPlan, scale: float, sinks=None, sliding_window=None, **kv_scales
     ) -> torch.Tensor:
         # The C++ kernel knows neither sinks nor windows (GPT-OSS): those layers take the reference's torch ops.
         plain = sinks is None and sliding_window is None
         kernels = self._attention_kernels(q, k_cache, v_cache) if plain else None
         if kernels is None:
-            return super()._decode_attention(q, k_cache, v_cache, plan, scale, sinks, sliding_window)
+            return super()._decode_attention(q, k_cache, v_cache, plan, scale, sinks, sliding_window, **kv_scales)
         tables, context_lens = plan.decode_block_tables, plan.decode_context_lens
         return kernels.decode_attention(q, k_cache, v_cache, tables, context_lens, scale)
 

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..interface import AttentionMetadata
-from .cache import cache_strides
+from .cache import FP8_CACHE_DTYPE, cache_strides, kv_scale_args
 
 # Finite, so that a row with no visible key yet never computes inf - inf.
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -176,7 +176,8 @@ def _paged_attention_kernel(
     sinks_ptr,
     scale_log2,
     window,
-    v_scale,
+    k_scale_ptr,
+    v_scale_ptr,
     num_seqs,
     num_heads,
     num_splits,
@@ -202,6 +203,7 @@ def _paged_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -236,6 +238,8 @@ def _paged_attention_kernel(
         kv_start = kv_start + split * split_len
         kv_end = tl.minimum(kv_end, kv_start + split_len)
 
+    if FP8_CACHE:  # the cache holds keys / k_scale: the scale folds into the scores' scale
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
@@ -259,7 +263,8 @@ def _paged_attention_kernel(
             stride_vs, scale_log2, dims, dim_valid, window, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, True, HAS_WINDOW,
         )
 
-    acc *= v_scale  # 1 unless the cache is FP8
+    if FP8_CACHE:  # and values / v_scale: the (linear) weighted sum scales back once
+        acc *= tl.load(v_scale_ptr)
     if USE_SPLITS:
         partial = (token * num_heads + head) * num_splits + split
         tl.store(partial_max_ptr + partial, m_i, mask=row_valid)
@@ -326,13 +331,15 @@ def paged_attention(
     *,
     sinks: torch.Tensor | None = None,
     sliding_window: int | None = None,
-    kv_scales: tuple[float, float] = (1.0, 1.0),
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> torch.Tensor:
     """``config`` overrides the tiles `launch_config` picks (for tuning; ``block_m`` must be ``block_q * group``
     or more). ``sinks`` ``[num_heads]`` and ``sliding_window`` as `KernelBackend.paged_attention` says.
 
-    An FP8 cache holds keys and values divided by ``kv_scales``: the key scale
-    folds into the softmax scale, the value scale multiplies the output.
+    An FP8 cache holds keys and values divided by ``kv_scales`` (float32 ``[1]``
+    tensors, None for 1.0; read only for an FP8 cache): the key scale folds
+    into the softmax scale, the value scale multiplies the output. The tiles
+    convert the FP8 keys and values to the query's dtype before each dot.
     """
     if query.stride(-1) != 1:
         query = query.contiguous()
@@ -376,9 +383,9 @@ def paged_attention(
         plan.context_lens,
         plan.block_tables,
         sinks if sinks is not None else query,  # not read without sinks
-        scale * _LOG2E * float(kv_scales[0]),
+        scale * _LOG2E,
         sliding_window or 0,
-        float(kv_scales[1]),
+        *kv_scale_args(k_cache, *kv_scales),
         plan.num_seqs,
         num_heads,
         config.num_splits,
@@ -400,6 +407,7 @@ def paged_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
         HAS_SINKS=sinks is not None,
         HAS_WINDOW=sliding_window is not None,
+        FP8_CACHE=k_cache.dtype == FP8_CACHE_DTYPE,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

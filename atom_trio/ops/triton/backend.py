@@ -73,7 +73,7 @@ class TritonBackend(KernelBackend):
             metadata=metadata,
         )
 
-    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0) -> None:
+    def store_kv(self, key, value, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None) -> None:
         store_kv(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     def paged_attention(
@@ -88,8 +88,8 @@ class TritonBackend(KernelBackend):
         *,
         sinks=None,
         sliding_window=None,
-        k_scale=1.0,
-        v_scale=1.0,
+        k_scale=None,
+        v_scale=None,
     ):
         # ``key``/``value`` are already in the cache (store_kv ran first); reading them back
         # from there keeps one code path for fresh prefills, chunks and decodes.
@@ -108,14 +108,16 @@ class TritonBackend(KernelBackend):
     # The latent cache keeps the interface's layout, ``[blocks, block_size, latent + rope]``: a token's
     # vector is one contiguous row, which the store writes in one go and a decode tile reads whole.
 
-    def store_latent(self, latent, cache, slot_mapping) -> None:
-        store_latent(latent, cache, slot_mapping)
+    def store_latent(self, latent, cache, slot_mapping, *, cache_scale=None) -> None:
+        store_latent(latent, cache, slot_mapping, cache_scale)
 
-    def mla_attention(self, query, latent, cache, kv_b, plan: TritonAttentionPlan, scale):
-        return self._latent.mla_attention(query, latent, cache, kv_b, self._latent_plan(plan), scale)
+    def mla_attention(self, query, latent, cache, kv_b, plan: TritonAttentionPlan, scale, *, cache_scale=None):
+        latent_plan = self._latent_plan(plan)
+        return self._latent.mla_attention(query, latent, cache, kv_b, latent_plan, scale, cache_scale=cache_scale)
 
-    def mla_decode(self, query, cache, plan: TritonAttentionPlan, scale, value_dim):
-        return self._latent.mla_decode(query, cache, self._latent_plan(plan), scale, value_dim)
+    def mla_decode(self, query, cache, plan: TritonAttentionPlan, scale, value_dim, *, cache_scale=None):
+        latent_plan = self._latent_plan(plan)
+        return self._latent.mla_decode(query, cache, latent_plan, scale, value_dim, cache_scale=cache_scale)
 
     def _latent_plan(self, plan: TritonAttentionPlan) -> LatentPlan:
         """The step's walk for latent attention.
@@ -153,7 +155,7 @@ class TritonBackend(KernelBackend):
         return rotary_embedding(positions, query, key, cos_sin_cache)
 
     def rotary_store_kv(
-        self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping, *, k_scale=1.0, v_scale=1.0
+        self, positions, query, key, value, cos_sin_cache, k_cache, v_cache, slot_mapping, *, k_scale=None, v_scale=None
     ):
         store = (value, k_cache, v_cache, slot_mapping)
         return rotary_embedding(positions, query, key, cos_sin_cache, store=store, kv_scales=(k_scale, v_scale))

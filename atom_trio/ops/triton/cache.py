@@ -4,15 +4,39 @@
 the rotary kernel that writes its rotated keys and the values in the same pass.
 An FP8 (e4m3) cache holds ``x / scale`` with one per-tensor scale for the keys
 and one for the values (`to_cache_dtype`); the attention kernel multiplies them back.
+The scales are float32 device tensors the kernels load, never host floats
+passed by value: a CUDA graph captures their address, so it replays with the
+values the layer holds (`kv_scale_args`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .fp8 import to_fp8
+
+
+FP8_CACHE_DTYPE = torch.float8_e4m3fn
+
+
+@functools.lru_cache(maxsize=8)
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    return torch.ones(1, dtype=torch.float32, device=device)
+
+
+def kv_scale_args(cache: torch.Tensor, *scales: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The scale tensors a kernel writing or reading ``cache`` takes, in order.
+
+    An FP8 cache gets each scale (float32 ``[1]``), 1.0 where None; any other
+    cache reads none of them, so the cache itself stands in for each pointer.
+    """
+    if cache.dtype != FP8_CACHE_DTYPE:
+        return (cache,) * len(scales)
+    return tuple(_unit_scale(cache.device) if scale is None else scale for scale in scales)
 
 
 def cache_strides(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, ...]:
@@ -46,10 +70,12 @@ def load_rows(
 
 
 @triton.jit
-def to_cache_dtype(x, cache_ptr, scale):
-    """``x`` as a cache of ``cache_ptr``'s dtype holds it: ``fp8(x / scale)`` in an FP8 cache, else ``x`` cast."""
+def to_cache_dtype(x, cache_ptr, scale_ptr):
+    """``x`` as a cache of ``cache_ptr``'s dtype holds it: ``fp8(x / scale)`` in an FP8 cache, else ``x`` cast.
+
+    ``scale_ptr`` (a float32 scalar) is read only for an FP8 cache."""
     if cache_ptr.dtype.element_ty == tl.float8e4nv:
-        y = to_fp8(x, scale)
+        y = to_fp8(x, tl.load(scale_ptr))
     else:
         y = x.to(cache_ptr.dtype.element_ty)
     return y
@@ -57,12 +83,12 @@ def to_cache_dtype(x, cache_ptr, scale):
 
 @triton.jit
 def store_rows(
-    row_ptr, rows, stride_h, scale,
+    row_ptr, rows, stride_h, scale_ptr,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P2: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
 ):
     """`load_rows`' ``rows`` into a cache row (from `slot_row`), in the cache's dtype (`to_cache_dtype`)."""
     offsets, mask = _head_offsets(stride_h, NUM_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
-    tl.store(row_ptr + offsets, to_cache_dtype(rows, row_ptr, scale), mask=mask)
+    tl.store(row_ptr + offsets, to_cache_dtype(rows, row_ptr, scale_ptr), mask=mask)
 
 
 @triton.jit
@@ -73,8 +99,8 @@ def _store_kv_kernel(
     v_cache_ptr,
     slot_mapping_ptr,
     block_size,
-    k_scale,
-    v_scale,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -98,8 +124,8 @@ def _store_kv_kernel(
     v = load_rows(value_ptr + token * stride_vt, stride_vh, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
     k_row = slot_row(k_cache_ptr, slot, block_size, stride_kcb, stride_kcs)
     v_row = slot_row(v_cache_ptr, slot, block_size, stride_vcb, stride_vcs)
-    store_rows(k_row, k, stride_kch, k_scale, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
-    store_rows(v_row, v, stride_vch, v_scale, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    store_rows(k_row, k, stride_kch, k_scale_ptr, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
+    store_rows(v_row, v, stride_vch, v_scale_ptr, NUM_KV_HEADS, HEAD_DIM, HEADS_P2, HEAD_DIM_P2)
 
 
 def store_kv(
@@ -108,8 +134,8 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """One program per token; tokens whose slot is negative are skipped. The scales matter to an FP8 cache only."""
     key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (key, value))
@@ -123,8 +149,7 @@ def store_kv(
         v_cache,
         slot_mapping,
         k_cache.shape[1],
-        float(k_scale),
-        float(v_scale),
+        *kv_scale_args(k_cache, k_scale, v_scale),
         key.stride(0),
         key.stride(1),
         value.stride(0),

@@ -18,6 +18,9 @@ unnormalised partials. Everything that decides a launch is a host integer (the
 sequence count, the plan's longest context, the split count), so a decode step
 captures in a CUDA graph and replays with new lengths and block tables.
 
+An FP8 latent cache holds the vectors divided by one per-layer scale (a float32 tensor the kernels load):
+the store rounds them (`cache.store_rows`), and decode folds the scale into the softmax scale and the output.
+
 Prefill chunks (and the mixed batches they come in) take the reference's path:
 their latent context expanded to per-head keys and values and one
 ``scaled_dot_product_attention`` a chunk (`TritonLatentAttention`), with the decode
@@ -33,7 +36,7 @@ import triton.language as tl
 
 from ..torch_ref import TorchAttentionPlan, TorchRefBackend
 from .attention import _LOG2E, _NEG_BIG, MAX_SPLITS, MIN_SPLIT_TOKENS, _merge_splits_kernel
-from .cache import load_rows, slot_row, store_rows
+from .cache import FP8_CACHE_DTYPE, kv_scale_args, load_rows, slot_row, store_rows
 
 
 @attrs.frozen
@@ -117,6 +120,7 @@ def _mla_decode_kernel(
     context_lens_ptr,
     block_tables_ptr,
     scale_log2,
+    cache_scale_ptr,
     num_heads,
     num_splits,
     stride_qls,
@@ -137,6 +141,7 @@ def _mla_decode_kernel(
     BLOCK_N: tl.constexpr,
     USE_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_CACHE: tl.constexpr,
 ):
     head_tile = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
@@ -162,6 +167,9 @@ def _mla_decode_kernel(
         kv_start = split * split_len
         kv_end = tl.minimum(kv_end, kv_start + split_len)
 
+    if FP8_CACHE:  # the cache holds vectors / scale: one scale for scores and values alike
+        cache_scale = tl.load(cache_scale_ptr)
+        scale_log2 = scale_log2 * cache_scale
     m_i = tl.full([BLOCK_H], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, LATENT_P2], dtype=tl.float32)
@@ -179,6 +187,8 @@ def _mla_decode_kernel(
             latent_dims, rope_dims, BLOCK_SIZE, BLOCK_N, LATENT, ROPE, DOT_PRECISION, True,
         )
 
+    if FP8_CACHE:
+        acc *= cache_scale
     if USE_SPLITS:
         partial = (seq * num_heads + heads) * num_splits + split
         tl.store(partial_max_ptr + partial, m_i, mask=head_valid)
@@ -203,6 +213,7 @@ def mla_decode(
     num_sms: int,
     num_splits: int | None = None,
     config: MLALaunchConfig | None = None,
+    cache_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Latent-space decode attention: ``[seqs, heads, latent]`` from queries ``q_latent`` ``[seqs, heads, latent]``
     and ``q_rope`` ``[seqs, heads, rope]`` (any strides with unit last one) over ``cache`` ``[blocks, block_size,
@@ -211,6 +222,7 @@ def mla_decode(
     Sequence ``i`` attends to its first ``context_lens[i]`` cached vectors through ``block_tables[i]``.
     ``max_context_len`` (a host integer, at least every ``context_lens[i]``) and ``num_splits`` (forced, or
     None for `mla_num_splits`) decide the launch; ``config`` overrides `mla_tiles` (tuning).
+    An FP8 cache holds the vectors divided by ``cache_scale`` (float32 ``[1]``, None for 1.0).
     """
     num_seqs, num_heads, latent_dim = q_latent.shape
     rope_dim = q_rope.shape[-1]
@@ -244,6 +256,7 @@ def mla_decode(
         context_lens,
         block_tables,
         scale * _LOG2E,
+        *kv_scale_args(cache, cache_scale),
         num_heads,
         num_splits,
         q_latent.stride(0),
@@ -265,6 +278,7 @@ def mla_decode(
         USE_SPLITS=use_splits,
         # float32 (tests) stays exact; 16-bit inputs take the backend's default, portable to ROCm.
         DOT_PRECISION="ieee" if q_latent.dtype == torch.float32 else None,
+        FP8_CACHE=cache.dtype == FP8_CACHE_DTYPE,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -274,7 +288,7 @@ def mla_decode(
             partial_out,
             partial_max,
             partial_sum,
-            out,  # no sinks in latent attention: an unread placeholder pointer
+            out,  # no sinks: not read
             num_heads,
             num_splits,
             out.stride(0),
@@ -289,7 +303,7 @@ def mla_decode(
 
 @triton.jit
 def _store_latent_kernel(
-    latent_ptr, cache_ptr, slot_mapping_ptr, block_size, stride_lt, stride_cb, stride_cs,
+    latent_ptr, cache_ptr, slot_mapping_ptr, scale_ptr, block_size, stride_lt, stride_cb, stride_cs,
     DIM: tl.constexpr, DIM_P2: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -297,11 +311,15 @@ def _store_latent_kernel(
     if slot < 0:  # a padding token (a CUDA graph's spare batch rows) owns no slot
         return
     row = load_rows(latent_ptr + token * stride_lt, 0, 1, DIM, 1, DIM_P2)
-    store_rows(slot_row(cache_ptr, slot, block_size, stride_cb, stride_cs), row, 0, 1.0, 1, DIM, 1, DIM_P2)
+    store_rows(slot_row(cache_ptr, slot, block_size, stride_cb, stride_cs), row, 0, scale_ptr, 1, DIM, 1, DIM_P2)
 
 
-def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """One program per token writes its vector ``latent[t]`` to slot ``slot_mapping[t]``; negative slots are skipped."""
+def store_latent(
+    latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor, cache_scale: torch.Tensor | None = None
+) -> None:
+    """One program per token writes its vector ``latent[t]`` to slot ``slot_mapping[t]``; negative slots are skipped.
+
+    An FP8 cache gets ``fp8(latent / cache_scale)``."""
     if latent.stride(-1) != 1:
         latent = latent.contiguous()
     num_tokens, dim = latent.shape
@@ -311,6 +329,7 @@ def store_latent(latent: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.
         latent,
         cache,
         slot_mapping,
+        *kv_scale_args(cache, cache_scale),
         cache.shape[1],
         latent.stride(0),
         cache.stride(0),
@@ -340,7 +359,7 @@ class TritonLatentAttention(TorchRefBackend):
         super().__init__()
         self.num_sms = num_sms
 
-    def mla_decode(self, query, cache, plan: LatentPlan, scale, value_dim):
+    def mla_decode(self, query, cache, plan: LatentPlan, scale, value_dim, *, cache_scale=None):
         return mla_decode(
             query[..., :value_dim],
             query[..., value_dim:],
@@ -351,4 +370,5 @@ class TritonLatentAttention(TorchRefBackend):
             scale=scale,
             num_sms=self.num_sms,
             num_splits=plan.num_splits,
+            cache_scale=cache_scale,
         )

@@ -11,12 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache import cache_strides, load_rows, slot_row, store_rows, to_cache_dtype
+from .cache import cache_strides, kv_scale_args, load_rows, slot_row, store_rows, to_cache_dtype
 
 
 @triton.jit
 def _rotate_heads(
-    dst_ptr, src_ptr, stride_src_h, stride_dst_h, cos, sin, scale,
+    dst_ptr, src_ptr, stride_src_h, stride_dst_h, cos, sin, scale_ptr,
     NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HEADS_P2: tl.constexpr, HALF_P2: tl.constexpr,
 ):
     heads = tl.arange(0, HEADS_P2)[:, None]
@@ -26,8 +26,8 @@ def _rotate_heads(
     x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     dst = dst_ptr + heads * stride_dst_h + dims
-    tl.store(dst, to_cache_dtype(x1 * cos - x2 * sin, dst_ptr, scale), mask=mask)
-    tl.store(dst + HALF, to_cache_dtype(x2 * cos + x1 * sin, dst_ptr, scale), mask=mask)
+    tl.store(dst, to_cache_dtype(x1 * cos - x2 * sin, dst_ptr, scale_ptr), mask=mask)
+    tl.store(dst + HALF, to_cache_dtype(x2 * cos + x1 * sin, dst_ptr, scale_ptr), mask=mask)
 
 
 @triton.jit
@@ -43,8 +43,8 @@ def _rotary_kernel(
     k_cache_ptr,
     v_cache_ptr,
     block_size,
-    k_scale,
-    v_scale,
+    k_scale_ptr,
+    v_scale_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -73,12 +73,13 @@ def _rotary_kernel(
     sin = tl.load(cos_sin_ptr + pos * stride_cs + HALF + dims, mask=dims < HALF, other=0.0)
     q_src = q_ptr + token * stride_qt
     k_src = k_ptr + token * stride_kt
+    # The rotated copies are never FP8: no scale is read for them.
     _rotate_heads(
-        q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF), q_src, stride_qh, 2 * HALF, cos, sin, 1.0,
+        q_out_ptr + token * (NUM_Q_HEADS * 2 * HALF), q_src, stride_qh, 2 * HALF, cos, sin, cos_sin_ptr,
         NUM_Q_HEADS, HALF, Q_HEADS_P2, HALF_P2,
     )
     _rotate_heads(
-        k_out_ptr + token * (NUM_K_HEADS * 2 * HALF), k_src, stride_kh, 2 * HALF, cos, sin, 1.0,
+        k_out_ptr + token * (NUM_K_HEADS * 2 * HALF), k_src, stride_kh, 2 * HALF, cos, sin, cos_sin_ptr,
         NUM_K_HEADS, HALF, K_HEADS_P2, HALF_P2,
     )
     if STORE_KV:
@@ -86,11 +87,11 @@ def _rotary_kernel(
         if slot >= 0:  # a padding token (a CUDA graph's spare batch rows) owns no slot
             _rotate_heads(
                 slot_row(k_cache_ptr, slot, block_size, stride_kcb, stride_kcs), k_src, stride_kh, stride_kch,
-                cos, sin, k_scale, NUM_K_HEADS, HALF, K_HEADS_P2, HALF_P2,
+                cos, sin, k_scale_ptr, NUM_K_HEADS, HALF, K_HEADS_P2, HALF_P2,
             )
             v = load_rows(v_ptr + token * stride_vt, stride_vh, NUM_K_HEADS, 2 * HALF, K_HEADS_P2, 2 * HALF_P2)
             v_row = slot_row(v_cache_ptr, slot, block_size, stride_vcb, stride_vcs)
-            store_rows(v_row, v, stride_vch, v_scale, NUM_K_HEADS, 2 * HALF, K_HEADS_P2, 2 * HALF_P2)
+            store_rows(v_row, v, stride_vch, v_scale_ptr, NUM_K_HEADS, 2 * HALF, K_HEADS_P2, 2 * HALF_P2)
 
 
 def rotary_embedding(
@@ -99,13 +100,13 @@ def rotary_embedding(
     key: torch.Tensor,
     cos_sin_cache: torch.Tensor,
     store: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    kv_scales: tuple[float, float] = (1.0, 1.0),
+    kv_scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """New, contiguous rotated copies of ``query``/``key`` (which may be strided views of a fused QKV).
 
     ``store = (value, k_cache, v_cache, slot_mapping)`` also writes the rotated
     keys and the values to their cache slots, as `store_kv` would (with
-    ``kv_scales``, the keys' and values' scales of an FP8 cache).
+    ``kv_scales``, the keys' and values' scale tensors of an FP8 cache).
     """
     query, key = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key))
     num_tokens, num_q_heads, head_dim = query.shape
@@ -116,11 +117,13 @@ def rotary_embedding(
         value, k_cache, v_cache, slot_mapping = key, key, key, positions  # not read
         strides = (0,) * 6
         block_size = 1
+        scale_ptrs = (key, key)  # not read
     else:
         value, k_cache, v_cache, slot_mapping = store
         value = value if value.stride(-1) == 1 else value.contiguous()
         strides = cache_strides(k_cache, v_cache)
         block_size = k_cache.shape[1]
+        scale_ptrs = kv_scale_args(k_cache, *kv_scales)
     if num_tokens:
         half = head_dim // 2
         _rotary_kernel[(num_tokens,)](
@@ -135,8 +138,7 @@ def rotary_embedding(
             k_cache,
             v_cache,
             block_size,
-            float(kv_scales[0]),
-            float(kv_scales[1]),
+            *scale_ptrs,
             query.stride(0),
             query.stride(1),
             key.stride(0),
