@@ -67,6 +67,7 @@ class LinearBase(nn.Module):
         del self.weight  # the placeholder
         if method is None:
             self.weight = nn.Parameter(torch.empty(self.output_size, self.input_size), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
         else:
             method.create_weights(self)
         if model_loader != self.weight_loader:

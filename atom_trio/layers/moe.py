@@ -25,8 +25,11 @@ from torch import nn
 from atom_trio._scoped import scoped
 from atom_trio.distributed import current_tp_group
 from atom_trio.ops import ClampedSwiGLU, current_backend
+from atom_trio.ops.quant_experts import QuantizedExperts
 
 from .linear import _copy_shard
+from .quantization import quantized_build
+from .quantization.experts import ExpertsQuantMethod
 
 _expert_parallel: contextvars.ContextVar[bool] = contextvars.ContextVar("atom_trio_expert_parallel", default=False)
 
@@ -140,6 +143,10 @@ class FusedMoE(nn.Module):
     num_local_experts)``. The forward's output is this rank's partial sum,
     all-reduced over the group when ``reduce_results`` (a model that adds a
     shared expert's partial sum first passes False and reduces once).
+
+    A quantized checkpoint's experts get their parameters from an
+    `ExpertsQuantMethod` (`quantize_as`); after loading, the weights are
+    either in a quantized layout that ``quant`` describes, or dense.
     """
 
     def __init__(
@@ -169,19 +176,36 @@ class FusedMoE(nn.Module):
             self.num_local_experts = num_experts
             self.expert_offset = 0
             self.intermediate_size = self.tp.divide(intermediate_size, "expert intermediate features")
-        local, inter = self.num_local_experts, self.intermediate_size
-        self.w13_weight = nn.Parameter(torch.empty(local, 2 * inter, hidden_size), requires_grad=False)
-        self.w2_weight = nn.Parameter(torch.empty(local, hidden_size, inter), requires_grad=False)
-        self.w13_weight.weight_loader = self.weight_loader
-        self.w2_weight.weight_loader = self.weight_loader
+        self.intermediate_size_full = intermediate_size
+        self.quant_method: ExpertsQuantMethod | None = None
+        self.quant: QuantizedExperts | None = None
+        # In a quantized build the dense weights are placeholders until `quantize_as` (no memory meanwhile).
+        self._dense_weights(device="meta" if quantized_build() else None)
         self.activation = activation
         if bias:
+            local, inter = self.num_local_experts, self.intermediate_size
             self.w13_bias = nn.Parameter(torch.empty(local, 2 * inter), requires_grad=False)
             self.w2_bias = nn.Parameter(torch.empty(local, hidden_size), requires_grad=False)
             self.w13_bias.weight_loader = self.w2_bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("w13_bias", None)
             self.register_parameter("w2_bias", None)
+
+    def _dense_weights(self, device: str | None = None) -> None:
+        local, inter, hidden = self.num_local_experts, self.intermediate_size, self.hidden_size
+        self.w13_weight = nn.Parameter(torch.empty(local, 2 * inter, hidden, device=device), requires_grad=False)
+        self.w2_weight = nn.Parameter(torch.empty(local, hidden, inter, device=device), requires_grad=False)
+        self.w13_weight.weight_loader = self.weight_loader
+        self.w2_weight.weight_loader = self.weight_loader
+
+    def quantize_as(self, method: ExpertsQuantMethod | None) -> None:
+        """Give the experts of a quantized build their parameters: ``method``'s, or dense weights (None: unquantized)."""
+        del self.w13_weight, self.w2_weight  # the placeholders
+        if method is None:
+            self._dense_weights()
+        else:
+            method.create_weights(self)
+        self.quant_method = method
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: tuple[int | str, str]) -> None:
         """Copy this rank's part of a checkpoint tensor into ``param``.
@@ -194,16 +218,24 @@ class FusedMoE(nn.Module):
         ``[experts, 2 * inter]`` and ``[experts, hidden]``. Every rank's slice
         of an expert adds to one output, so one rank adds its down bias: the
         first (with expert parallelism, the rank holding the expert).
+
+        Quantized experts' tensors (packed weights, scales, zero points) load
+        the same way: their rows are the gate's then the up's, at any
+        granularity (a scale row per block of rows), and their columns (the
+        down projection's input) split between ranks unless the parameter
+        says ``split_columns = False`` (a scale per output row).
         """
         expert, name = shard_id
         parts, index = (1, 0) if self.expert_parallel else (self.tp.size, self.tp.rank)
+        if not getattr(param, "split_columns", True):
+            parts, index = 1, 0
+        half = param.shape[1] // 2  # the gate's rows of a w13 tensor
         if expert == "stacked":
             if loaded.shape[0] != self.num_experts:
                 raise ValueError(f"stacked experts tensor of shape {tuple(loaded.shape)}: expected {self.num_experts}")
             mine = loaded.narrow(0, self.expert_offset, self.num_local_experts)
             if name == "w13":  # gate and up each split like a column-parallel layer
-                inter = self.intermediate_size
-                for rows, part in zip((param.data[:, :inter], param.data[:, inter:]), mine.chunk(2, dim=1)):
+                for rows, part in zip((param.data[:, :half], param.data[:, half:]), mine.chunk(2, dim=1)):
                     _copy_shard(rows, part, dim=1, index=index, parts=parts)
             elif param is self.w2_bias:
                 _copy_shard(param.data, mine, dim=1, index=0, parts=1)
@@ -218,7 +250,7 @@ class FusedMoE(nn.Module):
         if name == "w2":
             _copy_shard(param.data[local], loaded, dim=1, index=index, parts=parts)
         else:
-            rows = param.data[local].narrow(0, 0 if name == "w1" else self.intermediate_size, self.intermediate_size)
+            rows = param.data[local].narrow(0, 0 if name == "w1" else half, half)
             _copy_shard(rows, loaded, dim=0, index=index, parts=parts)
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -232,6 +264,7 @@ class FusedMoE(nn.Module):
             w13_bias=self.w13_bias,
             w2_bias=self.w2_bias,
             activation=self.activation,
+            quant=self.quant,
         )
         return self.tp.all_reduce(out) if self.reduce_results else out
 
@@ -239,4 +272,5 @@ class FusedMoE(nn.Module):
         return (
             f"experts={self.num_local_experts}/{self.num_experts} (offset {self.expert_offset}), top_k={self.top_k}, "
             f"hidden={self.hidden_size}, intermediate={self.intermediate_size}"
+            + ("" if self.quant is None else f", weights={self.quant.kind}")
         )

@@ -14,6 +14,9 @@
   ``gate_up_proj_bias`` ``[experts, 2 * inter]`` likewise, ``down_proj`` ``[experts, inter, hidden]``,
   ``down_proj_bias`` ``[experts, hidden]``. Loading splits the interleaved features into gate rows
   then up rows and transposes, into `FusedMoE`'s layout.
+- MXFP4 checkpoints (``quantization_config`` ``mxfp4``) hold the experts' weights as ``<proj>_blocks`` and
+  ``<proj>_scales``; they load into `FusedMoE`'s quantized layout (`experts_as_fused`), which the GPU's MoE
+  kernel reads as it is and the CPU dequantizes once.
 - ``hidden_act`` is not read (transformers' GPT-OSS ignores it too: the experts' activation is their own);
   ``router_aux_loss_coef``, ``output_router_logits`` and ``attention_dropout`` concern training.
 """
@@ -33,9 +36,7 @@ from .llama import LlamaAttention, LlamaDecoderLayer
 from .qwen3_moe import MoeForCausalLM
 
 _LAYER_KINDS = ("sliding_attention", "full_attention")
-_INTERLEAVED = re.compile(r"\.experts\.gate_up_proj(_bias)?$")
-_DOWN = re.compile(r"\.experts\.down_proj$")
-_BIAS = re.compile(r"\.experts\.(gate_up|down)_proj_bias$")
+_STACKED = re.compile(r"\.experts\.(gate_up|down)_proj(_bias|_blocks|_scales)?$")
 
 
 class GptOssAttention(LlamaAttention):
@@ -99,9 +100,9 @@ class GptOssForCausalLM(MoeForCausalLM):
     def checkpoint_target(self, name: str) -> tuple[str, object] | None:
         if name.endswith(".self_attn.sinks"):
             return f"{name.removesuffix('.sinks')}.attn.sinks", None
-        if match := _BIAS.search(name):
+        if (match := _STACKED.search(name)) and match.group(2):
             stacked = "w13" if match.group(1) == "gate_up" else "w2"
-            return f"{name[: match.start()]}.experts.{stacked}_bias", ("stacked", stacked)
+            return f"{name[: match.start()]}.experts.{stacked}{match.group(2)}", ("stacked", stacked)
         return super().checkpoint_target(name)
 
 
@@ -110,13 +111,22 @@ def experts_as_fused(name: str, tensor: torch.Tensor) -> torch.Tensor:
 
     ``gate_up_proj`` ``[E, hidden, 2I]`` interleaved -> ``[E, 2I, hidden]``, gate rows then up rows;
     its bias ``[E, 2I]`` interleaved -> gate then up; ``down_proj`` ``[E, I, hidden]`` -> ``[E, hidden, I]``.
+
+    MXFP4 (transformers' ``integrations/mxfp4.py``): ``<proj>_blocks`` ``[E, out, in / 32, 16]`` and
+    ``<proj>_scales`` ``[E, out, in / 32]`` are already ``[out, in]``-major, ``gate_up_proj``'s out features
+    interleaved as above: its rows are split into gate then up, and the blocks of a row flattened to
+    ``[E, out, in / 2]`` (`atom_trio.ops.quant_experts`'s layout).
     """
-    if _INTERLEAVED.search(name):
+    if not (match := _STACKED.search(name)):
+        return tensor
+    gate_up, kind = match.group(1) == "gate_up", match.group(2)
+    if kind in ("_blocks", "_scales"):
+        if gate_up:
+            tensor = torch.cat((tensor[:, 0::2], tensor[:, 1::2]), dim=1)
+        return tensor.flatten(-2) if kind == "_blocks" else tensor
+    if gate_up:
         tensor = torch.cat((tensor[..., ::2], tensor[..., 1::2]), dim=-1)
-        return tensor if name.endswith("_bias") else tensor.transpose(1, 2)
-    if _DOWN.search(name):
-        return tensor.transpose(1, 2)
-    return tensor
+    return tensor if kind == "_bias" else tensor.transpose(1, 2)
 
 
 def check_config(config) -> None:

@@ -25,7 +25,11 @@ from atom_trio.layers import FusedMoE, ReplicatedLinear, RMSNorm, RotaryEmbeddin
 
 from .llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
-_EXPERT_TENSOR = re.compile(r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+# An expert's weight, or a quantized checkpoint's tensors of it (FP8 scales; GPTQ, AWQ and compressed-tensors' 4-bit).
+_EXPERT_TENSOR = re.compile(
+    r"\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\."
+    r"(weight|weight_scale|weight_scale_inv|weight_packed|weight_zero_point|weight_shape|qweight|qzeros|scales|g_idx)$"
+)
 _STACKED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 _EXPERT_SHARD = {"gate_proj": "w1", "w1": "w1", "up_proj": "w3", "w3": "w3", "down_proj": "w2", "w2": "w2"}
 
@@ -86,10 +90,10 @@ class MoeForCausalLM(LlamaForCausalLM):
 
     def checkpoint_target(self, name: str) -> tuple[str, object] | None:
         if match := _EXPERT_TENSOR.search(name):
-            expert, projection = match.groups()
+            expert, projection, tensor = match.groups()
             shard = _EXPERT_SHARD[projection]
-            weight = "w2_weight" if shard == "w2" else "w13_weight"
-            return f"{name[: match.start()]}.experts.{weight}", (int(expert), shard)
+            stacked = "w2" if shard == "w2" else "w13"
+            return f"{name[: match.start()]}.experts.{stacked}_{tensor}", (int(expert), shard)
         if match := _STACKED_EXPERTS.search(name):
             stacked = "w13" if match.group(1) == "gate_up_proj" else "w2"
             return f"{name[: match.start()]}.experts.{stacked}_weight", ("stacked", stacked)
@@ -111,7 +115,7 @@ class MoeForCausalLM(LlamaForCausalLM):
     def _expert_keys(self, param_name: str) -> set[tuple[str, object]]:
         """Every expert's shards of a `FusedMoE` weight (an expert-parallel rank skips others' but counts them)."""
         experts = self.get_submodule(param_name.rpartition(".")[0])
-        shards = ("w2",) if param_name.endswith("w2_weight") else ("w1", "w3")
+        shards = ("w2",) if param_name.rpartition(".")[2].startswith("w2_") else ("w1", "w3")
         return {(param_name, (expert, shard)) for expert in range(experts.num_experts) for shard in shards}
 
 

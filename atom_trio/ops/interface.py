@@ -20,6 +20,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
+from .quant_experts import QuantizedExperts, dequantize_experts
 from .quant_ref import dequantize_fp8, dequantize_int8, dequantize_w4a16
 
 
@@ -302,6 +303,12 @@ class KernelBackend(abc.ABC):
         y = F.linear(x, weight, bias)
         return self.silu_and_mul(y) if silu_and_mul else y
 
+    quantized_experts: frozenset[str] = frozenset()
+    """The expert weight layouts (``"fp8"``, ``"w4a16"``, ``"mxfp4"``) `fused_experts` computes on while quantized.
+
+    A `FusedMoE` whose layout is not here dequantizes its experts once at load.
+    """
+
     quantized_weights: frozenset[str] = frozenset()
     """The weight schemes (``"fp8"``, ``"int8"``, ``"w4a16"``) this backend computes on while quantized.
 
@@ -381,6 +388,7 @@ class KernelBackend(abc.ABC):
         w13_bias: torch.Tensor | None = None,
         w2_bias: torch.Tensor | None = None,
         activation: ClampedSwiGLU | None = None,
+        quant: QuantizedExperts | None = None,
     ) -> torch.Tensor:
         """The routed experts' weighted sum for each token: a mixture-of-experts layer's ``[tokens, hidden]`` output.
 
@@ -390,14 +398,17 @@ class KernelBackend(abc.ABC):
         experts)``; a choice outside them adds nothing (another rank of an expert-parallel group holds it).
         Sums in float32 and returns ``hidden``'s dtype. ``w13_bias`` ``[experts, 2 * inter]`` and
         ``w2_bias`` ``[experts, hidden]`` add to the projections; ``activation`` replaces SiLU-and-mul
-        (GPT-OSS's `ClampedSwiGLU`).
+        (GPT-OSS's `ClampedSwiGLU`). With ``quant``, ``w13`` and ``w2`` are quantized in its layout
+        (`atom_trio.ops.quant_experts`) and the experts compute weight-only.
 
-        This default is the reference: every held expert runs on every token and
+        This default is the reference (quantized weights dequantized on every call): every held expert runs on every token and
         the routing weights (zero where a token did not choose the expert) mask
         the sum. Wasteful, but no shape depends on device values, so it never
         synchronises and traces whole under torch.compile; backends override it
         with kernels that run each expert on its own tokens only.
         """
+        if quant is not None:
+            w13, w2 = dequantized_experts(w13, w2, quant, hidden.dtype)
         num_tokens = hidden.shape[0]
         num_experts = w13.shape[0]
         local = topk_ids.long() - expert_offset
@@ -476,3 +487,13 @@ class KernelBackend(abc.ABC):
         else:
             normed, summed = self.rms_norm(x, norm_weight, eps, residual)
         return self.linear(normed, weight, bias, silu_and_mul=silu_and_mul), summed
+
+
+def dequantized_experts(
+    w13: torch.Tensor, w2: torch.Tensor, quant: QuantizedExperts, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantized ``w13`` and ``w2`` as the dense ``dtype`` weights they stand for (`dequantize_experts`)."""
+    return (
+        dequantize_experts(w13, quant.w13_scale, quant.w13_zeros, quant).to(dtype),
+        dequantize_experts(w2, quant.w2_scale, quant.w2_zeros, quant).to(dtype),
+    )

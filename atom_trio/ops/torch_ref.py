@@ -336,6 +336,9 @@ class TorchRefBackend(KernelBackend):
     quantized_weights = frozenset({"fp8", "int8", "w4a16"})
     """All of them: the quantized ops below are the ground truth the GPU kernels are tested against."""
 
+    quantized_experts = frozenset({"fp8", "w4a16", "mxfp4"})
+    """All of them, for the same reason: `fused_experts` dequantizes them on every call."""
+
     def fp8_linear(self, x, weight, weight_scale, bias, *, block_size=None, input_scale=None):
         # The activations as the kernel quantizes them; the products then exact in float32.
         group_size = None if block_size is None else block_size[1]

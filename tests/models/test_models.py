@@ -43,8 +43,9 @@ def chunk(seq_id, tokens, start, *, prompt_len, sample, block_size=4, blocks_off
     )
 
 
-def check_mixed_step_logits(model_dir, *, block_size, **fields):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def check_mixed_step_logits(model_dir, *, block_size, reference=None, **fields):
+    """Our logits over mixed steps against ``reference`` (default: transformers' model of ``model_dir``), in fp32."""
+    hf = reference or transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     runner = ModelRunner(
         EngineConfig(model=str(model_dir), dtype="float32", num_kv_blocks=64, block_size=block_size, **fields)
     )

@@ -204,9 +204,14 @@ def test_the_config_is_checked_before_any_weight_is_read(tiny_llama_dir, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "quantization_config", [FP8_BLOCK, {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}]
+    ("quantization_config", "message"),
+    [
+        (INT8, "int8 experts are not supported"),
+        (FP8_BLOCK, "32 expert intermediate features do not divide into the FP8 blocks of 128 x 128"),
+        ({"quant_method": "fp8", "activation_scheme": "static"}, "static FP8 activation scales .* on experts"),
+    ],
 )
-def test_quantized_experts_are_refused_before_loading(tmp_path, quantization_config):
+def test_experts_a_scheme_cannot_hold_are_refused_before_loading(tmp_path, quantization_config, message):
     from atom_trio.runner import ModelRunner
     from atom_trio.testing.models import TINY_MOE_CONFIGS, write_model_dir
 
@@ -217,7 +222,7 @@ def test_quantized_experts_are_refused_before_loading(tmp_path, quantization_con
         "quantization_config": quantization_config,
     }
     model_dir = write_model_dir(tmp_path / "moe", config)
-    with pytest.raises(ModelLoadError, match=r"model.layers.0.mlp.experts: quantized experts .* not supported yet"):
+    with pytest.raises(ModelLoadError, match=rf"model.layers.0.mlp.experts: {message}"):
         ModelRunner(EngineConfig(model=str(model_dir), load_format="dummy", num_kv_blocks=4))
 
 

@@ -14,6 +14,7 @@ from atom_trio.loader.quant_config import (
 )
 
 from .base import QuantMethod
+from .experts import ExpertsQuantMethod, Fp8ExpertsMethod, Int4ExpertsMethod, Mxfp4ExpertsMethod
 from .fp8 import Fp8LinearMethod
 from .int4 import Int4LinearMethod
 from .int8 import Int8LinearMethod
@@ -46,11 +47,11 @@ def quantize_linear_layers(model: nn.Module, quant_config: QuantConfig | None) -
     # A linear layer beside the experts is their router: it stays unquantized (as vLLM builds routers).
     moe_blocks = {name.rpartition(".")[0] for name, layer in model.named_modules() if isinstance(layer, FusedMoE)}
     for name, layer in model.named_modules():
-        if isinstance(layer, FusedMoE) and _quantizes_experts(quant_config, name):
-            raise ModelLoadError(
-                f"{name}: quantized experts ({quant_config.method}) are not supported yet; the experts of a "
-                "quantized checkpoint must be listed as unquantized in its quantization_config"
-            )
+        if isinstance(layer, FusedMoE):
+            try:
+                layer.quantize_as(_experts_method(quant_config, name))
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{name}: {exc}") from exc
         if not isinstance(layer, LinearBase):
             continue
         parent, _, leaf = name.rpartition(".")
@@ -75,10 +76,25 @@ def finish_quantized_layers(model: nn.Module) -> None:
             layer.quant_method.process_weights_after_loading(layer)
 
 
-def _quantizes_experts(quant_config: QuantConfig, experts: str) -> bool:
-    """Whether a checkpoint holds the experts under ``experts`` quantized (an online FP8 pass leaves them)."""
-    expert = f"{experts}.0.gate_proj"
+def _experts_method(quant_config: QuantConfig, experts: str) -> ExpertsQuantMethod | None:
+    """How the checkpoint holds the experts under ``experts``: quantized, or None (an online FP8 pass leaves them).
+
+    Their scheme is the one their projections' checkpoint names get (``experts.0.gate_proj`` ...), which must
+    be one scheme for all three.
+    """
+    projections = [f"{experts}.0.{projection}" for projection in ("gate_proj", "up_proj", "down_proj")]
     if quant_config.method == "mxfp4":  # only experts are MXFP4: those not listed as left unconverted
-        return not any(not_converted(pattern, expert) for pattern in quant_config.not_converted)
-    scheme = quant_config.scheme_for(expert)
-    return scheme is not None and not getattr(scheme, "online", False)
+        converted = not any(not_converted(pattern, projections[0]) for pattern in quant_config.not_converted)
+        return Mxfp4ExpertsMethod() if converted else None
+    schemes = {quant_config.scheme_for(name) for name in projections}
+    if len(schemes) > 1:
+        raise ModelLoadError("the quantization_config gives the experts' gate, up and down projections different schemes")
+    scheme = schemes.pop()
+    if scheme is None or getattr(scheme, "online", False):
+        return None
+    if type(scheme) not in _EXPERT_METHODS:
+        raise ModelLoadError(f"{scheme.kind} experts are not supported (FP8, 4-bit and MXFP4 experts are)")
+    return _EXPERT_METHODS[type(scheme)](scheme)
+
+
+_EXPERT_METHODS: dict[type, type[ExpertsQuantMethod]] = {Fp8Scheme: Fp8ExpertsMethod, Int4Scheme: Int4ExpertsMethod}

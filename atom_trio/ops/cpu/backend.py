@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..interface import dequantized_experts
 from ..torch_ref import TorchAttentionPlan, TorchRefBackend
 from .kernels import SUPPORTED_DTYPES, CpuKernels, load_cpu_kernels
 from .moe import sorted_fused_experts
@@ -28,6 +29,7 @@ class CpuBackend(TorchRefBackend):
 
     name = "cpu"
     quantized_weights = frozenset()  # no faster CPU kernel than dequantizing once at load
+    quantized_experts = frozenset()  # likewise
 
     # An FP8 cache (its dtype is not the query's) takes the reference's torch ops, which quantize and dequantize.
 
@@ -66,14 +68,14 @@ class CpuBackend(TorchRefBackend):
         return super().silu_and_mul(x)
 
     def fused_experts(
-        self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0, w13_bias=None, w2_bias=None, activation=None
+        self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0, activation=None, quant=None, **biases
     ):
-        biases = dict(w13_bias=w13_bias, w2_bias=w2_bias)
         # Sorting by expert sizes each expert's matmul from the ids: a host read that no graph can hold.
         if hidden.device.type != "cpu" or torch.compiler.is_compiling():
-            return super().fused_experts(
-                hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset, activation=activation, **biases
-            )
+            options = dict(expert_offset=expert_offset, activation=activation, quant=quant)
+            return super().fused_experts(hidden, w13, w2, topk_weights, topk_ids, **options, **biases)
+        if quant is not None:  # layers dequantize theirs at load (quantized_experts is empty); a direct call's, here
+            w13, w2 = dequantized_experts(w13, w2, quant, hidden.dtype)
         activate = self.silu_and_mul if activation is None else activation
         return sorted_fused_experts(hidden, w13, w2, topk_weights, topk_ids, expert_offset, activate, **biases)
 

@@ -163,20 +163,10 @@ class TritonBackend(KernelBackend):
     def silu_and_mul(self, x):
         return silu_and_mul(x)
 
-    def fused_experts(
-        self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0, w13_bias=None, w2_bias=None, activation=None
-    ):
-        return fused_experts(
-            hidden,
-            w13,
-            w2,
-            topk_weights,
-            topk_ids,
-            expert_offset=expert_offset,
-            w13_bias=w13_bias,
-            w2_bias=w2_bias,
-            activation=activation,
-        )
+    quantized_experts = frozenset({"fp8", "w4a16", "mxfp4"})  # dequantized in the MoE kernel's inner loop
+
+    def fused_experts(self, hidden, w13, w2, topk_weights, topk_ids, **options):
+        return fused_experts(hidden, w13, w2, topk_weights, topk_ids, **options)
 
     def traced(self):
         from .opaque import TracedTritonOps  # registers the custom ops: only for a model that is compiled

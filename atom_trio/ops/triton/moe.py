@@ -24,6 +24,14 @@ in a CUDA graph and replayed with new routing:
    one program per (token, column tile) adds its token's rows whose expert is
    local, so the output does not depend on which program finishes first.
 
+Quantized experts (`atom_trio.ops.quant_experts`: FP8 with block or per-row
+scales, 4-bit with group scales and zero points, MXFP4) stay quantized in
+memory: both GEMMs load each weight tile as stored (a byte holds two 4-bit
+columns), dequantize it in float32 with the scale of each element's block
+or group (e2m1 codes by their bits, e8m0 scales as float32 exponents), round
+it once to the activations' dtype and multiply as the dense tiles do. The
+activations are not quantized: the experts compute weight-only.
+
 Rows are written at their entry index, not at their sorted position, so the
 order of entries inside an expert's list (the align kernel assigns slots with
 atomics) does not change any result: every row of a tile is computed by the
@@ -47,12 +55,14 @@ import triton
 import triton.language as tl
 
 from ..interface import ClampedSwiGLU
+from ..quant_experts import QuantizedExperts
 
 CONFIG_DIR = Path(__file__).parent / "moe_configs"
 
 _ALIGN_CHUNK = 1024  # entries the align kernel takes per step of its loops
 _ALIGN_BLOCKS = 32  # blocks whose expert it decides per step
 _SUM_BLOCK_H = 1024
+_WEIGHT_FORMATS = {"fp8": 1, "w4a16": 2, "mxfp4": 3}  # the GEMM kernel's WEIGHT_FORMAT (0: dense)
 
 
 @attrs.frozen
@@ -239,6 +249,52 @@ def moe_align_block_size(
     return aligned
 
 
+@triton.jit
+def _dequantized_tile(
+    w_ptrs,
+    s_ptrs,
+    z_ptrs,
+    shift,
+    mask,
+    a_dtype: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """One ``[BLOCK_K, BLOCK_N]`` weight tile in ``a_dtype``: loaded as stored, dequantized in float32, rounded once.
+
+    ``mask`` (with ``MASKED``) leaves out the columns past K; they come out zero.
+    """
+    if WEIGHT_FORMAT == 0:
+        if MASKED:
+            return tl.load(w_ptrs, mask=mask, other=0.0)
+        return tl.load(w_ptrs)
+    # Quantized tiles load masked lanes as whatever is there (an FP8 "other" has no cast) and zero them at the end.
+    w = tl.load(w_ptrs, mask=mask) if MASKED else tl.load(w_ptrs)
+    s = tl.load(s_ptrs, mask=mask) if MASKED else tl.load(s_ptrs)
+    if WEIGHT_FORMAT == 1:  # FP8 times its block's (or row's) float32 scale
+        value = w.to(tl.float32) * s
+    else:
+        code = (w >> shift) & 0xF  # column 2j in the low nibble, 2j + 1 in the high
+        if WEIGHT_FORMAT == 2:  # 4-bit: (q - zero) * scale, rounded to the scales' dtype as the dense layout is
+            if HAS_ZEROS:
+                zero = (tl.load(z_ptrs, mask=mask) if MASKED else tl.load(z_ptrs)).to(tl.float32)
+            else:
+                zero = 8.0
+            value = ((code.to(tl.float32) - zero) * s.to(tl.float32)).to(s.dtype).to(tl.float32)
+        else:  # MXFP4: e2m1 (sign, two exponent bits, one mantissa bit) times 2 ** (e8m0 - 127) from its float32 bits
+            exponent = (code >> 1) & 3
+            mantissa = (code & 1).to(tl.float32)
+            magnitude = tl.where(
+                exponent == 0, mantissa * 0.5, (2.0 + mantissa) * ((1 << exponent).to(tl.float32) * 0.25)
+            )
+            power = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+            value = tl.where(code >= 8, -magnitude, magnitude) * power
+    if MASKED:
+        value = tl.where(mask, value, 0.0)
+    return value.to(a_dtype)
+
+
 @triton.jit(do_not_specialize=["num_entries", "max_blocks"])
 def _expert_gemm_kernel(
     a_ptr,
@@ -261,6 +317,16 @@ def _expert_gemm_kernel(
     stride_be,
     swiglu_alpha,
     swiglu_limit,
+    scale_ptr,
+    zeros_ptr,
+    stride_se,
+    stride_sn,
+    stride_sk,
+    scale_up_offset,
+    SCALE_ROWS: tl.constexpr,
+    SCALE_COLS: tl.constexpr,
+    WEIGHT_FORMAT: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
     ENTRIES_PER_A_ROW: tl.constexpr,
     SILU_AND_MUL: tl.constexpr,
     ROUTING_WEIGHT: tl.constexpr,
@@ -293,26 +359,41 @@ def _expert_gemm_kernel(
     w_cols = (cols % N).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :]
-    w_ptrs = w_ptr + expert * stride_we + w_cols[None, :] * stride_wn + ks[:, None]
+    # The 4-bit layouts hold two columns a byte: column k is byte k // 2, its nibble (k % 2) * 4 bits up.
+    w_ptrs = w_ptr + expert * stride_we + w_cols[None, :] * stride_wn
+    if WEIGHT_FORMAT >= 2:
+        w_ptrs += ks[:, None] // 2
+    else:
+        w_ptrs += ks[:, None]
+    shift = ((ks % 2) * 4)[:, None].to(tl.uint8)
+    # Quantized weights: each element's scale (and zero point) by its row's and column's blocks.
+    scale_rows = expert * stride_se + (w_cols // SCALE_ROWS)[None, :] * stride_sn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k_in = ks < K - k0
+        k_in = (ks < K - k0)[:, None] & (w_cols[None, :] >= 0)
+        scale_at = scale_rows + ((k0 + ks) // SCALE_COLS)[:, None] * stride_sk
         if EVEN_K:
             a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
         else:
-            a = tl.load(a_ptrs, mask=k_in[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
+            a = tl.load(a_ptrs, mask=(ks < K - k0)[None, :], other=0.0)
+        w = _dequantized_tile(
+            w_ptrs, scale_ptr + scale_at, zeros_ptr + scale_at, shift, k_in,
+            a.dtype, WEIGHT_FORMAT, HAS_ZEROS, not EVEN_K,
+        )
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
         if SILU_AND_MUL:
-            if EVEN_K:
-                up = tl.load(w_ptrs + up_offset)
-            else:
-                up = tl.load(w_ptrs + up_offset, mask=k_in[:, None], other=0.0)
+            up_scale_at = scale_at + scale_up_offset
+            up = _dequantized_tile(
+                w_ptrs + up_offset, scale_ptr + up_scale_at, zeros_ptr + up_scale_at, shift, k_in,
+                a.dtype, WEIGHT_FORMAT, HAS_ZEROS, not EVEN_K,
+            )
             acc_up = tl.dot(a, up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+        if WEIGHT_FORMAT >= 2:
+            w_ptrs += BLOCK_K // 2
+        else:
+            w_ptrs += BLOCK_K
     if HAS_BIAS:  # gate (or down) bias at the output columns; up bias N further on
         bias_row = bias_ptr + expert * stride_be + w_cols
         acc += tl.load(bias_row).to(tl.float32)[None, :]
@@ -343,15 +424,30 @@ def _expert_gemm(
     routing_weights: torch.Tensor | None,
     bias: torch.Tensor | None = None,
     activation: ClampedSwiGLU | None = None,
+    quant: QuantizedExperts | None = None,
+    scale: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
 ) -> None:
     """``out[entry] = a[entry // entries_per_a_row] @ w[expert].T + bias[expert]`` for every aligned entry, then
     the epilogues.
 
     With ``silu_and_mul`` the output has half the weight's rows: gate rows
     ``[0, N)`` and up rows ``[N, 2N)`` of each expert, activated by SiLU-and-mul or ``activation``.
+    With ``quant``, ``w`` is in its layout with ``scale`` (and ``zeros``), dequantized tile by tile.
     """
     n = out.shape[1]
     k = a.shape[1]
+    if quant is None:
+        scale_rows, scale_cols, weight_format = 1, 1, 0
+        scale = zeros = out  # not read
+    else:
+        scale_rows, scale_cols = quant.scale_block(scale, k)
+        weight_format = _WEIGHT_FORMATS[quant.kind]
+        scale = scale.contiguous()
+        if weight_format != 1 and config.block_k % 2:
+            raise ValueError(f"block_k {config.block_k} must be even for 4-bit weights (two columns a byte)")
+    if silu_and_mul and n % scale_rows:
+        raise ValueError(f"the gate's {n} rows end inside a block of {scale_rows} scale rows, where the up rows begin")
     grid = (aligned.max_blocks * triton.cdiv(n, config.block_n),)
     _expert_gemm_kernel[grid](
         a,
@@ -374,6 +470,16 @@ def _expert_gemm(
         bias.stride(0) if bias is not None else 0,
         activation.alpha if activation is not None else 0.0,
         activation.limit if activation is not None else 0.0,
+        scale,
+        zeros if zeros is not None else scale,
+        scale.stride(0) if quant is not None else 0,
+        scale.stride(1) if quant is not None else 0,
+        scale.stride(2) if quant is not None else 0,
+        (n // scale_rows) * scale.stride(1) if quant is not None else 0,
+        SCALE_ROWS=scale_rows,
+        SCALE_COLS=scale_cols,
+        WEIGHT_FORMAT=weight_format,
+        HAS_ZEROS=zeros is not None,
         ENTRIES_PER_A_ROW=entries_per_a_row,
         SILU_AND_MUL=silu_and_mul,
         ROUTING_WEIGHT=routing_weights is not None,
@@ -426,12 +532,14 @@ def fused_experts(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
     activation: ClampedSwiGLU | None = None,
+    quant: QuantizedExperts | None = None,
     config: MoeTileConfig | None = None,
 ) -> torch.Tensor:
     """``KernelBackend.fused_experts``: ``hidden`` ``[T, H]`` through its chosen local experts, weighted and summed.
 
     ``w13`` ``[E_local, 2I, H]`` (gate rows, then up rows), ``w2`` ``[E_local,
-    H, I]``; ``topk_ids`` ``[T, k]`` are global expert ids, of which those in
+    H, I]``, or with ``quant`` in its layout (the 4-bit ones hold two columns a
+    byte); ``topk_ids`` ``[T, k]`` are global expert ids, of which those in
     ``[expert_offset, expert_offset + E_local)`` are computed here. ``config``
     forces the tiles (the tuning script); otherwise `tile_config` picks them.
     """
@@ -439,8 +547,9 @@ def fused_experts(
     num_experts, two_i, _ = w13.shape
     intermediate = two_i // 2
     top_k = topk_ids.shape[1]
-    expected_w2 = (num_experts, hidden_size, intermediate)
-    if w13.shape != (num_experts, 2 * intermediate, hidden_size) or w2.shape != expected_w2:
+    columns = 1 if quant is None or quant.kind == "fp8" else 2  # per stored element
+    expected_w2 = (num_experts, hidden_size, intermediate // columns)
+    if w13.shape != (num_experts, 2 * intermediate, hidden_size // columns) or w2.shape != expected_w2:
         raise ValueError(
             f"fused_experts: w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} do not fit hidden size {hidden_size}"
         )
@@ -473,6 +582,9 @@ def fused_experts(
         routing_weights=None,
         bias=None if w13_bias is None else w13_bias.contiguous(),
         activation=activation,
+        quant=quant,
+        scale=None if quant is None else quant.w13_scale,
+        zeros=None if quant is None else quant.w13_zeros,
     )
     rows = torch.empty(num_entries, hidden_size, dtype=hidden.dtype, device=hidden.device)
     _expert_gemm(
@@ -485,6 +597,9 @@ def fused_experts(
         silu_and_mul=False,
         routing_weights=topk_weights.to(torch.float32).contiguous(),
         bias=None if w2_bias is None else w2_bias.contiguous(),
+        quant=quant,
+        scale=None if quant is None else quant.w2_scale,
+        zeros=None if quant is None else quant.w2_zeros,
     )
     _sum_choices_kernel[(tokens, triton.cdiv(hidden_size, _SUM_BLOCK_H))](
         out, rows, topk_ids, hidden_size, expert_offset, num_experts, TOP_K=top_k, BLOCK_H=_SUM_BLOCK_H

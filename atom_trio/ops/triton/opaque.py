@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..interface import ClampedSwiGLU
+from ..quant_experts import QuantizedExperts
 from ..traced import TracedOps
 from . import quant
 from .activation import silu_and_mul
@@ -107,15 +108,53 @@ def fused_experts_op(
     w13_bias: torch.Tensor | None = None,
     w2_bias: torch.Tensor | None = None,
     swiglu: list[float] | None = None,
+    quant_kind: str | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w13_zeros: torch.Tensor | None = None,
+    w2_zeros: torch.Tensor | None = None,
+    quant_sizes: list[int] | None = None,
 ) -> torch.Tensor:
-    """``swiglu``: `ClampedSwiGLU`'s ``[alpha, limit]`` (a schema holds no attrs class); None for SiLU-and-mul."""
+    """``swiglu``: `ClampedSwiGLU`'s ``[alpha, limit]`` (a schema holds no attrs class); None for SiLU-and-mul.
+
+    Quantized experts: `QuantizedExperts` as its ``kind``, its tensors, and ``[block rows, block columns,
+    group size]`` (block 0 x 0: none).
+    """
     activation = None if swiglu is None else ClampedSwiGLU(*swiglu)
-    options = dict(expert_offset=expert_offset, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation)
+    quant = None
+    if quant_kind is not None:
+        rows, cols, group_size = quant_sizes
+        quant = QuantizedExperts(
+            kind=quant_kind,
+            w13_scale=w13_scale,
+            w2_scale=w2_scale,
+            w13_zeros=w13_zeros,
+            w2_zeros=w2_zeros,
+            block_size=(rows, cols) if rows else None,
+            group_size=group_size,
+        )
+    options = dict(expert_offset=expert_offset, w13_bias=w13_bias, w2_bias=w2_bias, activation=activation, quant=quant)
     return fused_experts(hidden, w13, w2, topk_weights, topk_ids, **options)
 
 
 @fused_experts_op.register_fake
-def _(hidden, w13, w2, topk_weights, topk_ids, expert_offset, w13_bias=None, w2_bias=None, swiglu=None):
+def _(
+    hidden,
+    w13,
+    w2,
+    topk_weights,
+    topk_ids,
+    expert_offset,
+    w13_bias=None,
+    w2_bias=None,
+    swiglu=None,
+    quant_kind=None,
+    w13_scale=None,
+    w2_scale=None,
+    w13_zeros=None,
+    w2_zeros=None,
+    quant_sizes=None,
+):
     return hidden.new_empty(hidden.shape)
 
 
@@ -202,10 +241,23 @@ class TracedTritonOps(TracedOps):
         return super().linear(x, weight, bias, silu_and_mul=silu_and_mul)
 
     def fused_experts(
-        self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0, w13_bias=None, w2_bias=None, activation=None
+        self, hidden, w13, w2, topk_weights, topk_ids, *, expert_offset=0, activation=None, quant=None, **options
     ):
         swiglu = None if activation is None else [activation.alpha, activation.limit]
-        return fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, expert_offset, w13_bias, w2_bias, swiglu)
+        if quant is not None:  # a schema holds no attrs class either: its fields
+            options.update(
+                quant_kind=quant.kind,
+                w13_scale=quant.w13_scale,
+                w2_scale=quant.w2_scale,
+                w13_zeros=quant.w13_zeros,
+                w2_zeros=quant.w2_zeros,
+                quant_sizes=[*(quant.block_size or (0, 0)), quant.group_size],
+            )
+        return fused_experts_op(hidden, w13, w2, topk_weights, topk_ids, expert_offset, swiglu=swiglu, **options)
+
+    @property
+    def quantized_experts(self):
+        return self.device_backend.quantized_experts
 
     @property
     def quantized_weights(self):
