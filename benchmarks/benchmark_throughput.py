@@ -23,7 +23,7 @@ from typing import Any
 import trio
 
 from atom_trio import SamplingParams, open_engine
-from atom_trio.server import settings
+from atom_trio import options
 
 from .datasets import BenchRequest, get_tokenizer, nano_vllm_requests, random_requests
 
@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=None, help="default: 0 (random), 0.6 (nano-vllm)")
     parser.add_argument("--output-json", default=None, help="write the results here as JSON")
-    settings.add_arguments(parser)  # every engine flag (--model, --dtype, --seed, --max-num-seqs, ...)
+    options.add_arguments(parser)  # every engine flag (--model, --dtype, --seed, --max-num-seqs, ...)
     args = parser.parse_args(argv)
-    config, _ = settings.load(vars(args), os.environ)
+    config, _ = options.load(vars(args), os.environ)
 
     if args.dataset == "nano-vllm":
         requests = nano_vllm_requests(num_seqs=args.num_prompts or 256, seed=config.seed)

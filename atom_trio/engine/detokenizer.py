@@ -41,6 +41,9 @@ class TextDelta:
     stop_string: str | None = None
 
 
+_NO_TEXT = TextDelta("", 1)
+
+
 class Detokenizer:
     """Turns one completion's token ids into text deltas and finds its stop strings.
 
@@ -82,6 +85,8 @@ class Detokenizer:
         """
         if self.finished:
             raise RuntimeError("this completion has already finished")
+        if len(token_ids) == 1 and not (finished or stop_token or self._stops):
+            return self._step(token_ids[0])  # the common step: one token, nothing to hold back
         decode_until = len(token_ids) - 1 if stop_token and not self._include_stop else len(token_ids)
         for i, token_id in enumerate(token_ids):
             self._num_tokens += 1
@@ -104,6 +109,16 @@ class Detokenizer:
                 self._unsent += self._tokenizer.decode(self._undecoded, skip_special_tokens=self._skip_special_tokens)
             return TextDelta(self._take(len(self._unsent)), len(token_ids))
         return TextDelta(self._take(len(self._unsent) - self._held_back()), len(token_ids))
+
+    def _step(self, token_id: int) -> TextDelta:
+        """`update` with one token and no stop strings, so no text is ever held back (nothing stays unsent)."""
+        self._num_tokens += 1
+        chunk = self._stream.step(self._tokenizer, token_id)
+        if chunk is None:
+            self._undecoded.append(token_id)
+            return _NO_TEXT
+        self._undecoded.clear()
+        return TextDelta(chunk, 1)
 
     def _find_stop(self, new_chars: int) -> str | None:
         """Find the stop string that ends first in the last ``new_chars`` characters; truncate the text there."""

@@ -24,6 +24,9 @@ A request's way through it has three parts:
   `RequestOutput` per request per step into that request's `OutputBuffer`.
   It works while the next step computes.
 
+Both tasks time their phases (`STEP_PHASES`) into rings that `step_phases`
+summarises, cheap enough to stay on: where the host's time per step goes.
+
 Aborts (a reader that left, a stop string) go straight to the scheduler,
 which frees the blocks at once, even while a step that includes the
 sequence is in flight (its result is then ignored).
@@ -46,6 +49,7 @@ import collections
 import functools
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
@@ -53,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from atom_trio._phase_timers import PhaseStats, PhaseTimers
 from atom_trio.config import EngineConfig
 
 from ._between_steps import BetweenSteps
@@ -75,6 +80,11 @@ log = logging.getLogger("atom_trio.engine")
 
 # Steps the delivery task may fall behind before the step loop waits for it.
 _OUTPUT_BACKLOG_STEPS = 2
+
+STEP_PHASES = ("schedule", "launch", "collect", "execute", "update", "deliver")
+"""The engine's timed phases (`AsyncEngine.step_phases`): the step loop's scheduler calls and its awaits
+on the executor (``launch`` and ``collect`` with asynchronous scheduling, ``execute`` without), and the
+delivery task's detokenization and hand-over of one step's outputs."""
 
 
 class AsyncEngine:
@@ -113,6 +123,7 @@ class AsyncEngine:
         self._closed = False
         self._num_steps = 0
         self._between_steps = BetweenSteps(lambda: self._work.set())
+        self._phases = PhaseTimers(STEP_PHASES)
 
     # ---- public API -------------------------------------------------------
 
@@ -247,6 +258,18 @@ class AsyncEngine:
         """The scheduler's counters plus the engine's totals."""
         return self._outputs.stats(self._scheduler.stats(), num_steps=self._num_steps)
 
+    def step_phases(self, *, clear: bool = False) -> dict[str, PhaseStats]:
+        """Host time per step by phase (`STEP_PHASES`) over the last few thousand steps; ``clear`` forgets them after.
+
+        ``launch``, ``collect`` and ``execute`` are the event loop's waits on the
+        executor, so they include the runner's work (on its thread or in the
+        workers) and, for ``collect``, the device's.
+        """
+        summary = self._phases.summary()
+        if clear:
+            self._phases.clear()
+        return summary
+
     # ---- intake (runs in the caller's task) --------------------------------
 
     async def _admit(
@@ -310,7 +333,7 @@ class AsyncEngine:
         scheduling) the next plan is launched before the previous one's
         tokens are collected, so the device never waits for the host.
         """
-        scheduler, executor = self._scheduler, self._executor
+        scheduler, executor, phases = self._scheduler, self._executor, self._phases
         pipelined = scheduler.max_in_flight > 1
         in_flight: collections.deque[StepPlan] = collections.deque()
         async with send:
@@ -321,20 +344,30 @@ class AsyncEngine:
                 plan = None
                 if len(in_flight) < scheduler.max_in_flight and not self._between_steps.pending:
                     self._work = trio.Event()  # before schedule(): a request arriving from now on wakes us
+                    start = time.perf_counter_ns()
                     plan = scheduler.schedule()
+                    if plan is not None:
+                        phases.since("schedule", start)
                     if plan is None and not in_flight:
                         await self._work.wait()
                         continue
                     if plan is not None and plan.token_bitmask is not None:
                         self._structured_outputs.fill(plan.token_bitmask)
+                start = time.perf_counter_ns()
                 if plan is None:
-                    outputs = scheduler.update(in_flight.popleft(), await executor.collect())
+                    result = await executor.collect()
+                    start = phases.since("collect", start)
+                    outputs = scheduler.update(in_flight.popleft(), result)
                 elif pipelined:
                     await executor.launch(plan)
+                    phases.since("launch", start)
                     in_flight.append(plan)
                     continue
                 else:  # one step at a time: one hop to the model and back, not two
-                    outputs = scheduler.update(plan, await executor.execute(plan))
+                    result = await executor.execute(plan)
+                    start = phases.since("execute", start)
+                    outputs = scheduler.update(plan, result)
+                phases.since("update", start)
                 self._num_steps += 1
                 if outputs:
                     await send.send(outputs)
@@ -346,8 +379,10 @@ class AsyncEngine:
     async def _deliver_loop(self, receive: trio.MemoryReceiveChannel[list[SeqOutput]]) -> None:
         async with receive:
             async for outputs in receive:
+                start = time.perf_counter_ns()
                 for key, index in self._outputs.process_outputs(outputs):
                     self._scheduler.abort_request(key, index, reason="stop")
+                self._phases.since("deliver", start)
 
     # ---- death and shutdown -----------------------------------------------
 

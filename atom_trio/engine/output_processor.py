@@ -46,7 +46,10 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(d.finished for d in self.detokenizers)
+        for detokenizer in self.detokenizers:  # a loop, not all(): read for every request every step
+            if not detokenizer.finished:
+                return False
+        return True
 
 
 class OutputProcessor:
@@ -92,15 +95,20 @@ class OutputProcessor:
     def process_outputs(self, outputs: list[SeqOutput]) -> list[tuple[str, int]]:
         """Detokenize one step's outputs and hand each request one delta.
 
+        A request of one completion (the common case) gets its delta as soon as
+        its output is read; one of ``n > 1`` gathers its completions' first.
+
         Returns:
             ``(key, index)`` of each completion a stop string ended while its
             sequence still runs in the scheduler.
         """
-        deltas: dict[str, list[CompletionOutput]] = {}
+        requests = self._requests
+        gathered: dict[str, list[CompletionOutput]] = {}
         prompt_logprobs: dict[str, list[dict[int, float] | None]] = {}
         stopped: list[tuple[str, int]] = []
+        now = time.monotonic()
         for out in outputs:
-            state = self._requests.get(out.request_id)
+            state = requests.get(out.request_id)
             if state is None:
                 continue  # aborted by its reader
             if out.prompt_logprobs is not None:
@@ -109,50 +117,63 @@ class OutputProcessor:
             completion = self._advance(state, out)
             if completion is None:
                 continue
-            deltas.setdefault(out.request_id, []).append(completion)
             if completion.finish_reason is not None and out.finish_reason is None:
                 stopped.append((out.request_id, out.index))  # ended by a stop string, still running in the scheduler
-        now = time.monotonic()
-        for key, completions in deltas.items():
-            state = self._requests[key]
-            request = state.request
-            if state.metrics.first_token_time is None:
-                state.metrics.first_token_time = now
-                self._prompt_tokens_total += len(request.prompt_token_ids)
-            finished = state.finished
-            if finished:
-                state.metrics.finished_time = now
-                del self._requests[key]
-                self._finished_requests[state.last_finish_reason or "abort"] += 1
-            state.buffer.put(
-                RequestOutput(
-                    request_id=request.request_id,
-                    prompt=request.prompt,
-                    prompt_token_ids=request.prompt_token_ids,
-                    outputs=sorted(completions, key=_by_index),
-                    finished=finished,
-                    num_cached_tokens=state.num_cached_tokens,
-                    metrics=state.metrics,
-                    prompt_logprobs=prompt_logprobs.get(key),
-                )
-            )
+            if len(state.detokenizers) == 1:
+                self._deliver(state, [completion], prompt_logprobs.get(out.request_id), now)
+            else:
+                gathered.setdefault(out.request_id, []).append(completion)
+        for key, completions in gathered.items():
+            self._deliver(requests[key], sorted(completions, key=_by_index), prompt_logprobs.get(key), now)
         return stopped
+
+    def _deliver(
+        self,
+        state: RequestState,
+        completions: list[CompletionOutput],
+        prompt_logprobs: list[dict[int, float] | None] | None,
+        now: float,
+    ) -> None:
+        """Put one step's delta of ``state``'s request into its buffer; forget the request once it has finished."""
+        request = state.request
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = now
+            self._prompt_tokens_total += len(request.prompt_token_ids)
+        finished = state.finished
+        if finished:
+            state.metrics.finished_time = now
+            del self._requests[request.key]
+            self._finished_requests[state.last_finish_reason or "abort"] += 1
+        state.buffer.put(
+            RequestOutput(
+                request_id=request.request_id,
+                prompt=request.prompt,
+                prompt_token_ids=request.prompt_token_ids,
+                outputs=completions,
+                finished=finished,
+                num_cached_tokens=state.num_cached_tokens,
+                metrics=state.metrics,
+                prompt_logprobs=prompt_logprobs,
+            )
+        )
 
     def _advance(self, state: RequestState, out: SeqOutput) -> CompletionOutput | None:
         """Feed one sequence's new tokens to its detokenizer; the completion's delta, or None if it had ended."""
         detokenizer = state.detokenizers[out.index]
         if detokenizer.finished:
             return None  # a stop string ended it; the scheduler had not heard yet
-        ended_by_token = out.finish_reason == "stop" and not isinstance(out.stop_reason, str)
-        text = detokenizer.update(out.new_token_ids, finished=out.finish_reason is not None, stop_token=ended_by_token)
-        finish_reason, stop_reason = out.finish_reason, out.stop_reason
+        finish_reason, stop_reason, new_token_ids = out.finish_reason, out.stop_reason, out.new_token_ids
+        ended_by_token = finish_reason == "stop" and not isinstance(stop_reason, str)
+        text = detokenizer.update(new_token_ids, finished=finish_reason is not None, stop_token=ended_by_token)
+        num_tokens = text.num_tokens
         if text.stop_string is not None:
             finish_reason, stop_reason = "stop", text.stop_string
-        token_ids = out.new_token_ids[: text.num_tokens]
+        # the output's list is this delta's own (the scheduler sliced it), so it is kept, not copied
+        token_ids = new_token_ids if num_tokens == len(new_token_ids) else new_token_ids[:num_tokens]
         logprobs = top_logprobs = cumulative = None
-        if state.request.params.logprobs is not None and out.logprobs is not None:
-            logprobs = out.logprobs[: text.num_tokens]
-            top_logprobs = out.top_logprobs[: text.num_tokens] if out.top_logprobs is not None else None
+        if out.logprobs is not None and state.request.params.logprobs is not None:
+            logprobs = out.logprobs[:num_tokens]
+            top_logprobs = out.top_logprobs[:num_tokens] if out.top_logprobs is not None else None
             state.cumulative_logprobs[out.index] += math.fsum(logprobs)
             cumulative = state.cumulative_logprobs[out.index]
         state.num_cached_tokens = max(state.num_cached_tokens, out.num_cached_tokens)

@@ -23,6 +23,7 @@ graphs) is `atom_trio.runner.startup`, in the order ``__init__`` reads.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 
@@ -30,6 +31,7 @@ import attrs
 import torch
 
 from atom_trio._device import host_to_device
+from atom_trio._phase_timers import PhaseTimers
 from atom_trio.config import EngineConfig
 from atom_trio.core.facts import ModelFacts
 from atom_trio.core.plan import PREVIOUS_TOKEN, StepPlan, StepResult, TokenLogprobs
@@ -45,6 +47,7 @@ from atom_trio.runner.cuda_graphs import DecodeGraphs, decode_batch_sizes
 from atom_trio.runner.drafter import Drafter, DraftRequest, hidden_rows, make_drafter
 from atom_trio.runner.input_batch import FlatBatch, InputBatch
 from atom_trio.runner.kv_cache import KVCacheLayout, kv_cache_dtype
+from atom_trio.runner.profiling import RUNNER_PHASES
 from atom_trio.runner.prompt_logprobs import PromptLogprobs, wants_prompt_logprobs
 
 logger = logging.getLogger("atom_trio.runner")
@@ -131,6 +134,8 @@ class ModelRunner:
         self._prompt_logprobs = PromptLogprobs(vocab_size=self.vocab_size, device=self.device)
         self._unread: deque[LaunchedStep] = deque()
         """Launched steps whose tokens the host has not read, oldest first."""
+        self.phases = PhaseTimers(RUNNER_PHASES)
+        """Host time of each step's phases (`RUNNER_PHASES`), always on."""
         self.kv_layout = KVCacheLayout(
             layers=[m for m in self.model.modules() if isinstance(m, CachedAttention)],
             block_size=self.block_size,
@@ -172,6 +177,7 @@ class ModelRunner:
                 self.graph_bytes_budgeted / 2**30,
             )
             clock.lap("graph capture")
+        self.phases.clear()  # the warm-up's and the captures' steps are no steps of the engine's
         self.startup_seconds = clock.seconds
         """Seconds spent in each start-up phase (also logged)."""
         startup.log_ready(self, clock)
@@ -202,7 +208,9 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> LaunchedStep:
         """Queue one step on the device; its tokens stay there until `collect`."""
+        started = time.perf_counter_ns()
         logits, prompt_logprobs = self._forward(plan)
+        started = self.phases.since("forward", started)
         sampled = [c for c in plan.chunks if c.sample]
         drafts = _drafts(sampled)
         num_rows = len(sampled) if drafts is None else len(sampled) + sum(map(len, drafts))
@@ -220,6 +228,7 @@ class ModelRunner:
                 tokens, logprobs, top_logprobs = self.rejection_sampler.sample(
                     logits, requests, drafts, plan.token_bitmask, probs
                 )
+            self.phases.since("sample", started)
         else:
             tokens = torch.zeros(num_rows, dtype=torch.long, device=self.device)  # filled by a broadcast if fed back
         # The next plan's PREVIOUS_TOKEN chunks take a chunk's first token (a verifying sequence is never one of them).
@@ -352,8 +361,10 @@ class ModelRunner:
                 self._draft_probs.pop(seq_id, None)
         if not plan.chunks:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device), None
+        started = time.perf_counter_ns()
         self.inputs.record(plan.chunks)
         batch = self.inputs.prepare(plan.chunks)
+        self.phases.since("inputs", started)
         if batch.feed_rows and self.tp_group.size > 1:  # every rank runs this plan, so every rank takes part
             self.tp_group.broadcast(self.inputs.last_tokens, src=0)
         sampled = [i for i, chunk in enumerate(plan.chunks) if chunk.sample]
@@ -435,7 +446,9 @@ class ModelRunner:
         """``step``'s tokens on the host; each also replaces the `PREVIOUS_TOKEN` that stood for it in a history."""
         if step.token_ids is None:
             if step.ready is not None:
+                started = time.perf_counter_ns()
                 step.ready.synchronize()
+                self.phases.since("wait", started)
             step.token_ids = step.host_tokens.tolist()
             drafts = step.draft_token_ids
             firsts = step.token_ids if drafts is None else [step.token_ids[row] for row in first_rows(drafts)]

@@ -27,6 +27,12 @@ MAX_STEPS = 256
 STEP_EVENT = "atom_trio::step"
 """The name of the range that marks one step (a plan launched or executed) in a trace."""
 
+RUNNER_PHASES = ("inputs", "forward", "sample", "wait")
+"""The runner's timed phases (`ModelRunner.phases`, an `atom_trio._phase_timers.PhaseTimers`): ``inputs``
+the plan recorded into the token histories and laid out as the flat batch; ``forward`` the whole forward
+on the host, ``inputs`` included (on a GPU it only queues the kernels or replays a graph); ``sample`` the
+sampler's host work and launches; ``wait`` how long `ModelRunner.collect` waits for the step's tokens."""
+
 
 def trace_path(trace_prefix: str, rank: int) -> Path:
     """Where rank ``rank`` writes the trace of a session started with ``trace_prefix``."""

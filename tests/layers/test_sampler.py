@@ -248,6 +248,76 @@ def test_min_tokens_blocks_eos_and_stop_ids_then_releases_them():
     assert ignoring[0, EOS] == 9.0 and ignoring[0, 5] == -math.inf
 
 
+# -- a mixed batch: each row as it would be alone, with no host sync ---------------------
+
+deterministic_row = st.builds(
+    dict,
+    temperature=st.sampled_from([0.0, 0.0, 0.5, 1.0, 1.6]),  # the random rows are seeded: their draw is fixed
+    top_k=st.sampled_from([-1, 1, 3, 20]),
+    top_p=st.sampled_from([1.0, 0.9, 0.3]),
+    min_p=st.sampled_from([0.0, 0.1]),
+    seed=st.integers(0, 2**63 - 1),
+    repetition_penalty=st.sampled_from([1.0, 1.3, 0.8]),
+    presence_penalty=st.sampled_from([0.0, 0.7]),
+    frequency_penalty=st.sampled_from([0.0, -0.4]),
+    min_tokens=st.sampled_from([0, 0, 4]),
+    logit_bias=st.sampled_from([None, {2: 3.0, 7: -5.0}]),
+    stop_token_ids=st.sampled_from([None, [5]]),
+)
+
+
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA, every row through the backend's sampling kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            deterministic_row,
+            st.lists(st.integers(0, 59), min_size=1, max_size=6),
+            st.lists(st.integers(0, 59), max_size=6),
+        ),
+        min_size=2,
+        max_size=9,
+    ),
+    logits_seed=st.integers(0, 2**16),
+)
+def test_a_mixed_batch_gives_each_row_the_token_it_gets_alone(device, rows, logits_seed):
+    logits = random_logits(len(rows), 60, seed=logits_seed, scale=2.0, device=device)
+    requests = [request(prompt, output, **row) for row, prompt, output in rows]
+    sampler = Sampler(frozenset({EOS}), backend=get_backend("auto", device), fused=True if device == "cuda" else None)
+    together = sampler(logits, requests).token_ids
+    alone = [sampler(logits[i : i + 1], [r]).token_ids[0] for i, r in enumerate(requests)]
+    assert together == alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("fused", [None, False], ids=["backend-kernel", "torch-path"])
+def test_a_mixed_batch_of_256_samples_on_the_device_without_a_host_sync(fused):
+    """Greedy, top-p, seeded, penalized, min_tokens and biased rows in one batch: the tokens stay on the device."""
+    device = torch.device("cuda")
+    logits = random_logits(256, 32000, seed=1, device=device)
+    kinds = [
+        {"temperature": 0.0},
+        {"temperature": 0.8, "top_p": 0.9},
+        {"temperature": 0.7, "top_k": 50, "seed": 11},
+        {"temperature": 1.0, "presence_penalty": 0.5, "repetition_penalty": 1.2, "frequency_penalty": 0.1},
+        {"temperature": 0.0, "min_tokens": 8, "logit_bias": {5: 2.0}},
+        {"temperature": 0.9, "min_p": 0.05, "seed": 3},
+    ]
+    requests = [request(list(range(i, i + 40)), list(range(i % 7)), **kinds[i % len(kinds)]) for i in range(256)]
+    sampler = Sampler(frozenset({EOS}), backend=get_backend("auto", device), fused=fused)
+    sampler.sample_on_device(logits, requests)  # first launches (kernel compiles) outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens, logprobs, _ = sampler.sample_on_device(logits, requests)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.device.type == "cuda" and tokens.shape == (256,) and logprobs == [None] * 256
+    greedy = tokens[0::6].tolist()
+    assert greedy == logits[0::6].argmax(-1).tolist()  # the greedy rows carry no penalty here
+
+
 # -- logprobs ---------------------------------------------------------------------------
 
 
