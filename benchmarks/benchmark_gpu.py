@@ -9,21 +9,29 @@
         --transformers-batch-sizes 1 --transformers-experts eager      # latent attention
     for kv in auto fp8; do python3 -m benchmarks.benchmark_gpu --skip-transformers --batch-sizes 32 128 \
         --kv-cache-dtype $kv --json kv-$kv.json; done                  # an FP8 KV cache against bf16
+    python3 -m benchmarks.benchmark_gpu --config gpt-oss-20b --batch-sizes 1 32 128 --skip-transformers \
+        --json mxfp4.json                                              # MXFP4 experts, as published
+    python3 -m benchmarks.benchmark_gpu --config gpt-oss-20b --unquantized --batch-sizes 1 32 128 \
+        --skip-transformers --json bf16.json                           # the same shapes, bf16 experts
 
-``--config`` picks the model's shapes (``atom_trio.testing.REAL_CONFIGS``). Measured, all in one process on
-one card:
+``--config`` picks the model's shapes (``atom_trio.testing.REAL_CONFIGS``, or a ``config.json`` path); a
+config with a ``quantization_config`` gets dummy weights in that format (codes and scales, see
+`atom_trio.loader.weights.draw_dummy_quantized`), unless ``--unquantized`` drops it. Measured, all in one
+process on one card:
 
 - the device-to-device copy bandwidth, and from it the floor of a decode
   step at each batch size: the bytes it must move (`benchmarks.roofline`:
-  the weights it uses, one embedding row per token, the KV cache at the
-  median timed step's context, the logits) over that bandwidth. For a
+  the weights it uses as stored, one embedding row per token, the KV cache
+  at the median timed step's context, a sliding-window layer's window of
+  it, the logits) over that bandwidth. For a
   mixture of experts, the routed experts it reads are those its router
   chose: counted per sparse layer over a few decode steps of each batch size
   (``decode_bN_distinct_experts``, the mean over layers), run eagerly at
   the end so that a hook sees the router's ids; ``decode_bN_floor_uniform_ms``
   is the floor for uniform random routing instead;
 - transformers (SDPA) on a model of the same shapes and the same dummy
-  weights (drawn as ``--load-format dummy`` draws them): the time per decode
+  weights (drawn as ``--load-format dummy`` draws them; a quantized config's
+  model is built dense, as ``from_config`` builds it): the time per decode
   step of ``generate`` at each ``--transformers-batch-sizes`` (``(t(N
   tokens) - t(1 token)) / (N - 1)``, which takes the prefill out), and one
   forward of a 2048-token prompt; a mixture of experts is timed with each of
@@ -34,7 +42,8 @@ one card:
 - the runner (Triton kernels, KV cache sized by ``gpu_memory_utilization``)
   at ``--level`` (results under ``level_N``): its start-up time by phase and
   the decode graphs' memory; how many ``--capacity-tokens`` sequences its
-  cache holds at once (``max_seqs_N``: halve the bytes of an element with
+  cache holds at once (``max_seqs_N``, sliding-window groups holding their
+  window's blocks only; halve the bytes of an element with
   ``--kv-cache-dtype fp8`` and it doubles), and for latent attention
   (DeepSeek) against the same bytes holding keys and values per head
   (`latent_cache_capacity`);
@@ -57,6 +66,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import logging
 import random
@@ -75,7 +85,7 @@ from atom_trio.layers import CachedAttention, FusedMoE, MLAAttention
 from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
 from atom_trio.runner.kv_cache import KVCacheLayout
-from atom_trio.testing import REAL_CONFIGS, write_model_dir
+from atom_trio.testing import add_model_shapes_arguments, model_shapes, write_model_dir
 from benchmarks.roofline import expected_distinct_experts, moe_shape, prefill_flops, step_bytes
 
 BF16_PEAK_TFLOPS = 789.0  # dense bf16 matmul measured on the H100 of the device tool
@@ -197,7 +207,12 @@ def transformers_baseline(
 
 
 class Driver:
-    """Feeds the runner prefill and decode plans for a set of sequences with disjoint blocks."""
+    """Feeds the runner prefill and decode plans for a set of sequences with disjoint blocks.
+
+    With several KV cache groups (sliding-window layers) each group gets blocks for every position: a
+    sliding group's blocks are not released as they leave the window (the scheduler's work), which costs
+    memory, not time, as the kernels read the window only.
+    """
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
@@ -208,9 +223,10 @@ class Driver:
     def start(self, prompts: list[list[int]], max_len: int, chunk_tokens: int) -> list[SeqChunk]:
         """Prefill ``prompts`` (at most ``chunk_tokens`` per step); returns each sequence's decode chunk."""
         block_size = self.runner.block_size
+        groups = len(self.runner.kv_layout.windows)  # a table per KV cache group, each holding every position
         chunks = []
         for prompt in prompts:
-            blocks = -(-max_len // block_size)
+            blocks = -(-max_len // block_size) * groups
             table = list(range(self.next_block, self.next_block + blocks))
             self.next_block += blocks
             chunks.append(
@@ -370,6 +386,13 @@ def kernel_rows(prof, iters: int, what: str, top: int = 25) -> list[dict]:
     return rows[:top]
 
 
+def blocks_held(runner: ModelRunner, tokens: int) -> int:
+    """The KV blocks a decoding sequence of ``tokens`` tokens holds: all of the full group's, and of each sliding
+    group's at most the window's (`BlockManager.max_tokens_alone` counts them so)."""
+    blocks = -(-tokens // runner.block_size)
+    return sum(blocks if w is None else min(blocks, -(-w // runner.block_size) + 1) for w in runner.kv_layout.windows)
+
+
 class PerHeadKV(CachedAttention):
     """A layer that caches what multi-head attention would: every head's key (``key_dim``) and value
     (``value_dim``), laid out by ``backend``. Only declared, never allocated: what the latent cache saves."""
@@ -414,9 +437,10 @@ def latent_cache_capacity(runner: ModelRunner, tokens: int) -> dict:
     }
 
 
-def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argparse.Namespace) -> dict:
-    """The runner's figures at compile ``level``; the runner is closed afterwards."""
-    hf_config = REAL_CONFIGS[args.config]
+def runner_benchmark(
+    model_dir: Path, hf_config: dict, level: int, bandwidth: float, args: argparse.Namespace
+) -> dict:
+    """The runner's figures at compile ``level`` for the model of ``hf_config``; the runner is closed afterwards."""
     results: dict = {}
     start = time.perf_counter()
     config = EngineConfig(
@@ -437,10 +461,13 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
     results["graph_GiB_set_aside"] = runner.graph_bytes_budgeted / 2**30
     results["kv_cache_tokens"] = runner.num_kv_blocks * runner.block_size
     results["kv_cache_dtype"] = str(runner.kv_layout.dtype).removeprefix("torch.")
-    results[f"max_seqs_{args.capacity_tokens}"] = runner.num_kv_blocks // -(-args.capacity_tokens // runner.block_size)
+    results[f"max_seqs_{args.capacity_tokens}"] = runner.num_kv_blocks // blocks_held(runner, args.capacity_tokens)
     if any(isinstance(layer, MLAAttention) for layer in runner.kv_layout.layers):
         results.update(latent_cache_capacity(runner, args.capacity_tokens))
-    results["weight_GB"] = sum(p.numel() * p.element_size() for p in runner.model.parameters()) / 1e9
+    # Quantized layers keep their scales (and zero points) as buffers beside the codes.
+    scales = (b for name, b in runner.model.named_buffers() if name.endswith(("scale", "scales", "zeros")))
+    weights = itertools.chain(runner.model.parameters(), scales)
+    results["weight_GB"] = sum(t.numel() * t.element_size() for t in weights) / 1e9
     # Each timed decode step attends to the prompt, the prefill's token and the steps before it.
     context = args.input_len + 1 + (args.steps + 2) // 2  # the median timed step's (decode_ms skips 3)
     results["decode_floor_context"] = context
@@ -500,7 +527,7 @@ def runner_benchmark(model_dir: Path, level: int, bandwidth: float, args: argpar
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(REAL_CONFIGS), default="llama-3.1-8b", help="the model's shapes")
+    add_model_shapes_arguments(parser)
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--prefill-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
@@ -542,8 +569,9 @@ def main(argv: list[str] | None = None) -> dict:
     bandwidth = copy_bandwidth()
     results["copy_bandwidth_GB_s"] = bandwidth / 1e9
     results["config"] = args.config
-    hf_config = REAL_CONFIGS[args.config]
-    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix=f"{args.config}-shapes-")), hf_config)
+    hf_config = model_shapes(args.config, unquantized=args.unquantized)
+    results["quantization"] = (hf_config.get("quantization_config") or {}).get("quant_method", "none")
+    model_dir = write_model_dir(Path(tempfile.mkdtemp(prefix=f"{Path(args.config).stem}-shapes-")), hf_config)
 
     if not args.skip_transformers:
         implementations = args.transformers_experts if moe_shape(hf_config) else [None]
@@ -561,7 +589,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
 
-    results[f"level_{args.level}"] = runner_benchmark(model_dir, args.level, bandwidth, args)
+    results[f"level_{args.level}"] = runner_benchmark(model_dir, hf_config, args.level, bandwidth, args)
     print(json.dumps(results, indent=1), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

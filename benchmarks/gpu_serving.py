@@ -3,10 +3,14 @@
     python3 -m benchmarks.gpu_serving --tokenizer-from DIR --out RESULTS_DIR
     python3 -m benchmarks.gpu_serving --tokenizer-from DIR --out RESULTS_DIR --config qwen3-30b-a3b \
         --input-len 2048 --output-len 1024 --thread-runs "" --process-runs 10:100 --skip-nano-vllm
+    python3 -m benchmarks.gpu_serving --tokenizer-from DIR --out RESULTS_DIR --config gpt-oss-20b \
+        --output-len 1024 --thread-runs "" --skip-nano-vllm     # MXFP4 experts; --unquantized: bf16 experts
 
-On one GPU, in one go, with random bf16 weights of real shapes (``--load-format dummy``):
+On one GPU, in one go, with random weights of real shapes (``--load-format dummy``; bf16, or the codes and
+scales of the config's ``quantization_config`` unless ``--unquantized``):
 
-1. ``atom-trio serve`` with Llama-3.1-8B shapes (or ``--config``'s, ``atom_trio.testing.REAL_CONFIGS``),
+1. ``atom-trio serve`` with Llama-3.1-8B shapes (or ``--config``'s: a name in ``atom_trio.testing.REAL_CONFIGS``
+   or a ``config.json`` path),
    loaded by ``benchmarks.benchmark_serving`` with random prompts of ``--input-len`` tokens (1024) and
    ``--output-len`` output tokens (256, ``--ignore-eos``): first with ``--executor thread`` at
    concurrency 16, then with the process executor (the CUDA default) at concurrency 1, 16 and 64; the two
@@ -40,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from atom_trio.testing import QWEN3_0_6B, REAL_CONFIGS, server_process, write_model_dir
+from atom_trio.testing import QWEN3_0_6B, add_model_shapes_arguments, model_shapes, server_process, write_model_dir
 
 ENGINE_FLAGS = ["--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096"]
 
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer-from", type=Path, required=True, help="dir with tokenizer.json + tokenizer_config.json")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "gpu-serving-results")))
     parser.add_argument("--models-dir", type=Path, default=Path("/tmp/atom_trio_dummy_models"))
-    parser.add_argument("--config", choices=sorted(REAL_CONFIGS), default="llama-3.1-8b", help="the model's shapes")
+    add_model_shapes_arguments(parser)
     parser.add_argument("--input-len", type=int, default=1024, help="random prompt tokens")
     parser.add_argument("--output-len", type=int, default=256, help="output tokens of each measured request")
     parser.add_argument(
@@ -146,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    served = write_model_dir(args.models_dir / f"{args.config}-dummy", REAL_CONFIGS[args.config], args.tokenizer_from)
+    shapes = model_shapes(args.config, unquantized=args.unquantized)
+    name = Path(args.config).stem + ("-unquantized" if args.unquantized else "")
+    served = write_model_dir(args.models_dir / f"{name}-dummy", shapes, args.tokenizer_from)
     qwen = write_model_dir(args.models_dir / "qwen3-0.6b-dummy", QWEN3_0_6B, args.tokenizer_from)
     began = time.perf_counter()
     summary: list[dict] = []

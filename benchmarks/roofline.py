@@ -2,17 +2,25 @@
 
 A memory-bound step (decode) can be no faster than moving, once each, the bytes it cannot avoid:
 
-- **weights used**: every linear (the LM head included), every norm's weight, any biases, and one row of the
-  embedding table per token (the lookup gathers rows; it does not read the table). With tied embeddings the LM
-  head reads the whole table, which then covers the lookup's rows;
+- **weights used**: every linear (the LM head included), every norm's weight, any biases, attention sinks
+  (GPT-OSS: a logit per head and layer), and one row of the embedding table per token (the lookup gathers rows;
+  it does not read the table). With tied embeddings the LM head reads the whole table, which then covers the
+  lookup's rows;
 - **routed experts** (mixture-of-experts models): in each sparse layer, the gate, up and down weights of the
   distinct experts the step's tokens are routed to, never all of them (a decode step of one token reads its
   ``top_k``; a large batch reads nearly all). Either the count a real router gave, or the expected count for
   uniform random routing (`expected_distinct_experts`). The router and any shared experts are weights used;
 - **KV cache**: the keys and values of every position each sequence attends to, in every layer: those already
-  cached are read, the step's new ones written. With multi-head latent attention (DeepSeek) that is one
-  latent vector and rotary key a position and layer, which decode reads as they are;
+  cached are read, the step's new ones written. A sliding-window layer (``layer_types``' ``sliding_attention``,
+  GPT-OSS) attends to the last ``sliding_window`` positions of its queries only; a full layer to the whole
+  context. With multi-head latent attention (DeepSeek) that is one latent vector and rotary key a position and
+  layer, which decode reads as they are;
 - **logits**: one row of the vocabulary per sampled sequence, written in float32 (what the runner returns).
+
+Bytes are counted as stored (`Storage`): a ``quantization_config`` of ``fp8`` with ``weight_block_size``
+(DeepSeek-V3, Qwen3-FP8) holds every decoder matrix but the router in one byte an element and a float32 scale a
+block; ``mxfp4`` (GPT-OSS) the experts in 4.25 bits a weight (two e2m1 codes a byte, one e8m0 scale byte a
+group of 32). Another quantization method is refused rather than counted as dense.
 
 Left out, as negligible next to these (kilobytes per token against gigabytes): activations between kernels,
 the rotary table's rows, the routing ids and weights, and the step's metadata (token ids, positions, block
@@ -32,6 +40,7 @@ import attrs
 
 LOGITS_BYTES = 4  # float32, as the runner hands logits to the sampler
 FLOAT32_BYTES = 4
+MXFP4_GROUP = 32  # inputs sharing one e8m0 scale
 
 
 @attrs.frozen
@@ -69,15 +78,26 @@ class MoeShape:
     router_float32: bool = False
     """The router's weight (and bias) stay float32 whatever the model's dtype (GLM-4-MoE)."""
     router_bias: bool = False
-    """A per-expert score correction bias next to the router's weight (GLM-4-MoE)."""
+    """A bias per expert next to the router's weight (GLM-4-MoE's score correction, GPT-OSS's router bias)."""
+    expert_bias: bool = False
+    """Each expert's gate, up and down projections have biases (GPT-OSS)."""
 
     def expert_params(self, hidden: int) -> int:
         """One routed expert's gate, up and down weights, in elements."""
         return 3 * hidden * self.expert_intermediate
 
+    def expert_shapes(self, hidden: int) -> list[tuple[int, int]]:
+        """One routed expert's gate, up and down matrices, ``(out, in)``."""
+        inter = self.expert_intermediate
+        return [(inter, hidden), (inter, hidden), (hidden, inter)]
+
+    def expert_bias_params(self, hidden: int) -> int:
+        return 2 * self.expert_intermediate + hidden if self.expert_bias else 0
+
 
 def moe_shape(config: Mapping[str, Any]) -> MoeShape | None:
-    """The experts of a Qwen3-MoE, Mixtral, GLM-4-MoE or DeepSeek-V2/V3 ``config.json``; ``None`` for a dense model.
+    """The experts of a Qwen3-MoE, Mixtral, GLM-4-MoE, DeepSeek-V2/V3 or GPT-OSS ``config.json``; ``None`` for a
+    dense model.
 
     Which layers are sparse follows each family's rule, as its model file builds it.
     """
@@ -94,12 +114,15 @@ def moe_shape(config: Mapping[str, Any]) -> MoeShape | None:
                 i for i in layers if i not in dense and config["num_experts"] > 0 and (i + 1) % step == 0
             ),
         )
-    if architecture == "MixtralForCausalLM":
+    if architecture in ("MixtralForCausalLM", "GptOssForCausalLM"):
+        biased = architecture == "GptOssForCausalLM"  # its router and experts have biases
         return MoeShape(
             num_experts=config["num_local_experts"],
             top_k=config["num_experts_per_tok"],
             expert_intermediate=config["intermediate_size"],
             sparse_layers=frozenset(layers),
+            router_bias=biased,
+            expert_bias=biased,
         )
     if architecture in ("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM") and config.get("n_routed_experts"):
         freq = config.get("moe_layer_freq", 1)
@@ -125,6 +148,43 @@ def moe_shape(config: Mapping[str, Any]) -> MoeShape | None:
     return None
 
 
+@attrs.frozen
+class Storage:
+    """How many bytes the weights take as a checkpoint's ``quantization_config`` stores them (`storage`)."""
+
+    dtype_bytes: int = 2
+    """An unquantized element: the model's dtype."""
+    decoder: str = "dense"
+    """The decoder layers' matrices but the router: ``"dense"`` or ``"fp8"`` (with ``block``)."""
+    experts: str = "dense"
+    """The routed experts' matrices: ``"dense"``, ``"fp8"`` (with ``block``) or ``"mxfp4"``."""
+    block: tuple[int, int] = (128, 128)
+    """FP8's block of ``(rows, columns)`` sharing a float32 scale."""
+
+    def matrix_bytes(self, shapes: Sequence[tuple[int, int]], kind: str = "dense") -> int:
+        """Bytes of matrices of ``shapes`` ``(out, in)`` stored as ``kind``."""
+        if kind == "fp8":
+            rows, cols = self.block
+            return sum(o * i + -(-o // rows) * -(-i // cols) * FLOAT32_BYTES for o, i in shapes)
+        if kind == "mxfp4":  # two codes a byte, a scale byte a group of 32 inputs
+            return sum(o * i // 2 + o * -(-i // MXFP4_GROUP) for o, i in shapes)
+        return sum(o * i for o, i in shapes) * self.dtype_bytes
+
+
+def storage(config: Mapping[str, Any], dtype_bytes: int = 2) -> Storage:
+    """How ``config``'s ``quantization_config`` stores the weights (none: every element in ``dtype_bytes``)."""
+    quant = config.get("quantization_config")
+    if not quant:
+        return Storage(dtype_bytes=dtype_bytes)
+    method = quant.get("quant_method")
+    if method == "mxfp4":  # GPT-OSS: the experts only (modules_to_not_convert lists everything else)
+        return Storage(dtype_bytes=dtype_bytes, experts="mxfp4")
+    if method == "fp8" and quant.get("weight_block_size"):
+        block = tuple(quant["weight_block_size"])
+        return Storage(dtype_bytes=dtype_bytes, decoder="fp8", experts="fp8", block=block)
+    raise ValueError(f"the roofline does not count quantization_config {quant}; add its storage to `storage`")
+
+
 def expected_distinct_experts(num_experts: int, top_k: int, tokens: int) -> float:
     """How many distinct experts ``tokens`` tokens touch, on average, each routed to ``top_k`` of ``num_experts``.
 
@@ -144,8 +204,8 @@ def _is_latent_attention(config: Mapping[str, Any]) -> bool:
     return config.get("kv_lora_rank") is not None
 
 
-def _attention_matrices(config: Mapping[str, Any]) -> int:
-    """One layer's attention projections, their matrices only.
+def _attention_shapes(config: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """One layer's attention projections as the checkpoint holds them, ``(out, in)``.
 
     Latent attention: the queries (``q_proj``, or ``q_a_proj`` then ``q_b_proj``), ``kv_a_proj_with_mqa`` (the
     latent and the rotary key), ``kv_b_proj`` (each head's key and value from the latent) and ``o_proj``.
@@ -154,18 +214,23 @@ def _attention_matrices(config: Mapping[str, Any]) -> int:
     if _is_latent_attention(config):
         nope, rope, v, latent = (config[k] for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_lora_rank"))
         q_rank = config.get("q_lora_rank")
-        queries = hidden * heads * (nope + rope) if q_rank is None else q_rank * (hidden + heads * (nope + rope))
-        return queries + hidden * (latent + rope) + latent * heads * (nope + v) + heads * v * hidden
+        queries = [(heads * (nope + rope), hidden)] if q_rank is None else [(q_rank, hidden), (heads * (nope + rope), q_rank)]
+        return [*queries, (latent + rope, hidden), (heads * (nope + v), latent), (hidden, heads * v)]
     dim = head_dim(config)
-    q_size, kv_size = heads * dim, config["num_key_value_heads"] * dim
-    return hidden * (q_size + 2 * kv_size) + q_size * hidden
+    q_size, kv_size = config["num_attention_heads"] * dim, config["num_key_value_heads"] * dim
+    return [(q_size, hidden), (kv_size, hidden), (kv_size, hidden), (hidden, q_size)]
 
 
-def _attention_params(config: Mapping[str, Any]) -> int:
-    """One layer's attention: the projections, their biases, the per-head q/k norms (latent attention: its two
-    RMSNorms, and biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj``)."""
+def _attention_matrices(config: Mapping[str, Any]) -> int:
+    """One layer's attention projections, their matrices only, in elements."""
+    return sum(o * i for o, i in _attention_shapes(config))
+
+
+def _attention_extras(config: Mapping[str, Any]) -> int:
+    """One layer's attention but its matrices, in elements: their biases, the per-head q/k norms, the sinks
+    (latent attention: its two RMSNorms, and biases on ``q_a_proj``, ``kv_a_proj_with_mqa`` and ``o_proj``)."""
     hidden = config["hidden_size"]
-    params = _attention_matrices(config)
+    params = 0
     if _is_latent_attention(config):
         q_rank, latent = config.get("q_lora_rank") or 0, config["kv_lora_rank"]
         params += q_rank + latent
@@ -179,16 +244,23 @@ def _attention_params(config: Mapping[str, Any]) -> int:
         params += q_size + 2 * kv_size + (hidden if o_bias else 0)
     if _has_qk_norm(config):
         params += 2 * dim
+    if _has_sinks(config):
+        params += config["num_attention_heads"]
     return params
 
 
-def _mlp_params(config: Mapping[str, Any], intermediate: int) -> int:
-    """A gated MLP (gate, up, down) of ``intermediate``, with its biases if ``mlp_bias``."""
+def _has_sinks(config: Mapping[str, Any]) -> bool:
+    return (config.get("architectures") or [""])[0] == "GptOssForCausalLM"
+
+
+def _mlp_shapes(config: Mapping[str, Any], intermediate: int) -> list[tuple[int, int]]:
+    """A gated MLP (gate, up, down) of ``intermediate``, ``(out, in)``."""
     hidden = config["hidden_size"]
-    params = 3 * hidden * intermediate
-    if config.get("mlp_bias"):
-        params += 2 * intermediate + hidden
-    return params
+    return [(intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+
+
+def _mlp_bias(config: Mapping[str, Any], intermediate: int) -> int:
+    return 2 * intermediate + config["hidden_size"] if config.get("mlp_bias") else 0
 
 
 def _has_qk_norm(config: Mapping[str, Any]) -> bool:
@@ -204,16 +276,20 @@ def _has_qk_norm(config: Mapping[str, Any]) -> bool:
 def weight_bytes(config: Mapping[str, Any], *, tokens: int, dtype_bytes: int = 2) -> int:
     """Bytes of weights a step of ``tokens`` tokens reads, the routed experts aside (`expert_bytes`).
 
-    That is all of them but the embedding rows it does not look up. ``config`` is a Hugging Face
-    ``config.json`` of an architecture atom_trio runs (Llama, Qwen3, Qwen3-MoE, Mixtral, GLM-4-MoE, DeepSeek-V2/V3).
+    That is all of them but the embedding rows it does not look up, as stored (`storage`). ``config`` is a
+    Hugging Face ``config.json`` of an architecture atom_trio runs (Llama, Qwen3, Qwen3-MoE, Mixtral, GLM-4-MoE,
+    DeepSeek-V2/V3, GPT-OSS).
     """
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     moe = moe_shape(config)
-    params = float32_params = 0
+    stored = storage(config, dtype_bytes)
+    params = float32_params = matrix_bytes = 0
     for layer in range(config["num_hidden_layers"]):
-        params += _attention_params(config) + 2 * hidden  # and the input and post-attention RMSNorms
+        params += _attention_extras(config) + 2 * hidden  # and the input and post-attention RMSNorms
+        matrix_bytes += stored.matrix_bytes(_attention_shapes(config), stored.decoder)
         if moe is None or layer not in moe.sparse_layers:
-            params += _mlp_params(config, config["intermediate_size"])
+            matrix_bytes += stored.matrix_bytes(_mlp_shapes(config, config["intermediate_size"]), stored.decoder)
+            params += _mlp_bias(config, config["intermediate_size"])
             continue
         router = moe.num_experts * hidden + (moe.num_experts if moe.router_bias else 0)
         if moe.router_float32:
@@ -221,10 +297,11 @@ def weight_bytes(config: Mapping[str, Any], *, tokens: int, dtype_bytes: int = 2
         else:
             params += router
         if moe.shared_intermediate:
-            params += _mlp_params(config, moe.shared_intermediate)
+            matrix_bytes += stored.matrix_bytes(_mlp_shapes(config, moe.shared_intermediate), stored.decoder)
+            params += _mlp_bias(config, moe.shared_intermediate)
     lm_head = vocab * hidden
     embedding_rows = 0 if config.get("tie_word_embeddings") else min(tokens, vocab) * hidden
-    return (params + hidden + lm_head + embedding_rows) * dtype_bytes + float32_params * FLOAT32_BYTES
+    return (params + hidden + lm_head + embedding_rows) * dtype_bytes + matrix_bytes + float32_params * FLOAT32_BYTES
 
 
 def expert_bytes(
@@ -234,7 +311,8 @@ def expert_bytes(
     distinct_experts: Sequence[float] | None = None,
     dtype_bytes: int = 2,
 ) -> int:
-    """Bytes of routed experts a step of ``tokens`` tokens reads: the distinct experts of each sparse layer.
+    """Bytes of routed experts a step of ``tokens`` tokens reads: the distinct experts of each sparse layer, as
+    stored (`storage`), with their biases if they have them.
 
     ``distinct_experts``: how many each sparse layer's router chose (in layer order; a mean over steps may be
     fractional), as measured; by default the expected count for uniform random routing. 0 for a dense model.
@@ -248,7 +326,11 @@ def expert_bytes(
         raise ValueError(f"{len(distinct_experts)} expert counts for {len(moe.sparse_layers)} sparse layers")
     if any(not 0 <= n <= moe.num_experts for n in distinct_experts):
         raise ValueError(f"each sparse layer has {moe.num_experts} experts; got counts {list(distinct_experts)}")
-    return round(sum(distinct_experts) * moe.expert_params(config["hidden_size"]) * dtype_bytes)
+    hidden, stored = config["hidden_size"], storage(config, dtype_bytes)
+    per_expert = (
+        stored.matrix_bytes(moe.expert_shapes(hidden), stored.experts) + moe.expert_bias_params(hidden) * dtype_bytes
+    )
+    return round(sum(distinct_experts) * per_expert)
 
 
 def kv_cache_bytes(
@@ -261,6 +343,26 @@ def kv_cache_bytes(
     return 2 * layers * config["num_key_value_heads"] * head_dim(config) * positions * dtype_bytes
 
 
+def sliding_layers(config: Mapping[str, Any]) -> int:
+    """How many layers attend within a window of ``sliding_window`` positions (``layer_types``' ``sliding_attention``)."""
+    if not config.get("sliding_window"):
+        return 0
+    return sum(kind == "sliding_attention" for kind in config.get("layer_types") or ())
+
+
+def attended_positions(config: Mapping[str, Any], context_lens: Sequence[int], query_lens: Sequence[int]) -> int:
+    """Positions whose keys and values a step touches, summed over layers and sequences.
+
+    A full layer: each sequence's whole context. A sliding layer: the union of its queries' windows, the
+    ``sliding_window`` positions up to each query (itself included, as transformers masks), so a chunk of
+    ``q`` queries touches ``sliding_window + q - 1`` positions, at most its context.
+    """
+    sliding = sliding_layers(config)
+    full = config["num_hidden_layers"] - sliding
+    window = config.get("sliding_window") or 0
+    return sum(full * c + sliding * min(c, window + q - 1) for c, q in zip(context_lens, query_lens))
+
+
 def step_bytes(
     config: Mapping[str, Any],
     context_lens: Sequence[int],
@@ -270,7 +372,7 @@ def step_bytes(
     dtype_bytes: int = 2,
     logits_bytes: int = LOGITS_BYTES,
 ) -> StepBytes:
-    """What a step moves when sequence ``i`` attends to ``context_lens[i]`` positions, ``query_lens[i]`` of them new.
+    """What a step moves when sequence ``i`` has ``context_lens[i]`` positions, ``query_lens[i]`` of them new.
 
     ``query_lens`` defaults to one new token per sequence (a decode step); every sequence samples once.
     ``distinct_experts``: see `expert_bytes`.
@@ -282,7 +384,9 @@ def step_bytes(
     return StepBytes(
         weights=weight_bytes(config, tokens=tokens, dtype_bytes=dtype_bytes),
         experts=expert_bytes(config, tokens=tokens, distinct_experts=distinct_experts, dtype_bytes=dtype_bytes),
-        kv_cache=kv_cache_bytes(config, sum(context_lens), dtype_bytes=dtype_bytes),
+        kv_cache=kv_cache_bytes(
+            config, attended_positions(config, context_lens, query_lens), dtype_bytes=dtype_bytes, layers=1
+        ),
         logits=len(context_lens) * config["vocab_size"] * logits_bytes,
     )
 
@@ -309,17 +413,21 @@ def active_params_per_token(config: Mapping[str, Any]) -> int:
 def prefill_flops(config: Mapping[str, Any], tokens: int) -> float:
     """Matmul FLOPs of one causal prefill of ``tokens``: the active parameters, attention, one row of LM head.
 
-    Attention counts QK^T and PV over the causal half (``tokens * (tokens + 1) / 2`` pairs per head); latent
-    attention's prefill expands the latent to keys of ``nope + rope`` and values of ``v_head_dim`` features.
+    Attention counts QK^T and PV over the causal half (``tokens * (tokens + 1) / 2`` pairs per head), a
+    sliding-window layer's over the window of each query (``min(t, sliding_window)`` pairs for query ``t``);
+    latent attention's prefill expands the latent to keys of ``nope + rope`` and values of ``v_head_dim`` features.
     """
     if _is_latent_attention(config):
         qk_dim, v_dim = config["qk_nope_head_dim"] + config["qk_rope_head_dim"], config["v_head_dim"]
     else:
         qk_dim = v_dim = head_dim(config)
-    attention = 2 * config["num_attention_heads"] * (qk_dim + v_dim) * tokens * (tokens + 1) / 2
+    sliding = sliding_layers(config)
+    window = min(tokens, config.get("sliding_window") or tokens)
+    pairs = (config["num_hidden_layers"] - sliding) * tokens * (tokens + 1) / 2
+    pairs += sliding * (window * (window + 1) / 2 + (tokens - window) * window)
     return (
         2 * active_params_per_token(config) * tokens
-        + config["num_hidden_layers"] * attention
+        + 2 * config["num_attention_heads"] * (qk_dim + v_dim) * pairs
         + 2 * config["hidden_size"] * config["vocab_size"]
     )
 

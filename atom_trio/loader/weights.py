@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,6 +112,67 @@ def iter_dummy_weights(
         generator = torch.Generator(device=device).manual_seed(xxhash.xxh64_intdigest(f"{seed}/{name}".encode()) >> 1)
         tensor = torch.empty(meta.shape, dtype=dtype, device=device)
         yield name, tensor.uniform_(-DUMMY_WEIGHT_RANGE, DUMMY_WEIGHT_RANGE, generator=generator)
+
+
+def draw_dummy_quantized(model: torch.nn.Module, *, seed: int) -> list[str]:
+    """Give a quantized model's quantized parameters random contents that decode to ±`DUMMY_WEIGHT_RANGE` at most.
+
+    A dense dummy checkpoint has no tensors for them (transformers' model of the architecture is dense), so
+    they are drawn where they are, in their loading layout, and the dummy model reads what a quantized
+    checkpoint's would: codes of the stored width, scales beside them. They are the parameters of each module
+    with a ``quant_method`` but its biases and its dense weight if it has one (an online FP8 pass quantizes that
+    after loading); integer metadata (``g_idx``, ``weight_shape``) keeps its zeros, which no kernel reads
+    without act-order:
+
+    - codes: FP8 uniform in [-1, 1]; INT8 uniform in [-127, 127]; packed 4-bit codes (INT4, MXFP4's e2m1)
+      random bytes, every one a valid pair of codes;
+    - scales: the range over the largest code (FP8 1, INT8 127, INT4 8 about its zero point of 8, e2m1 6; an
+      e8m0 scale is the power of two at or below it); static activation scales 1.0.
+
+    Returns their names (the metadata's too). Each is drawn from ``seed`` and its name, like
+    `iter_dummy_weights`' tensors, but on a rank's own shard: ranks of a tensor-parallel group hold equal
+    shards, not slices of one model.
+    """
+    drawn = []
+    for module_name, module in model.named_modules():
+        if getattr(module, "quant_method", None) is None:
+            continue
+        params = {
+            name: param
+            for name, param in module.named_parameters(recurse=False)
+            if "bias" not in name
+            and not (param.is_floating_point() and param.element_size() > 1 and not _is_scale(name))
+        }
+        code_dtypes = {param.dtype for name, param in params.items() if not _is_scale(name)}
+        largest_code = 1.0 if torch.float8_e4m3fn in code_dtypes else 127.0 if torch.int8 in code_dtypes else 8.0
+        for name, param in params.items():
+            full_name = f"{module_name}.{name}"
+            generator = torch.Generator(device=param.device).manual_seed(
+                xxhash.xxh64_intdigest(f"{seed}/{full_name}".encode()) >> 1
+            )
+            data = param.data  # zeros, as the quantization method registered it
+            if param.dtype in (torch.int32, torch.int64):
+                pass  # g_idx (no act-order) and weight_shape: not read by the kernels
+            elif name.endswith("input_scale"):
+                data.fill_(1.0)
+            elif param.is_floating_point() and param.element_size() == 1:
+                data.copy_(torch.empty(data.shape, device=data.device).uniform_(-1.0, 1.0, generator=generator))
+            elif param.dtype == torch.int8:
+                data.copy_(torch.randint(-127, 128, data.shape, device=data.device, generator=generator))
+            elif "zero" in name:
+                data.fill_(8)
+            elif param.dtype == torch.uint8 and _is_scale(name):  # e8m0: 2 ** (s - 127)
+                data.fill_(127 + math.floor(math.log2(DUMMY_WEIGHT_RANGE / 6)))
+            elif param.dtype == torch.uint8:
+                data.copy_(torch.randint(0, 256, data.shape, device=data.device, generator=generator))
+            else:
+                data.fill_(DUMMY_WEIGHT_RANGE / largest_code)
+            drawn.append(full_name)
+    return drawn
+
+
+def _is_scale(name: str) -> bool:
+    return "scale" in name
 
 
 def terminal_progress(iterable=None, *, show: bool, **bar_options) -> tqdm:

@@ -15,7 +15,7 @@ import gc
 import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +28,7 @@ from atom_trio.layers import take_kv_scales
 from atom_trio.layers.moe import use_expert_parallel
 from atom_trio.layers.quantization import finish_quantized_layers, quantize_linear_layers, use_quant_config
 from atom_trio.layers.sampler import SampleRequest, Sampler
-from atom_trio.loader.weights import iter_weights
+from atom_trio.loader.weights import draw_dummy_quantized, iter_weights
 from atom_trio.models import get_model_class
 from atom_trio.ops import KernelBackend, use_backend
 from atom_trio.runner.compile import freezes_weights, steps_within, warmup_steps
@@ -143,13 +143,47 @@ def load_weights(
     with torch.no_grad():
         keep = getattr(model, "keep_in_float32", ())
         weights = iter_weights(resolved, seed=seed, device=device, keep_in_float32=keep, progress=progress)
-        model.load_weights(take_kv_scales(model, weights))  # the FP8 KV cache's scales go to the attention layers
+        with dummy_quantized(model, resolved, seed) as weights_filter:
+            weights = filter(weights_filter, weights)
+            model.load_weights(take_kv_scales(model, weights))  # the FP8 KV cache's scales go to the attention layers
         finish_quantized_layers(model)  # into the kernels' layout, or dequantized
     model.eval()
     if not freezes_weights(device, level):  # Inductor packs frozen weights itself
         for module in model.modules():  # e.g. CPU matmul weight packing
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()
+
+
+@contextlib.contextmanager
+def dummy_quantized(
+    model: torch.nn.Module, resolved: ResolvedModel, seed: int
+) -> Iterator[Callable[[tuple[str, torch.Tensor]], bool]]:
+    """Dummy weights for a quantized model: which dense dummy tensors to load, while the quantized ones are drawn.
+
+    The quantized parameters get their contents in place (`draw_dummy_quantized`) and are set aside while
+    the model loads, so that its check that every parameter was loaded does not count them; the dense
+    checkpoint's tensors of layers held quantized (whose dense weight is no parameter here) are left out.
+    Any other model loads every tensor, as from a real checkpoint.
+    """
+    if resolved.load_format != "dummy" or resolved.quant_config is None:
+        yield lambda item: True
+        return
+    set_aside = []
+    for name in draw_dummy_quantized(model, seed=seed):
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        set_aside.append((module, leaf, module._parameters.pop(leaf)))
+    params = dict(model.named_parameters())
+
+    def fits(item: tuple[str, torch.Tensor]) -> bool:
+        target = model.checkpoint_target(item[0])
+        return target is None or target[0] in params
+
+    try:
+        yield fits
+    finally:
+        for module, leaf, param in set_aside:
+            module._parameters[leaf] = param
 
 
 @contextlib.contextmanager

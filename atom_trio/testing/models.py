@@ -3,7 +3,8 @@
 Each configuration is the contents of a Hugging Face ``config.json``:
 
 - Real models' shapes (``LLAMA_3_1_8B``, ``QWEN3_0_6B``, and the mixture-of-experts ``QWEN3_30B_A3B``,
-  ``MIXTRAL_8X7B``, ``GLM_4_5_AIR``, ``DEEPSEEK_V2_LITE``: ``configs/*.json``), for dummy-weight runs at their true sizes: real
+  ``MIXTRAL_8X7B``, ``GLM_4_5_AIR``, ``DEEPSEEK_V2_LITE``, ``GPT_OSS_20B``, ``GPT_OSS_120B``: ``configs/*.json``,
+  the GPT-OSS ones as published, MXFP4 ``quantization_config`` included), for dummy-weight runs at their true sizes: real
   weights can't travel to the GPU machine, and ``--load-format dummy`` with one of these gives the same
   shapes, bytes and FLOPs. The GPU tests and the recorded benchmark figures depend on these
   exact values.
@@ -15,6 +16,7 @@ Each configuration is the contents of a Hugging Face ``config.json``:
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import shutil
@@ -32,6 +34,8 @@ QWEN3_30B_A3B = _real_config("qwen3-30b-a3b")
 MIXTRAL_8X7B = _real_config("mixtral-8x7b")
 GLM_4_5_AIR = _real_config("glm-4.5-air")
 DEEPSEEK_V2_LITE = _real_config("deepseek-v2-lite")
+GPT_OSS_20B = _real_config("gpt-oss-20b")
+GPT_OSS_120B = _real_config("gpt-oss-120b")
 REAL_CONFIGS: dict[str, dict[str, Any]] = {
     "llama-3.1-8b": LLAMA_3_1_8B,
     "qwen3-0.6b": QWEN3_0_6B,
@@ -39,8 +43,34 @@ REAL_CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral-8x7b": MIXTRAL_8X7B,
     "glm-4.5-air": GLM_4_5_AIR,
     "deepseek-v2-lite": DEEPSEEK_V2_LITE,
+    "gpt-oss-20b": GPT_OSS_20B,
+    "gpt-oss-120b": GPT_OSS_120B,
 }
 """The real models' shapes by name (their file in ``configs/``): what a benchmark's ``--config`` picks."""
+
+
+def add_model_shapes_arguments(parser: argparse.ArgumentParser, default: str = "llama-3.1-8b") -> None:
+    """A benchmark's ``--config`` and ``--unquantized``, which `model_shapes` reads."""
+    parser.add_argument(
+        "--config", default=default, help=f"the model's shapes: one of {', '.join(REAL_CONFIGS)}, or a config.json path"
+    )
+    parser.add_argument(
+        "--unquantized", action="store_true", help="drop the config's quantization_config: dense dummy weights"
+    )
+
+
+def model_shapes(config: str, *, unquantized: bool = False) -> dict[str, Any]:
+    """A benchmark's ``--config``: the name of one of `REAL_CONFIGS`, or the path of a ``config.json`` (tiny shapes
+    for a smoke run on the CPU, a variant of a real model). ``unquantized``: without its ``quantization_config``,
+    the same shapes with dense weights (the baseline of a quantized model)."""
+    if config in REAL_CONFIGS:
+        shapes = REAL_CONFIGS[config]
+    elif Path(config).is_file():
+        shapes = json.loads(Path(config).read_text())
+    else:
+        raise ValueError(f"--config {config!r} is neither one of {sorted(REAL_CONFIGS)} nor a config.json file")
+    return {key: value for key, value in shapes.items() if not (unquantized and key == "quantization_config")}
+
 
 _TINY_LLAMA = dict(
     architectures=["LlamaForCausalLM"],
@@ -167,6 +197,25 @@ TINY_MLA_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 """Tiny multi-head latent attention models (DeepSeek-V2/V3); their routers are sharpened as ``TINY_MOE_CONFIGS``'."""
+
+TINY_GPT_OSS_MXFP4 = dict(
+    GPT_OSS_20B,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=4,
+    layer_types=["sliding_attention", "full_attention"] * 2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_local_experts=8,
+    sliding_window=8,
+    max_position_embeddings=4096,
+    vocab_size=49152,  # the default model's tokenizer's, which serving runs use
+    eos_token_id=2,
+    pad_token_id=1,
+)
+"""gpt-oss-20b's config (MXFP4 experts, YaRN, sinks, biases) at tiny sizes: 8 experts of 32, top-4, a window of 8, for
+dummy-weight smoke runs of the benchmarks on the CPU (`write_model_dir`)."""
 
 ROUTER_GAIN = 10.0
 """Tiny MoE models' router weights are scaled by this, so that a token's chosen experts win by margins far above

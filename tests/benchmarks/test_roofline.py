@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -276,3 +277,107 @@ def test_latent_attention_caches_one_vector_a_position_and_layer() -> None:
     config = dict(TINY_MLA_CONFIGS["deepseek_v2"], vocab_size=100)  # 3 layers, kv_lora_rank 32, qk_rope_head_dim 8
     assert kv_cache_bytes(config, 10) == 3 * (32 + 8) * 10 * 2
     assert step_bytes(config, [4, 6]).kv_cache == kv_cache_bytes(config, 10)
+
+
+# GPT-OSS at SMALL's sizes: 4 experts of 16 (top-2) in every layer, 2 layers (sliding, then full) with a window of 3.
+SMALL_GPT_OSS = dict(
+    SMALL,
+    architectures=["GptOssForCausalLM"],
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    attention_bias=True,
+    layer_types=["sliding_attention", "full_attention"],
+    sliding_window=3,
+)
+MXFP4_CONFIG = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "lm_head"]}
+
+
+def test_gpt_oss_counted_by_hand() -> None:
+    """Sinks, q/k/v/o and router biases, biased experts; the sliding layer reads at most its window."""
+    config = dict(SMALL_GPT_OSS, hidden_size=32, intermediate_size=32)  # MXFP4 groups of 32 inputs
+    parts = step_bytes(config, [5, 2], query_lens=[1, 2], distinct_experts=[3, 4])
+    # A layer: qkv 32*(8+4+4)=512 and biases 16, o 8*32=256 and bias 32, 2 sinks, two norms 64, router 4*32+4.
+    # Two layers, final norm 32, LM head 10*32=320, embedding rows of 3 tokens 96.
+    per_layer = 512 + 16 + 256 + 32 + 2 + 64 + 132
+    assert parts.weights == (2 * per_layer + 32 + 320 + 96) * 2
+    # An expert: gate, up, down 3*32*32 and biases 2*32+32; 3 + 4 distinct experts.
+    assert parts.experts == 7 * (3 * 32 * 32 + 96) * 2
+    # The full layer reads 5 + 2 positions; the sliding one min(5, 3) and, for 2 queries, min(2, 3 + 1).
+    assert parts.kv_cache == 2 * 4 * ((5 + 2) + (3 + 2)) * 2
+    # In MXFP4 an expert's matrices take 17 bytes a row of 32 inputs: 3 * 32 rows; its biases stay bf16.
+    mxfp4 = step_bytes(dict(config, quantization_config=MXFP4_CONFIG), [5, 2], query_lens=[1, 2], distinct_experts=[3, 4])
+    assert mxfp4.experts == 7 * (3 * 32 * 17 + 96 * 2)
+    assert attrs.evolve(mxfp4, experts=parts.experts) == parts  # nothing else changes
+
+
+def test_sliding_layers_read_their_window_at_every_context() -> None:
+    full = dict(SMALL_GPT_OSS, layer_types=["full_attention"] * 2)
+    for context in (1, 3, 4, 100):
+        windowed = step_bytes(SMALL_GPT_OSS, [context]).kv_cache
+        assert windowed == kv_cache_bytes(SMALL, context, layers=1) + kv_cache_bytes(SMALL, min(context, 3), layers=1)
+        assert windowed <= step_bytes(full, [context]).kv_cache == kv_cache_bytes(SMALL, context)
+
+
+def test_fp8_blocks_by_hand() -> None:
+    """Every decoder matrix in one byte an element and a float32 scale a block (rounded up); the LM head,
+    embedding and norms stay in the model's dtype."""
+    fp8 = dict(SMALL, quantization_config={"quant_method": "fp8", "weight_block_size": [4, 4]})
+    dense, quantized = step_bytes(SMALL, [5]), step_bytes(fp8, [5])
+    # A layer's matrices: q 8x8, k 4x8, v 4x8, o 8x8, gate 16x8, up 16x8, down 8x16: 592 - 16 = 576 elements,
+    # in 4x4 blocks 4+2+2+4+8+8+8 = 36 scales.
+    assert dense.weights - quantized.weights == 2 * (576 * 2 - (576 + 36 * 4))
+    with pytest.raises(ValueError, match="does not count"):
+        step_bytes(dict(SMALL, quantization_config={"quant_method": "gptq"}), [5])
+
+
+@pytest.mark.parametrize(
+    "name, unquantized",
+    [("tiny", True), ("tiny", False), ("gpt-oss-20b", False), ("gpt-oss-120b", False)],
+    ids=["tiny-bf16", "tiny-mxfp4", "gpt-oss-20b", "gpt-oss-120b"],
+)
+def test_gpt_oss_counts_agree_with_the_models_parameters(tmp_path, name: str, unquantized: bool) -> None:
+    """GPT-OSS built as the runner builds it (MXFP4 experts in their checkpoint layout: codes and scales as
+    loaded; real sizes on the meta device, with default rope, whose tables have no bytes): every byte, when
+    every expert is read, less the unread embedding rows."""
+    import torch
+
+    from atom_trio.config import EngineConfig
+    from atom_trio.distributed import SINGLE
+    from atom_trio.loader.resolve import resolve_model
+    from atom_trio.ops import TorchRefBackend
+    from atom_trio.runner.startup import build_model
+    from atom_trio.testing import REAL_CONFIGS, TINY_GPT_OSS_MXFP4, write_model_dir
+
+    config = dict(TINY_GPT_OSS_MXFP4 if name == "tiny" else REAL_CONFIGS[name])
+    if unquantized:
+        del config["quantization_config"]
+    device = torch.device("cpu" if name == "tiny" else "meta")
+    if device.type == "meta":
+        config.pop("rope_scaling")
+    model_dir = write_model_dir(tmp_path / "m", config)
+    resolved = resolve_model(EngineConfig(model=str(model_dir), load_format="dummy", dtype="bfloat16"))
+    model = build_model(resolved, device, TorchRefBackend(), level=0, tp_group=SINGLE, expert_parallel=False)
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    moe = moe_shape(config)
+    tokens = 7
+    every_expert = [moe.num_experts] * len(moe.sparse_layers)
+    counted = weight_bytes(config, tokens=tokens) + expert_bytes(config, tokens=tokens, distinct_experts=every_expert)
+    assert counted == parameter_bytes - (config["vocab_size"] - tokens) * config["hidden_size"] * 2
+
+
+def test_gpt_oss_20b_decode_floor() -> None:
+    """gpt-oss-20b's published shapes: 10.2 GB of MXFP4 experts in all, 4 of 32 read a layer by one token."""
+    from atom_trio.testing import GPT_OSS_20B
+
+    every_expert = expert_bytes(GPT_OSS_20B, tokens=1, distinct_experts=[32] * 24)
+    assert every_expert == 24 * 32 * (3 * 2880 * 2880 * 17 // 32 + 3 * 2880 * 2)
+    assert expert_bytes(GPT_OSS_20B, tokens=1, distinct_experts=[4] * 24) * 8 == every_expert
+    # At 4096 positions the 12 sliding layers read 128 of them.
+    assert step_bytes(GPT_OSS_20B, [4096]).kv_cache == 2 * 8 * 64 * (12 * 4096 + 12 * 128) * 2
+
+
+def test_sliding_layers_prefill_attention_within_the_window() -> None:
+    """Query ``t`` of a sliding layer pairs with ``min(t, 3)`` keys: 1 + 2 + 3 + 3 + 3 = 12 of 5 tokens, against
+    15 in the full layer; each pair is a QK^T and a PV product over 2 heads of 4 features."""
+    matmuls = prefill_flops(dict(SMALL_GPT_OSS, layer_types=["full_attention"] * 2), 5) - prefill_flops(SMALL_GPT_OSS, 5)
+    assert matmuls == 2 * 2 * (4 + 4) * (15 - 12)
