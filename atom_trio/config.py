@@ -128,9 +128,8 @@ def _type_checked(cls: type, fields: list[attrs.Attribute]) -> list[attrs.Attrib
     return [f.evolve(validator=attrs.validators.and_(_type_check, *filter(None, [f.validator]))) for f in fields]
 
 
-#: Speculative-decoding methods, as vLLM and ATOM name them; only `SPECULATIVE_METHODS_AVAILABLE` run in this build.
+#: Speculative-decoding methods, as vLLM and ATOM name them.
 SPECULATIVE_METHODS = ("ngram", "eagle", "eagle3", "mtp")
-SPECULATIVE_METHODS_AVAILABLE = ("ngram", "eagle")
 #: The methods whose drafts come from a draft model (``draft_model``); the others need none.
 SPECULATIVE_METHODS_WITH_DRAFT_MODEL = ("eagle", "eagle3")
 
@@ -147,13 +146,15 @@ class SpeculativeConfig:
     earlier occurrence of the sequence's last ``n`` tokens, ``n`` from
     ``prompt_lookup_max`` down to ``prompt_lookup_min``. Unset lookup bounds
     follow vLLM: both 5 when neither is given, else the one given. ``eagle``
-    drafts with an EAGLE head, ``draft_model`` (vLLM's ``model``), reading the
-    target's hidden states. Either way the target verifies up to
+    and ``eagle3`` draft with an EAGLE or EAGLE-3 head, ``draft_model``
+    (vLLM's ``model``), reading the target's hidden states; ``mtp`` with the
+    multi-token-prediction layer in a DeepSeek-V3 target's own checkpoint
+    (no draft model). Either way the target verifies up to
     ``num_speculative_tokens`` drafts in one step, so outputs keep the target's
     distribution exactly.
 
     Raises:
-        InvalidConfig: an unknown method or field, a method this build does not run yet, or a bad value.
+        InvalidConfig: an unknown method or field, or a bad value.
     """
 
     method: str
@@ -189,8 +190,6 @@ class SpeculativeConfig:
         method = fields.get("method")
         if method not in SPECULATIVE_METHODS:
             raise _spec_error(f"method must be one of {', '.join(SPECULATIVE_METHODS)}; got {method!r}")
-        if method not in SPECULATIVE_METHODS_AVAILABLE:
-            raise _spec_error(f"method {method!r} is not available yet in this build; use 'ngram'")
         draft_model = fields.get("draft_model")
         if method in SPECULATIVE_METHODS_WITH_DRAFT_MODEL:
             if not isinstance(draft_model, str) or not draft_model:
@@ -363,7 +362,8 @@ class EngineConfig:
         "\"prompt_lookup_min\": 2, \"prompt_lookup_max\": 5}` (prompt lookup; the target verifies the drafts "
         "exactly, by rejection sampling). ATOM's `--method`, `--num-speculative-tokens` and `--draft-model` set "
         "its fields too; `{\"method\": \"eagle\", \"num_speculative_tokens\": 3, \"draft_model\": PATH}` "
-        "drafts with an EAGLE head. eagle3 and mtp are not available yet",
+        "drafts with an EAGLE head (eagle3: an EAGLE-3 head); `{\"method\": \"mtp\", \"num_speculative_tokens\": 1}` "
+        "with a DeepSeek-V3 checkpoint's own multi-token-prediction layer",
         section="Speculative decoding",
         converter=SpeculativeConfig.parse,
     )
@@ -410,7 +410,7 @@ def check_combinations(config: EngineConfig) -> None:
             options=("device", "tensor_parallel_size"),
         )
     spec = config.speculative_config
-    if spec is not None and spec.draft_model is not None and tp > 1:
+    if spec is not None and spec.method != "ngram" and tp > 1:
         raise InvalidConfig(
             f"speculative method {spec.method!r} drafts on one rank, and tensor_parallel_size is {tp}: use "
             "tensor_parallel_size 1, or method 'ngram'",

@@ -151,7 +151,7 @@ class _NotHere(argparse.Action):
 
 
 ATOM_SPEC_FLAGS = {
-    "method": ("--method", str, "ATOM's spelling of speculative_config's method (ngram, eagle; eagle3, mtp not yet)"),
+    "method": ("--method", str, "ATOM's spelling of speculative_config's method (ngram, eagle, eagle3, mtp)"),
     "num_speculative_tokens": (
         "--num-speculative-tokens", int, "ATOM's spelling of speculative_config's num_speculative_tokens",
     ),

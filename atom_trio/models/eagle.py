@@ -27,6 +27,18 @@ SHAREABLE = ("embed_tokens", "lm_head")
 """The modules a draft head may take from its target instead of its checkpoint."""
 
 
+def shared_modules(config) -> tuple[str, ...]:
+    """``config.shared_with_target`` (all of `SHAREABLE` when unset), checked.
+
+    Raises:
+        ModelLoadError: it names a module no head can take from its target.
+    """
+    shared = tuple(getattr(config, "shared_with_target", SHAREABLE))
+    if unknown := set(shared) - set(SHAREABLE):
+        raise ModelLoadError(f"draft head: cannot share {sorted(unknown)} with the target (only {SHAREABLE})")
+    return shared
+
+
 class EagleLlamaForCausalLM(LlamaForCausalLM):
     """EAGLE-1 head: ``fc`` over [embedding, target hidden state], ``num_hidden_layers`` Llama layers, shared LM head.
 
@@ -35,13 +47,7 @@ class EagleLlamaForCausalLM(LlamaForCausalLM):
     """
 
     def __init__(self, config) -> None:
-        nn.Module.__init__(self)
-        self.config = config
-        self.tie_word_embeddings = False
-        shared = tuple(getattr(config, "shared_with_target", SHAREABLE))
-        if unknown := set(shared) - set(SHAREABLE):
-            raise ModelLoadError(f"EAGLE head: cannot share {sorted(unknown)} with the target (only {SHAREABLE})")
-        self.shared_with_target = shared
+        shared = self._init_head(config)
         hidden = config.hidden_size
         self.fc = ReplicatedLinear(2 * hidden, hidden, bias=bool(getattr(config, "bias", False)))
         rotary_emb = get_rope(config, _head_dim(config), config.max_position_embeddings)
@@ -50,10 +56,26 @@ class EagleLlamaForCausalLM(LlamaForCausalLM):
             for _ in range(config.num_hidden_layers)
         )
         self.layers[0].input_layernorm = None  # EAGLE's first layer attends to the fused features as they are
-        self.embed_tokens = None if "embed_tokens" in shared else VocabParallelEmbedding(config.vocab_size, hidden)
         self.lm_head = None if "lm_head" in shared else ParallelLMHead(config.vocab_size, hidden)
+
+    def _init_head(self, config) -> tuple[str, ...]:
+        """What every EAGLE head sets up first: its config, its embedding unless shared; returns what is shared."""
+        nn.Module.__init__(self)
+        self.config = config
+        self.tie_word_embeddings = False
+        shared = self.shared_with_target = shared_modules(config)
+        self.embed_tokens = None
+        if "embed_tokens" not in shared:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         # The target's, where shared: a plain tuple, so that they stay out of this module's parameters.
         self._target: tuple[Callable, Callable] | None = None
+        return shared
+
+    @staticmethod
+    def shared_with(hf_config, stored: set[str]) -> tuple[str, ...]:
+        """What the head takes from the target, given its checkpoint's tensor names: what it lacks."""
+        present = {name.removeprefix("model.").split(".")[0] for name in stored}
+        return tuple(m for m in SHAREABLE if m not in present)
 
     def share_target(self, embed_tokens: Callable, compute_logits: Callable) -> None:
         """Take the target's embedding and logits for what the checkpoint lacks (after the head's own weights load)."""

@@ -135,14 +135,27 @@ class LlamaModel(nn.Module):
         rotary_emb = get_rope(config, _head_dim(config), config.max_position_embeddings)
         self.layers = nn.ModuleList(make_layer(rotary_emb, index) for index in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.aux_hidden_state_layers: tuple[int, ...] = ()
+        """Layers whose input (the residual stream) `forward` also returns, concatenated in this order: EAGLE-3's taps."""
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden states; with ``aux_hidden_state_layers``, also the tapped ones, ``[tokens, taps * hidden]``.
+
+        The taps are outputs, not hooks, so that a compiled forward (set the layers before compiling) keeps them.
+        """
         hidden = self.embed_tokens(input_ids)
         residual = None
-        for layer in self.layers:
+        taps = {}
+        for index, layer in enumerate(self.layers):
+            if index in self.aux_hidden_state_layers:
+                taps[index] = hidden if residual is None else hidden + residual
             hidden, residual = layer(positions, hidden, residual)
         hidden, _ = self.norm(hidden, residual)
-        return hidden
+        if not taps:
+            return hidden
+        return hidden, torch.cat([taps[index] for index in self.aux_hidden_state_layers], dim=-1)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -174,8 +187,19 @@ class LlamaForCausalLM(nn.Module):
         attention = LlamaAttention(self.config, rotary_emb, qk_norm=self.qk_norm)
         return LlamaDecoderLayer(self.config, attention, LlamaMLP(self.config))
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return self.model(input_ids, positions)
+
+    def set_aux_hidden_state_layers(self, layers: tuple[int, ...]) -> None:
+        """Have `forward` also return these layers' inputs (`LlamaModel.aux_hidden_state_layers`), before compiling."""
+        self.model.aux_hidden_state_layers = tuple(layers)
+
+    def eagle3_aux_hidden_state_layers(self) -> tuple[int, ...]:
+        """The low, middle and high layers an EAGLE-3 head reads when its config names none (vLLM's choice)."""
+        num_layers = len(self.model.layers)
+        return (2, num_layers // 2, num_layers - 3)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)

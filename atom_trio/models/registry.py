@@ -6,8 +6,10 @@ from torch import nn
 
 from atom_trio.errors import ModelLoadError
 
+from .deepseek_mtp import DeepseekMTP
 from .deepseek_v2 import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from .eagle import EagleLlamaForCausalLM
+from .eagle3 import Eagle3LlamaForCausalLM
 from .glm4_moe import Glm4MoeForCausalLM
 from .gpt_oss import GptOssForCausalLM
 from .llama import LlamaForCausalLM
@@ -24,8 +26,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
     "GptOssForCausalLM": GptOssForCausalLM,
-    # Draft heads: the drafter names them in the draft checkpoint's config (which says LlamaForCausalLM).
+    # Draft heads: the drafter names them in the draft checkpoint's config (which names another class).
     "EagleLlamaForCausalLM": EagleLlamaForCausalLM,
+    "Eagle3LlamaForCausalLM": Eagle3LlamaForCausalLM,
+    "DeepseekMTP": DeepseekMTP,
 }
 
 # Configs built from GGUF metadata may name only the model type.

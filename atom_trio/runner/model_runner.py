@@ -131,6 +131,8 @@ class ModelRunner:
         self._draft_probs: dict[int, torch.Tensor] = {}
         """The distribution each sequence's pending drafts were drawn from, where its drafter has one."""
         self._step_hidden: tuple[torch.Tensor, list[int]] | None = None
+        self._taps: torch.Tensor | None = None
+        """The last forward's tapped layer inputs, where the drafter has the model return them (EAGLE-3)."""
         self._prompt_logprobs = PromptLogprobs(vocab_size=self.vocab_size, device=self.device)
         self._unread: deque[LaunchedStep] = deque()
         """Launched steps whose tokens the host has not read, oldest first."""
@@ -396,7 +398,8 @@ class ModelRunner:
         if window:
             kept, counts = hidden_rows(plan.chunks, batch.cu_query_lens, window)
             kept = host_to_device(torch.tensor(kept, dtype=torch.long), self.device)
-            self._step_hidden = hidden.index_select(0, kept), counts
+            features = hidden if self._taps is None else self._taps
+            self._step_hidden = features.index_select(0, kept), counts
         # A chunk with j drafts samples at its last j + 1 positions (verify steps run eagerly: graphs hold decodes).
         chunks = plan.chunks
         rows = [row for i in sampled for row in range(ends[i] - 1 - chunks[i].num_draft_tokens, ends[i])]
@@ -406,7 +409,7 @@ class ModelRunner:
         return logits, self._prompt_logprobs.column(self.model.compute_logits, plan.chunks, hidden, ends)
 
     def run_model(self, batch: FlatBatch) -> torch.Tensor:
-        """The model on ``batch``: the last layer's hidden state of every token."""
+        """The model on ``batch``: the last layer's hidden state of every token (the taps a drafter asked for: ``_taps``)."""
         device = self.device
         metadata = AttentionMetadata(
             cu_seqlens_q=host_to_device(torch.tensor(batch.cu_query_lens, dtype=torch.int32), device),
@@ -424,7 +427,9 @@ class ModelRunner:
         plan = self.backend.plan_attention(metadata)
         context = ForwardContext(metadata=metadata, attn_plan=plan, windowed=tuple(windowed))
         with forward_context(context):
-            return self.model_forward(batch.input_ids.to(device), batch.positions.to(device))
+            out = self.model_forward(batch.input_ids.to(device), batch.positions.to(device))
+        hidden, self._taps = out if isinstance(out, tuple) else (out, None)
+        return hidden
 
     def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
         """Float32 logits of ``hidden``'s ``rows``."""

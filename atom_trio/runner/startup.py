@@ -352,8 +352,10 @@ def warm_up(runner: ModelRunner) -> None:
 
 
 def uses_decode_graphs(runner: ModelRunner) -> bool:
-    """Graphs at levels 1-3 on CUDA, with a backend whose steps can be captured (`KernelBackend.supports_cuda_graphs`)."""
-    return runner.device.type == "cuda" and runner.backend.supports_cuda_graphs and runner.level > 0
+    """Graphs at levels 1-3 on CUDA, with a backend whose steps can be captured (`KernelBackend.supports_cuda_graphs`),
+    unless a drafter reads the target's hidden states (a graph keeps none, so its steps never run one)."""
+    reads_hidden = runner.drafter is not None and runner.drafter.hidden_window > 0
+    return runner.device.type == "cuda" and runner.backend.supports_cuda_graphs and runner.level > 0 and not reads_hidden
 
 
 def measure_graph_memory(runner: ModelRunner) -> int:

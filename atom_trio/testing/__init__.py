@@ -7,8 +7,11 @@ no torch (the helpers that need torch or transformers import them when called).
 from __future__ import annotations
 
 from atom_trio._net import free_port as free_port
+from atom_trio.testing.eagle import greedy_window_drafts as greedy_window_drafts
 from atom_trio.testing.eagle import write_echo_target as write_echo_target
+from atom_trio.testing.eagle import write_tiny_eagle3_head as write_tiny_eagle3_head
 from atom_trio.testing.eagle import write_tiny_eagle_head as write_tiny_eagle_head
+from atom_trio.testing.eagle import write_tiny_mtp_target as write_tiny_mtp_target
 from atom_trio.testing.kimi import KIMI_K2_STRUCTURE as KIMI_K2_STRUCTURE
 from atom_trio.testing.kimi import write_kimi_tokenizer as write_kimi_tokenizer
 from atom_trio.testing.kimi import write_tiny_kimi_k2 as write_tiny_kimi_k2

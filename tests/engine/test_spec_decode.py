@@ -109,8 +109,8 @@ def test_speculative_config_is_checked_where_it_is_given() -> None:
     assert flags.speculative_config.num_speculative_tokens == 4 and flags.speculative_config.prompt_lookup_max == 2
     for bad, says in [
         ({"method": "medusa", "num_speculative_tokens": 2}, "method must be one of"),
-        ({"method": "eagle3", "num_speculative_tokens": 2}, "not available yet"),
-        ({"method": "mtp", "num_speculative_tokens": 1}, "not available yet"),
+        ({"method": "eagle3", "num_speculative_tokens": 2}, "needs a draft model"),
+        ({"method": "mtp", "num_speculative_tokens": 1, "draft_model": "x"}, "takes no draft model"),
         ({"method": "ngram", "num_speculative_tokens": 2, "draft_model": "x"}, "draft model"),
         ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
         ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 1}, "unknown field(s) lookahead"),

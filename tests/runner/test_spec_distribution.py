@@ -10,8 +10,8 @@ continuation). Generated tokens 2 and 3 then come out of one verify step
 compared with the exact distribution computed from transformers' logits on
 the same weights; a deliberately broken verifier (ATOM's: accept a draft when
 it is the target's argmax) must be rejected by the same test. A random EAGLE
-head, whose drafts come with their distribution, runs the general rule
-through the same test.
+head and a random EAGLE-3 head (drafting from half the vocabulary), whose
+drafts come with their distribution, run the general rule through the same test.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from atom_trio.core.scheduler import Scheduler
 from atom_trio.layers.rejection_sampler import RejectionSampler, first_rows
 from atom_trio.runner.drafter import Proposal
 from atom_trio.sampling_params import SamplingParams
-from atom_trio.testing import write_tiny_eagle_head
+from atom_trio.testing import write_tiny_eagle3_head, write_tiny_eagle_head
 from atom_trio.testing.models import TINY_CONFIGS, transformers_config
 
 scipy_stats = pytest.importorskip("scipy.stats")
@@ -199,11 +199,13 @@ def test_a_broken_verifier_is_caught(runner, exact) -> None:
     assert math.isfinite(counts.sum())
 
 
-def test_eagle_drafts_keep_the_target_distribution(model_dir, exact, tmp_path) -> None:
-    """A random EAGLE head: real draft distributions q, through the literal rule (accepts and rejections)."""
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_eagle_drafts_keep_the_target_distribution(model_dir, exact, tmp_path, method) -> None:
+    """A random EAGLE (-3) head: real draft distributions q, through the literal rule (accepts and rejections)."""
     joint, _ = exact
-    head = write_tiny_eagle_head(model_dir[0], tmp_path / "head", seed=1)
-    with _runner(model_dir[0], {"method": "eagle", "num_speculative_tokens": 2, "draft_model": str(head)}) as eagle:
+    write_head = write_tiny_eagle_head if method == "eagle" else write_tiny_eagle3_head
+    head = write_head(model_dir[0], tmp_path / "head", seed=1)
+    with _runner(model_dir[0], {"method": method, "num_speculative_tokens": 2, "draft_model": str(head)}) as eagle:
         counts, accepted = _sample_pairs(eagle, BATCH)
     assert accepted > 0
     assert _chi_square_p(counts, joint) > 1e-3

@@ -23,11 +23,11 @@ if TYPE_CHECKING:
 
 
 def make_drafter(runner: ModelRunner) -> Drafter:
-    """The drafter of the runner's ``speculative_config.method`` (the config refuses methods this build lacks)."""
+    """The drafter of the runner's ``speculative_config.method``: prompt lookup, or a draft head (EAGLE, EAGLE-3, MTP)."""
     config = runner.config.speculative_config
     if config.method == "ngram":
         return NgramDrafter(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
-    if config.method == "eagle":
+    if config.method in ("eagle", "eagle3", "mtp"):
         return EagleDrafter(runner)
     raise ValueError(f"no drafter for speculative method {config.method!r}")
 

@@ -1,4 +1,11 @@
-"""EAGLE drafting: a draft head reads the target's last hidden states and runs ``k`` autoregressive steps.
+"""EAGLE, EAGLE-3 and MTP drafting: a draft head reads the target's hidden states and runs ``k`` autoregressive steps.
+
+The three differ only in their head (`atom_trio.models.eagle`,
+`atom_trio.models.eagle3`, `atom_trio.models.deepseek_mtp`) and in what of
+the target it reads: EAGLE and MTP its last hidden states, EAGLE-3 the
+inputs of three of its layers (`tap_target` has the target return them).
+The MTP layer ships in the target's own checkpoint; the EAGLE heads are
+``draft_model``.
 
 The draft's KV cache is the simplest one that is correct whatever the
 scheduler does: none is kept between steps. Each proposal recomputes the
@@ -38,7 +45,7 @@ from atom_trio.layers.rejection_sampler import DRAFT_SALT, counter_uniform, expo
 from atom_trio.layers.sampler import SampleRequest, first_argmax
 from atom_trio.loader.resolve import resolve_model
 from atom_trio.loader.weights import DUMMY_WEIGHT_RANGE, safetensors_files
-from atom_trio.models.eagle import SHAREABLE
+from atom_trio.models.registry import MODEL_REGISTRY
 from atom_trio.ops import AttentionMetadata
 from atom_trio.runner import startup
 from atom_trio.runner.kv_cache import KVCacheLayout
@@ -50,12 +57,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("atom_trio.runner")
 
-#: The registry's class for each method's draft head (the head's config.json names a plain architecture).
-DRAFT_ARCHITECTURES = {"eagle": "EagleLlamaForCausalLM"}
+#: The registry's class for each method's draft head (the head's config.json names another architecture).
+DRAFT_ARCHITECTURES = {"eagle": "EagleLlamaForCausalLM", "eagle3": "Eagle3LlamaForCausalLM", "mtp": "DeepseekMTP"}
+#: The targets whose checkpoints carry MTP layers this build drafts with.
+MTP_TARGETS = ("DeepseekV3ForCausalLM",)
 
 
 class EagleDrafter:
-    """Drafts with an EAGLE head loaded from ``speculative_config.draft_model``, sharing the runner's target."""
+    """Drafts with the head of ``speculative_config.method`` (see `load_draft_head`), sharing the runner's target."""
 
     hidden_window = 64
 
@@ -66,6 +75,8 @@ class EagleDrafter:
         self.backend = runner.backend
         self.block_size = runner.block_size
         self.model = load_draft_head(runner)
+        if spec.method == "eagle3":
+            tap_target(runner, self.model.config)
         self.max_position = self.model.config.max_position_embeddings
         self.blocks_per_row = -(-(self.hidden_window + self.num_tokens) // self.block_size)
         self.kv_layout = KVCacheLayout(
@@ -195,14 +206,25 @@ class EagleDrafter:
 def load_draft_head(runner: ModelRunner) -> torch.nn.Module:
     """The draft head of ``runner.config.speculative_config``, built and loaded like the target, sharing what it lacks.
 
+    EAGLE heads come from ``draft_model``; MTP layers from the target's own
+    checkpoint (quantized as the target is).
+
     Raises:
-        ModelLoadError: the head does not fit the target (hidden size, vocabulary) or cannot be read.
+        ModelLoadError: the head does not fit the target (hidden size, vocabulary, architecture) or cannot be read.
     """
     config = runner.config
     spec = config.speculative_config
-    draft_config = attrs.evolve(
-        config, model=spec.draft_model, revision=None, quantization=None, speculative_config=None
-    )
+    if spec.method == "mtp":
+        if not set(getattr(runner.hf_config, "architectures", None) or ()) & set(MTP_TARGETS):
+            raise ModelLoadError(
+                f"method 'mtp' drafts with the multi-token-prediction layers of {', '.join(MTP_TARGETS)} "
+                f"checkpoints; the target is {getattr(runner.hf_config, 'architectures', None)}"
+            )
+        draft_config = attrs.evolve(config, speculative_config=None)
+    else:
+        draft_config = attrs.evolve(
+            config, model=spec.draft_model, revision=None, quantization=None, speculative_config=None
+        )
     resolved = resolve_model(draft_config)
     hf_config = resolved.hf_config
     target = runner.hf_config
@@ -215,12 +237,13 @@ def load_draft_head(runner: ModelRunner) -> torch.nn.Module:
     embed_tokens = getattr(getattr(runner.model, "model", None), "embed_tokens", None)
     if embed_tokens is None:
         raise ModelLoadError(f"method {spec.method!r} needs a target with an input embedding at model.embed_tokens")
-    stored = set()
+    stored: set[str] = set()
     if resolved.load_format == "safetensors":
         for file in safetensors_files(resolved.path):
             with safetensors.safe_open(file, framework="pt") as f:
-                stored |= {name.removeprefix("model.").split(".")[0] for name in f.keys()}
-    hf_config.shared_with_target = tuple(m for m in SHAREABLE if m not in stored)  # all of them for dummy weights
+                stored |= set(f.keys())
+    head_class = MODEL_REGISTRY[DRAFT_ARCHITECTURES[spec.method]]
+    hf_config.shared_with_target = head_class.shared_with(hf_config, stored)  # all of SHAREABLE for dummy weights
     hf_config.architectures = [DRAFT_ARCHITECTURES[spec.method]]
     resolved = attrs.evolve(resolved, dtype=runner.dtype)
     model = startup.build_model(
@@ -236,11 +259,39 @@ def load_draft_head(runner: ModelRunner) -> torch.nn.Module:
     return model
 
 
+def tap_target(runner: ModelRunner, head_config) -> None:
+    """Have the target's forward also return the inputs of the layers an EAGLE-3 head reads (before compiling).
+
+    The head's ``eagle_aux_hidden_state_layer_ids`` name them, else the
+    target's default choice (`eagle3_aux_hidden_state_layers`).
+
+    Raises:
+        ModelLoadError: the target cannot return them, or the layers are not three of the target's.
+    """
+    target = runner.model
+    if not hasattr(target, "set_aux_hidden_state_layers"):
+        raise ModelLoadError(
+            f"method 'eagle3' reads the inputs of three target layers, and {type(target).__name__} does not return "
+            "them (set_aux_hidden_state_layers)"
+        )
+    layers = tuple(getattr(head_config, "eagle_aux_hidden_state_layer_ids", None) or
+                   target.eagle3_aux_hidden_state_layers())
+    num_layers = runner.hf_config.num_hidden_layers
+    if len(layers) != 3 or not all(0 <= i < num_layers for i in layers):
+        raise ModelLoadError(
+            f"EAGLE-3 head: eagle_aux_hidden_state_layer_ids {list(layers)} must be three layers of the target's "
+            f"{num_layers}"
+        )
+    target.set_aux_hidden_state_layers(layers)
+
+
 @torch.no_grad()
 def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
     """Weights as ``--load-format dummy`` makes them (norms 1, the rest small uniform), laid out for the kernels."""
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, param in model.named_parameters():
+        if not param.is_floating_point():  # EAGLE-3's d2t: zeros, the draft vocabulary's first tokens
+            continue
         if "norm" in name:
             param.fill_(1.0)
         else:
