@@ -120,11 +120,19 @@ def _fp8(prefix: str, w: torch.Tensor, *, seed: int, block_size=None, input_amax
 
 def calibrate_input_amax(model: torch.nn.Module, token_ids: list[int]) -> dict[str, float]:
     """The largest absolute input each linear layer of transformers' ``model`` sees on ``token_ids``."""
-    amax: dict[str, float] = {}
+    return {name: amax.max().item() for name, amax in _input_channel_amax(model, token_ids).items()}
+
+
+def _input_channel_amax(model: torch.nn.Module, token_ids: list[int]) -> dict[str, torch.Tensor]:
+    """Each linear layer's largest absolute input per input channel over ``token_ids``."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def record(name: str, x: torch.Tensor) -> None:
+        seen = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0)
+        amax[name] = torch.maximum(amax[name], seen) if name in amax else seen
+
     hooks = [
-        module.register_forward_pre_hook(
-            lambda _, args, name=name: amax.__setitem__(name, max(amax.get(name, 0.0), args[0].abs().max().item()))
-        )
+        module.register_forward_pre_hook(lambda _, args, name=name: record(name, args[0]))
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and name.endswith("_proj")
     ]
@@ -133,6 +141,37 @@ def calibrate_input_amax(model: torch.nn.Module, token_ids: list[int]) -> dict[s
     for hook in hooks:
         hook.remove()
     return amax
+
+
+def smooth_activations(model: torch.nn.Module, token_ids: list[int], strength: float) -> None:
+    """SmoothQuant: move each RMSNorm's outlier channels into the weights of the layers it feeds, in place.
+
+    What llm-compressor's ``SmoothQuantModifier`` does before an INT8 W8A8
+    recipe (its examples use strength 0.8), with its default mappings of a
+    Llama-like decoder layer: the input norm into q/k/v, the post-attention
+    norm into gate/up. Per input channel ``s = amax(x) ** strength /
+    amax(|W|) ** (1 - strength)`` (``amax(x)`` over ``token_ids``, ``amax(|W|)`` over
+    the layers fed); the norm's weight is divided by ``s`` and those layers'
+    columns multiplied by it. The model computes the same function; its
+    per-token activations lose their few huge channels, which a per-token
+    INT8 scale would otherwise spend its 255 levels on.
+    """
+    amax = _input_channel_amax(model, token_ids)
+    with torch.no_grad():
+        for name, layer in model.model.layers.named_children():
+            prefix = f"model.layers.{name}"
+            attention, mlp = layer.self_attn, layer.mlp
+            for norm, fed, calibrated in (
+                (layer.input_layernorm, (attention.q_proj, attention.k_proj, attention.v_proj), "self_attn.q_proj"),
+                (layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj), "mlp.gate_proj"),
+            ):
+                weight_amax = torch.stack([linear.weight.abs().amax(dim=0) for linear in fed]).amax(dim=0)
+                activation_amax = amax[f"{prefix}.{calibrated}"]
+                scale = activation_amax.pow(strength) / weight_amax.pow(1 - strength)
+                scale = torch.where(weight_amax > 0, scale, activation_amax).clamp(min=1e-5)
+                norm.weight.div_(scale)
+                for linear in fed:
+                    linear.weight.mul_(scale)
 
 
 # -- 4-bit --------------------------------------------------------------------------------------------------------
@@ -200,6 +239,7 @@ def write_compressed_tensors(
     group_size: int | None = None,
     ignore: tuple[str, ...] = ("lm_head",),
     calibration_ids: tuple[int, ...] = tuple(range(100, 164)),
+    smoothing_strength: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """``dst``: ``src`` quantized with compressed-tensors' preset ``scheme`` (``FP8``, ``FP8_DYNAMIC``,
     ``FP8_BLOCK``, ``INT8``, ``W4A16``, ``W4A16_ASYM``), compressed and described by the library; returns the weights
@@ -207,7 +247,9 @@ def write_compressed_tensors(
 
     The library's observers live in llm-compressor, so each weight's min/max is measured here and the library
     turns it into scales and zero points (`calculate_qparams`); a static activation scale is ``amax / 448`` of
-    the layer's inputs over ``calibration_ids`` (`calibrate_input_amax`).
+    the layer's inputs over ``calibration_ids`` (`calibrate_input_amax`). ``smoothing_strength``: SmoothQuant
+    first (`smooth_activations`, over ``calibration_ids``), as INT8 W8A8 recipes do; the returned weights
+    (and the checkpoint) then hold the smoothed norms.
     """
     import transformers
     from compressed_tensors.compressors import ModelCompressor
@@ -220,6 +262,8 @@ def write_compressed_tensors(
     from compressed_tensors.quantization.utils import calculate_qparams
 
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    if smoothing_strength is not None:
+        smooth_activations(model, list(calibration_ids), smoothing_strength)
     input_amax = calibrate_input_amax(model, list(calibration_ids))
     chosen = preset_name_to_scheme(scheme, ["Linear"])
     if group_size is not None:

@@ -319,6 +319,33 @@ def test_triton_activation_quantization_is_the_reference(target, m, k, group, st
     assert torch.equal(q.float(), expected_q.float())
 
 
+def _e4m3_edge_values() -> torch.Tensor:
+    """Every finite e4m3 value, the ties between neighbours and a float32 ulp either side, and what saturates.
+
+    With a scale of 1 these are the rounding's hard cases: subnormal e4m3
+    values and the ties below 2**-6, ties that carry into the next power of
+    two, +-0 and negative values that round to -0, float32 subnormals, and
+    values past 448 (infinities too) that saturate.
+    """
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+    grid = codes[codes.isfinite() & (codes >= 0)].unique()  # sorted, +0 first
+    ties = (grid[1:] + grid[:-1]) / 2
+    near = torch.cat((ties, torch.nextafter(ties, torch.zeros(())), torch.nextafter(ties, torch.full((), 1e9))))
+    beyond = torch.tensor([449.0, 463.9, 464.0, 480.0, 1e30, float("inf"), 2.0**-149, 1e-40, 2.0**-127, 2.0**-11])
+    magnitudes = torch.cat((grid, near, beyond))
+    return torch.cat((magnitudes, -magnitudes))
+
+
+@triton_only
+def test_triton_fp8_rounding_of_subnormals_ties_signed_zeros_and_saturation_is_torchs():
+    from atom_trio.ops.quant_ref import quantize_fp8_static
+    from atom_trio.ops.triton.quant import quantize_activations
+
+    x, one = _e4m3_edge_values().reshape(1, -1), torch.ones(1)
+    q, _ = quantize_activations(x.to(DEVICE), FP8_DTYPE, input_scale=one.to(DEVICE))
+    assert torch.equal(q.cpu().view(torch.uint8), quantize_fp8_static(x, one).view(torch.uint8))  # -0 is not +0
+
+
 @triton_only
 @pytest.mark.parametrize("scheme", FP8_SCHEMES)
 @settings(max_examples=FEW, deadline=None)

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from ..quant_ref import FP8_DTYPE, FP8_MAX, INT8_MAX, MIN_AMAX, SYMMETRIC_INT4_ZERO
-from .fp8 import RNE_MAGIC, round_to_e4m3
+from .fp8 import RNE_MAGIC, clamp_to_fp8_range, round_to_e4m3
 from .gemv import gemv_block_n
 
 SYMMETRIC_ZERO = tl.constexpr(float(SYMMETRIC_INT4_ZERO))
@@ -54,11 +54,11 @@ def _quantize(x, scale, QMAX: tl.constexpr, INT8: tl.constexpr):
     the GPU and in the interpreter.
     """
     q = tl.math.div_rn(x, scale)
-    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
     if INT8:
+        q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
         q = (q + RNE_MAGIC) - RNE_MAGIC
     else:
-        q = round_to_e4m3(q)
+        q = round_to_e4m3(clamp_to_fp8_range(q))
     return q
 
 
