@@ -96,14 +96,10 @@ def test_logits_match_transformers(gpt_oss_dir, backend):
     check_mixed_step_logits(gpt_oss_dir, block_size=4, kernel_backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_batched_chunked_and_prefix_cached_matches_transformers_generate(
-    gpt_oss_dir, reference, prompts, backend
-):
+def check_greedy_batched_chunked_and_prefix_cached(model_dir, expected, prompts, backend):
     """All prompts at once in chunks of at most 16 tokens, then again: the second time from the prefix cache."""
-    expected = [transformers_greedy(reference, prompt, MAX_TOKENS, GREEDY.repetition_penalty) for prompt in prompts]
     with LLM(
-        model=str(gpt_oss_dir),
+        model=str(model_dir),
         dtype="float32",
         kernel_backend=backend,
         num_kv_blocks=128,
@@ -116,6 +112,14 @@ def test_greedy_batched_chunked_and_prefix_cached_matches_transformers_generate(
         assert [out.outputs[0].token_ids[: len(want)] for out, want in zip(outputs, expected)] == expected
     assert all(out.num_cached_tokens >= 12 for out in again[:4])
     assert len({t for tokens in expected for t in tokens}) > 3 * len(prompts), "a degenerate reference tests little"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_batched_chunked_and_prefix_cached_matches_transformers_generate(
+    gpt_oss_dir, reference, prompts, backend
+):
+    expected = [transformers_greedy(reference, prompt, MAX_TOKENS, GREEDY.repetition_penalty) for prompt in prompts]
+    check_greedy_batched_chunked_and_prefix_cached(gpt_oss_dir, expected, prompts, backend)
 
 
 def test_sliding_window_blocks_are_released_as_generation_goes_on(gpt_oss_dir, reference, prompts):

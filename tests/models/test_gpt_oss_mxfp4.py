@@ -20,7 +20,14 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
-from test_gpt_oss import BACKENDS, GREEDY, MAX_TOKENS, gpt_oss_dir, prompts  # noqa: F401  (fixtures)
+from test_gpt_oss import (  # noqa: F401  (fixtures)
+    BACKENDS,
+    GREEDY,
+    MAX_TOKENS,
+    check_greedy_batched_chunked_and_prefix_cached,
+    gpt_oss_dir,
+    prompts,
+)
 from test_models import check_mixed_step_logits
 
 from atom_trio import LLM
@@ -105,19 +112,7 @@ def expected(reference, prompts):  # noqa: F811
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_greedy_batched_chunked_and_prefix_cached_matches_transformers(mxfp4_dir, expected, prompts, backend):  # noqa: F811
-    with LLM(
-        model=str(mxfp4_dir),
-        dtype="float32",
-        kernel_backend=backend,
-        num_kv_blocks=128,
-        block_size=4,
-        max_num_batched_tokens=16,
-    ) as llm:
-        first = llm.generate(prompts, GREEDY, use_tqdm=False)
-        again = llm.generate(prompts, GREEDY, use_tqdm=False)
-    for outputs in (first, again):
-        assert [out.outputs[0].token_ids[: len(want)] for out, want in zip(outputs, expected)] == expected
-    assert all(out.num_cached_tokens >= 12 for out in again[:4])
+    check_greedy_batched_chunked_and_prefix_cached(mxfp4_dir, expected, prompts, backend)
 
 
 @pytest.mark.slow
