@@ -262,6 +262,13 @@ class EngineConfig:
         "before anything loads",
         validator=_must(_DEVICE.fullmatch, "auto, cpu, cuda or cuda:N"),
     )
+    cpu_threads: int = _field(
+        0,
+        "intra-op threads of a model on the CPU; 0: one per core this process may use (or OMP_NUM_THREADS), fewer "
+        "while other processes keep cores busy, so a shared box slows the engine in proportion to the CPU it takes "
+        "instead of stalling every parallel region on a preempted thread",
+        validator=_must(lambda n: n >= 0, "0 (follow the free cores) or a thread count"),
+    )
 
     block_size: int = _field(
         16, "tokens per KV cache block (every kernel backend takes any size)", validator=_POSITIVE, section="KV cache"

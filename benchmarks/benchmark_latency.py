@@ -95,13 +95,13 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-iters", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="CPU threads (EngineConfig.cpu_threads; 0: follow the free cores)"
+    )
     parser.add_argument("--level", type=int, default=None, choices=range(4), help="see EngineConfig.level")
     parser.add_argument("--compare-transformers", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     block_size = 16
     blocks = max(args.batch_sizes) * -(-(args.input_len + args.output_len) // block_size)
@@ -112,6 +112,7 @@ def main() -> None:
         num_kv_blocks=blocks,
         block_size=block_size,
         level=args.level,
+        cpu_threads=args.threads,
     )
     start = time.perf_counter()
     runner = ModelRunner(config)

@@ -109,7 +109,7 @@ def serve(sock: socket.socket) -> int:
     try:
         from atom_trio.runner import ModelRunner, RankProfiler
 
-        runner = ModelRunner(init.config, rank=init.rank, world_size=init.world_size)
+        runner = ModelRunner(init.config, rank=init.rank, world_size=init.world_size, companion_pids=(os.getppid(),))
         profiler = RankProfiler(init.rank)
         send(messages.InitDone(facts=runner.facts))
     except Exception as exc:

@@ -89,7 +89,11 @@ class ModelRunner:
     ``block_size``, ``max_model_len``, ``vocab_size``, ``eos_token_ids``.
     """
 
-    def __init__(self, config: EngineConfig, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, config: EngineConfig, *, rank: int = 0, world_size: int = 1, companion_pids: tuple[int, ...] = ()
+    ) -> None:
+        """``companion_pids``: processes whose CPU time counts as this runner's when it sizes its CPU threads
+        (a worker's engine: `CpuThreads`)."""
         clock = startup.StartupClock()
         self.config = config
         self.rank = rank
@@ -118,6 +122,8 @@ class ModelRunner:
         )
         # Only now: a model that cannot be split fails on every rank at once instead of in the rendezvous.
         init_distributed(self.tp_group, self.device, timeout_s=config.worker_timeout)
+        self.cpu_threads = startup.cpu_threads(config, self.device, self.tp_group, companion_pids)
+        """Moves torch's threads with the cores other processes leave free; None off the CPU or with a fixed count."""
         clock.lap("model build")
         startup.load_weights(
             self.model, resolved, seed=config.seed, device=self.device, level=self.level, progress=rank == 0
@@ -210,6 +216,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, plan: StepPlan) -> LaunchedStep:
         """Queue one step on the device; its tokens stay there until `collect`."""
+        if self.cpu_threads is not None:
+            self.cpu_threads.adjust()
         started = time.perf_counter_ns()
         logits, prompt_logprobs = self._forward(plan)
         started = self.phases.since("forward", started)

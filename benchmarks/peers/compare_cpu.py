@@ -12,6 +12,12 @@ with benchmark_serving at each ``--serving-loads`` entry, the same prompt ids fo
 ``atom_trio:thread``, ``atom_trio:process``), each against the same vLLM run; ``--atom-level`` passes
 ``--level`` to atom_trio offline and serving.
 
+``--rounds R`` repeats everything R times in fresh processes, alternating which engine goes
+first, so drift on the box (thermal, neighbours) falls on both; figures are medians over every
+repeat of every round. ``--conditions quiet loaded`` runs each round once on the idle box and once
+beside ``--competing-load`` busy processes (default: one per core, nice 0), and reports the
+fraction of its quiet figure each engine keeps under that load.
+
 Run it on an otherwise idle machine: both engines compete for the same cores, so anything else
 running skews the ratio. Results go to ``<peers dir>/results/``.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +40,7 @@ from atom_trio.testing import server_process
 
 from ..benchmark_serving import fetch_model_id, run_benchmark
 from ..datasets import BenchRequest, get_tokenizer, random_requests
+from .offline_workload import competing_load
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,37 +64,53 @@ def ratio(ours: float, theirs: float) -> str:
     return f"{ours / theirs:.2f}x" if theirs else "n/a"
 
 
-def run_offline(args: argparse.Namespace, peers: Path, out: Path, prompts_file: Path) -> dict[str, dict]:
-    results = {}
-    common = [
+def run_offline(args: argparse.Namespace, engine: str, peers: Path, out: Path, prompts_file: Path, tag: str) -> dict:
+    """One engine's offline measurements, in a fresh process."""
+    result_file = out / f"offline-{engine}-{tag}.json"
+    argv = [
         "-m", "benchmarks.peers.offline_workload", "--model", args.model, "--dtype", args.dtype,
         "--prompts", str(prompts_file), "--output-len", str(args.output_len), "--repeats", str(args.repeats),
+        "--engine", engine, "--output", str(result_file), "--conditions", *args.conditions,
+        "--competing-load", str(args.competing_load),
     ]  # fmt: skip
-    for engine in args.engines:
-        result_file = out / f"offline-{engine}.json"
-        argv = [*common, "--engine", engine, "--output", str(result_file)]
-        if engine == "atom_trio" and args.atom_level is not None:
-            argv += ["--level", str(args.atom_level)]
-        command = [sys.executable, *argv] if engine == "atom_trio" else vllm_command(peers, *argv)
-        print(f"== offline: {engine}", flush=True)
-        subprocess.run(command, cwd=REPO, check=True)
-        results[engine] = json.loads(result_file.read_text())
-    return results
+    if engine == "atom_trio" and args.atom_level is not None:
+        argv += ["--level", str(args.atom_level)]
+    command = [sys.executable, *argv] if engine == "atom_trio" else vllm_command(peers, *argv)
+    print(f"== offline: {engine} ({tag})", flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+    return json.loads(result_file.read_text())
 
 
-def report_offline(results: dict[str, dict]) -> None:
+def merge_rounds(rounds: list[dict], condition: str) -> dict:
+    """One engine's offline figures under ``condition``, every repeat of every round in one list each."""
+    merged = {k: v for k, v in rounds[0].items() if not isinstance(v, dict)}
+    for key in OFFLINE_KEYS:
+        merged[key] = [v for r in rounds for v in r[condition][key]]
+    return merged
+
+
+OFFLINE_KEYS = ("batch_output_tok_s", "batch_total_tok_s", "bs1_decode_tok_s")
+
+
+def report_offline(results: dict[str, dict], condition: str, quiet: dict[str, dict] | None = None) -> None:
+    """The ranges, the atom_trio/vLLM ratio of medians and, beside ``quiet``, the fraction each engine kept."""
     batch = next(iter(results.values()))["num_prompts"]
-    rows = [
-        (f"bs{batch} output tok/s", "batch_output_tok_s"),
-        (f"bs{batch} total tok/s", "batch_total_tok_s"),
-        ("bs1 decode tok/s", "bs1_decode_tok_s"),
-    ]
-    print("\n== offline (min-max over repeats; ratio of the best runs)")
-    print(f"{'':24}" + "".join(f"{e:>16}" for e in results) + ("    atom_trio/vLLM" if len(results) == 2 else ""))
-    for label, key in rows:
-        line = f"{label:24}" + "".join(f"{span(r[key]):>16}" for r in results.values())
-        if len(results) == 2:
-            line += f"    {ratio(max(results['atom_trio'][key]), max(results['vllm'][key])):>14}"
+    labels = {"batch_output_tok_s": f"bs{batch} output tok/s", "batch_total_tok_s": f"bs{batch} total tok/s",
+              "bs1_decode_tok_s": "bs1 decode tok/s"}  # fmt: skip
+    both = len(results) == 2
+    print(f"\n== offline, {condition} (min-max over every repeat; ratio of the medians)")
+    header = "".join(f"{e:>16}" for e in results) + ("    atom_trio/vLLM" if both else "")
+    if quiet:
+        header += "".join(f"{e + ' kept':>18}" for e in results)
+    print(f"{'':24}{header}")
+    for key in OFFLINE_KEYS:
+        line = f"{labels[key]:24}" + "".join(f"{span(r[key]):>16}" for r in results.values())
+        if both:
+            line += f"    {ratio(statistics.median(results['atom_trio'][key]), statistics.median(results['vllm'][key])):>14}"
+        if quiet:
+            for engine, r in results.items():
+                kept = statistics.median(r[key]) / statistics.median(quiet[engine][key])
+                line += f"{kept:>17.0%} "
         print(line)
     if len(results) == 2:
         a, b = results["atom_trio"]["first_prompt_output_ids"], results["vllm"]["first_prompt_output_ids"]
@@ -140,52 +164,75 @@ async def serve_load(base_url: str, requests: list[BenchRequest], concurrency: i
 
 
 def run_serving(
-    args: argparse.Namespace, peers: Path, out: Path, requests: list[BenchRequest], tokenizer: Any
+    args: argparse.Namespace, label: str, engine: str, executor: str | None, peers: Path, out: Path,
+    requests: list[BenchRequest], tokenizer: Any, tag: str,
 ) -> dict[str, dict[str, dict]]:
-    results: dict[str, dict[str, dict]] = {}
-    for label, engine, executor in serving_variants(args):
-        log = out / f"server-{label.replace(':', '-')}.log"
-        print(f"== serving: starting {label} (log {log})", flush=True)
-        # vLLM's engine core is a child process of its server: stop each server with its whole process group
-        with server_process(
-            command=server_command(engine, executor, args, peers), log_path=log,
-            ready_timeout=args.server_timeout, process_group=True,
-        ) as server:  # fmt: skip
-            results[label] = {}
-            first = 0  # each load gets prompts of its own, so no load hits another's prefix cache
-            for load in args.serving_loads:
+    """One server, started alone on the quiet box, loaded at each ``--serving-loads`` entry under each condition.
+
+    ``{condition: {load: result}}``. Each (condition, load) gets prompts of its own, so none hits another's
+    prefix cache; a loaded run has its competing processes only while its requests are in flight.
+    """
+    results: dict[str, dict[str, dict]] = {condition: {} for condition in args.conditions}
+    log = out / f"server-{label.replace(':', '-')}-{tag}.log"
+    print(f"== serving: starting {label} ({tag}, log {log})", flush=True)
+    # vLLM's engine core is a child process of its server: stop each server with its whole process group
+    with server_process(
+        command=server_command(engine, executor, args, peers), log_path=log,
+        ready_timeout=args.server_timeout, process_group=True,
+    ) as server:  # fmt: skip
+        first = 0
+        for load in args.serving_loads:
+            for condition in args.conditions:
                 num_prompts, concurrency = (int(x) for x in load.split("x"))
                 load_requests, first = requests[first : first + num_prompts], first + num_prompts
-                result = trio.run(serve_load, server.url, load_requests, concurrency, tokenizer)
-                (out / f"serving-{label.replace(':', '-')}-{load}.json").write_text(json.dumps(result, indent=1))
+                with competing_load(args.competing_load if condition == "loaded" else 0):
+                    result = trio.run(serve_load, server.url, load_requests, concurrency, tokenizer)
+                name = f"serving-{label.replace(':', '-')}-{load}-{condition}-{tag}.json"
+                (out / name).write_text(json.dumps(result, indent=1))
                 if result["failed"]:
                     raise SystemExit(f"{label}: {result['failed']} requests failed: {result['errors'][:3]}")
-                results[label][load] = result
+                results[condition][load] = {k: v for k, v in result.items() if not isinstance(v, list)}
     return results
 
 
-def report_serving(results: dict[str, dict[str, dict]]) -> None:
-    keys = [
-        ("output tok/s", "output_throughput"),
-        ("total tok/s", "total_token_throughput"),
-        ("median TTFT ms", "median_ttft_ms"),
-        ("median TPOT ms", "median_tpot_ms"),
-        ("median ITL ms", "median_itl_ms"),
-        ("p99 ITL ms", "p99_itl_ms"),
-        ("median E2EL ms", "median_e2el_ms"),
-    ]
+SERVING_KEYS = (
+    ("output tok/s", "output_throughput"),
+    ("total tok/s", "total_token_throughput"),
+    ("median TTFT ms", "median_ttft_ms"),
+    ("median TPOT ms", "median_tpot_ms"),
+    ("median ITL ms", "median_itl_ms"),
+    ("p99 ITL ms", "p99_itl_ms"),
+    ("median E2EL ms", "median_e2el_ms"),
+)
+
+
+def report_serving(results: dict[str, list[dict]], condition: str, quiet: dict[str, list[dict]] | None) -> None:
+    """Per load: each metric's median over the rounds, atom_trio/vLLM, and what each engine kept of quiet output."""
     labels = list(results)
     ours = [label for label in labels if label != "vllm"] if "vllm" in results else []
     width = max(14, *(len(label) + 2 for label in labels))
-    for load in next(iter(results.values())):
+
+    def median(label: str, load: str, key: str, source: dict[str, list[dict]]) -> float:
+        return statistics.median(r[load][key] for r in source[label])
+
+    for load in results[labels[0]][0]:
         prompts, concurrency = load.split("x")
-        print(f"\n== serving: {prompts} prompts, concurrency {concurrency} (ratio: throughput higher is better, latency lower)")
+        rounds = len(results[labels[0]])
+        print(f"\n== serving, {condition}: {prompts} prompts, concurrency {concurrency}, median of {rounds} round(s) "
+              "(ratio: throughput higher is better, latency lower)")  # fmt: skip
         header = "".join(f"{e:>{width}}" for e in labels) + "".join(f"{o + '/vLLM':>{width + 4}}" for o in ours)
         print(f"{'':18}{header}")
-        for name, key in keys:
-            line = f"{name:18}" + "".join(f"{results[e][load][key]:>{width}.1f}" for e in labels)
-            line += "".join(f"{ratio(results[o][load][key], results['vllm'][load][key]):>{width + 4}}" for o in ours)
+        for name, key in SERVING_KEYS:
+            values = {e: median(e, load, key, results) for e in labels}
+            line = f"{name:18}" + "".join(f"{values[e]:>{width}.1f}" for e in labels)
+            line += "".join(f"{ratio(values[o], values['vllm']):>{width + 4}}" for o in ours)
             print(line)
+        if quiet:
+            kept = "".join(
+                f"{median(e, load, 'output_throughput', results) / median(e, load, 'output_throughput', quiet):>{width}.0%}"
+                for e in labels
+            )
+            print(f"{'output kept':18}{kept}")
 
 
 def main() -> None:
@@ -208,6 +255,11 @@ def main() -> None:
         "--atom-executors", nargs="+", choices=["auto", "thread", "process"], default=None,
         help="serve atom_trio once with each of these --executor values (default: once, its own choice)",
     )  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=1, help="fresh processes per engine, engine order alternating")
+    parser.add_argument("--conditions", nargs="+", default=["quiet"], choices=["quiet", "loaded"])
+    parser.add_argument(
+        "--competing-load", type=int, default=os.cpu_count(), help="busy processes (nice 0) beside a loaded run"
+    )
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--skip-serving", action="store_true")
     args = parser.parse_args()
@@ -225,7 +277,9 @@ def main() -> None:
     tokenizer = get_tokenizer(args.model)
     requests = random_requests(
         tokenizer,
-        num_prompts=max(args.num_prompts, sum(int(load.split("x")[0]) for load in args.serving_loads)),
+        num_prompts=max(
+            args.num_prompts, len(args.conditions) * sum(int(load.split("x")[0]) for load in args.serving_loads)
+        ),
         input_len=args.input_len,
         output_len=args.output_len,
         seed=args.seed,
@@ -235,16 +289,30 @@ def main() -> None:
     print(f"model {args.model}, {args.dtype}; {args.num_prompts} prompts x {args.input_len} tokens, "
           f"{args.output_len} output tokens, greedy, ignore_eos; results in {out}")
 
-    offline = None if args.skip_offline else run_offline(args, peers, out, prompts_file)
-    serving = None if args.skip_serving else run_serving(args, peers, out, requests, tokenizer)
-    if offline:
-        report_offline(offline)
-    if serving:
-        report_serving(serving)
-    summary = {"args": vars(args), "offline": offline, "serving": {
-        e: {load: {k: v for k, v in r.items() if not isinstance(v, list)} for load, r in loads.items()}
-        for e, loads in (serving or {}).items()
-    }}
+    variants = serving_variants(args)
+    offline: dict[str, list[dict]] = {engine: [] for engine in args.engines}
+    serving: dict[str, list[dict]] = {label: [] for label, _, _ in variants}
+    for round_ in range(args.rounds):
+        tag = f"round{round_}"
+        step = 1 if round_ % 2 == 0 else -1  # alternate which engine goes first
+        if not args.skip_offline:
+            for engine in args.engines[::step]:
+                offline[engine].append(run_offline(args, engine, peers, out, prompts_file, tag))
+        if not args.skip_serving:
+            for label, engine, executor in variants[::step]:
+                serving[label].append(run_serving(args, label, engine, executor, peers, out, requests, tokenizer, tag))
+
+    for condition in args.conditions:
+        quiet = condition != "quiet" and "quiet" in args.conditions
+        if not args.skip_offline:
+            merged = {engine: merge_rounds(rounds, condition) for engine, rounds in offline.items()}
+            quiet_merged = {engine: merge_rounds(rounds, "quiet") for engine, rounds in offline.items()} if quiet else None
+            report_offline(merged, condition, quiet_merged)
+        if not args.skip_serving:
+            by_condition = {label: [r[condition] for r in rounds] for label, rounds in serving.items()}
+            quiet_serving = {label: [r["quiet"] for r in rounds] for label, rounds in serving.items()} if quiet else None
+            report_serving(by_condition, condition, quiet_serving)
+    summary = {"args": vars(args), "offline": offline, "serving": serving}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"\nsummary: {out / 'summary.json'}")
 

@@ -11,18 +11,25 @@ measurements with their ``LLM`` class, greedy, EOS ignored, prefix caching off:
 * batch-1 decode: one prompt, ``(output_len - 1) / (t(output_len tokens) - t(1 token))``, which
   takes the prefill out.
 
-Each is repeated ``--repeats`` times after one warm-up. Only the standard library is imported at
-the top, so this file runs in vLLM's venv too (which has no atom_trio); vLLM's offline engine
+Each is repeated ``--repeats`` times after one warm-up, for each of ``--conditions``: ``quiet``
+as the box is, ``loaded`` beside ``--competing-load`` busy processes at nice 0 (started after the
+engine is up and warm, so start-up is not what is measured). Only the standard library is imported
+at the top, so this file runs in vLLM's venv too (which has no atom_trio); vLLM's offline engine
 spawns its core process, hence the ``__main__`` guard.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def load_engine(
@@ -57,6 +64,18 @@ def load_engine(
     return generate, lambda ids: ids
 
 
+@contextlib.contextmanager
+def competing_load(processes: int) -> Iterator[None]:
+    """``processes`` busy loops at nice 0 (the neighbours a shared box has) while the block runs."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for process in busy:
+            process.kill()
+            process.wait()
+
+
 def timed(fn: Callable, *args: Any) -> tuple[float, Any]:
     start = time.perf_counter()
     out = fn(*args)
@@ -74,6 +93,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--level", type=int, choices=range(4), help="atom_trio's --level (default: its own)")
+    parser.add_argument("--conditions", nargs="+", default=["quiet"], choices=["quiet", "loaded"])
+    parser.add_argument("--competing-load", type=int, default=os.cpu_count(), help="busy processes when loaded")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
 
@@ -85,22 +106,11 @@ def main() -> None:
     init_s = time.perf_counter() - start
     prompts = [to_prompt(p) for p in ids]
     n_out = args.output_len
-
-    generate(prompts, n_out)  # warm-up: compilation, allocator, caches
-    batch_s, bs1_decode, first_tokens = [], [], None
-    for _ in range(args.repeats):
-        elapsed, outputs = timed(generate, prompts, n_out)
-        if [len(o) for o in outputs] != [n_out] * len(prompts):
-            raise SystemExit(f"{args.engine}: expected {n_out} tokens per prompt, got {[len(o) for o in outputs]}")
-        batch_s.append(elapsed)
-        first_tokens = outputs[0]
-        t1, _ = timed(generate, prompts[:1], 1)
-        tn, _ = timed(generate, prompts[:1], n_out)
-        bs1_decode.append((n_out - 1) / (tn - t1))
-
     prompt_tokens = sum(len(p) for p in ids)
     output_tokens = n_out * len(ids)
-    result = {
+
+    generate(prompts, n_out)  # warm-up: compilation, allocator, caches
+    result: dict[str, Any] = {
         "engine": args.engine,
         "model": args.model,
         "dtype": args.dtype,
@@ -109,12 +119,26 @@ def main() -> None:
         "prompt_tokens": prompt_tokens,
         "output_tokens_per_prompt": n_out,
         "init_s": init_s,
-        "batch_s": batch_s,
-        "batch_output_tok_s": [output_tokens / s for s in batch_s],
-        "batch_total_tok_s": [(prompt_tokens + output_tokens) / s for s in batch_s],
-        "bs1_decode_tok_s": bs1_decode,
-        "first_prompt_output_ids": first_tokens,
+        "competing_load": args.competing_load,
     }
+    for condition in args.conditions:
+        batch_s, bs1_decode = [], []
+        with competing_load(args.competing_load if condition == "loaded" else 0):
+            for _ in range(args.repeats):
+                elapsed, outputs = timed(generate, prompts, n_out)
+                if [len(o) for o in outputs] != [n_out] * len(prompts):
+                    raise SystemExit(f"{args.engine}: expected {n_out} tokens per prompt, got {[len(o) for o in outputs]}")
+                batch_s.append(elapsed)
+                result.setdefault("first_prompt_output_ids", outputs[0])
+                t1, _ = timed(generate, prompts[:1], 1)
+                tn, _ = timed(generate, prompts[:1], n_out)
+                bs1_decode.append((n_out - 1) / (tn - t1))
+        result[condition] = {
+            "batch_s": batch_s,
+            "batch_output_tok_s": [output_tokens / s for s in batch_s],
+            "batch_total_tok_s": [(prompt_tokens + output_tokens) / s for s in batch_s],
+            "bs1_decode_tok_s": bs1_decode,
+        }
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "first_prompt_output_ids"}))
 

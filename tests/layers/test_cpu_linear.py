@@ -1,4 +1,4 @@
-"""oneDNN weight packing for bf16 linears on the CPU computes what ``F.linear`` computes."""
+"""oneDNN weight packing for CPU linears (bfloat16 and float32) computes what ``F.linear`` computes."""
 
 from __future__ import annotations
 
@@ -12,23 +12,27 @@ from atom_trio.sampling_params import SamplingParams
 from atom_trio.layers.linear import cpu_linear, pack_cpu_weight
 from atom_trio.runner import ModelRunner
 
-needs_packing = pytest.mark.skipif(
-    pack_cpu_weight(torch.zeros(8, 8, dtype=torch.bfloat16)) is None, reason="oneDNN has no bf16 linear here"
-)
+# bfloat16 packs only where the CPU computes bfloat16 natively; float32 wherever oneDNN is built in.
+DTYPES = [
+    pytest.param(
+        dtype,
+        marks=pytest.mark.skipif(
+            pack_cpu_weight(torch.zeros(8, 8, dtype=dtype)) is None, reason=f"oneDNN has no {dtype} linear here"
+        ),
+    )
+    for dtype in (torch.bfloat16, torch.float32)
+]
+TOLERANCES = {torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
 
 
-@needs_packing
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("tokens", "fan_in", "fan_out", "bias"), [(1, 576, 1536, False), (37, 64, 192, True)])
-def test_packed_linear_matches_f_linear(tokens, fan_in, fan_out, bias):
+def test_packed_linear_matches_f_linear(dtype, tokens, fan_in, fan_out, bias):
     torch.manual_seed(0)
-    x = torch.randn(tokens, fan_in, dtype=torch.bfloat16)
-    w = torch.randn(fan_out, fan_in, dtype=torch.bfloat16) / fan_in**0.5
-    b = torch.randn(fan_out, dtype=torch.bfloat16) if bias else None
-    torch.testing.assert_close(cpu_linear(x, pack_cpu_weight(w), b), F.linear(x, w, b), rtol=1.6e-2, atol=1e-2)
-
-
-def test_float32_is_never_packed():
-    assert pack_cpu_weight(torch.zeros(8, 8)) is None
+    x = torch.randn(tokens, fan_in, dtype=dtype)
+    w = torch.randn(fan_out, fan_in, dtype=dtype) / fan_in**0.5
+    b = torch.randn(fan_out, dtype=dtype) if bias else None
+    torch.testing.assert_close(cpu_linear(x, pack_cpu_weight(w), b), F.linear(x, w, b), **TOLERANCES[dtype])
 
 
 def _greedy(runner: ModelRunner, steps: int = 12) -> list[list[int]]:
@@ -47,9 +51,9 @@ def _greedy(runner: ModelRunner, steps: int = 12) -> list[list[int]]:
     return tokens
 
 
-@needs_packing
-def test_packed_runner_gives_the_unpacked_greedy_tokens(default_model_dir, monkeypatch):
-    config = EngineConfig(model=str(default_model_dir), dtype="bfloat16", num_kv_blocks=16)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_runner_gives_the_unpacked_greedy_tokens(default_model_dir, monkeypatch, dtype):
+    config = EngineConfig(model=str(default_model_dir), dtype=str(dtype).removeprefix("torch."), num_kv_blocks=16)
     packed = ModelRunner(config)
     assert any(getattr(m, "packed_weight", None) is not None for m in packed.model.modules())
     packed_tokens = _greedy(packed)
