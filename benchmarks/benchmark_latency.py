@@ -10,6 +10,11 @@ With ``--compare-transformers``, transformers' ``generate`` runs the same
 model, dtype and prompts in the same process: its decode rate is
 ``B * (output_len - 1) / (t(output_len tokens) - t(1 token))``, which takes
 its prefill out. Figures are medians over ``--num-iters`` repeats.
+
+``--competing-load N`` runs the measurements beside N busy processes at
+nice 0 (started once the runner is up), as on a box shared with other work;
+``--threads 2`` against the default ``0`` then shows what the thread
+governor (`atom_trio.runner.cpu_threads`) is worth.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import torch
 
 from atom_trio.config import EngineConfig
 from atom_trio.core.plan import SeqChunk, StepPlan
-from atom_trio.sampling_params import SamplingParams
 from atom_trio.runner import ModelRunner
+from atom_trio.sampling_params import SamplingParams
+
+from .peers.offline_workload import competing_load
 
 GREEDY = SamplingParams(temperature=0.0, ignore_eos=True)
 
@@ -100,6 +107,7 @@ def main() -> None:
     )
     parser.add_argument("--level", type=int, default=None, choices=range(4), help="see EngineConfig.level")
     parser.add_argument("--compare-transformers", action="store_true")
+    parser.add_argument("--competing-load", type=int, default=0, help="busy processes (nice 0) while measuring")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -125,12 +133,20 @@ def main() -> None:
     print(
         f"model {config.model_name}, {runner.dtype}, {runner.device}, {torch.get_num_threads()} threads, "
         f"input {args.input_len}, output {args.output_len}, median of {args.num_iters}"
+        + (f", beside {args.competing_load} busy processes" if args.competing_load else "")
     )
     header = f"{'batch':>5} | {'prefill ms':>10} | {'decode ms/step':>14} | {'decode tok/s':>12}"
     if hf_model is not None:
         header += f" | {'HF prefill ms':>13} | {'HF decode tok/s':>15} | {'ratio':>6}"
     print(header)
     print("-" * len(header))
+    with competing_load(args.competing_load):
+        measure(runner, hf_model, args, rng)
+    runner.close()
+
+
+def measure(runner: ModelRunner, hf_model, args: argparse.Namespace, rng: random.Random) -> None:
+    """One row per batch size."""
     for batch in args.batch_sizes:
         prompts = [[rng.randrange(100, runner.vocab_size) for _ in range(args.input_len)] for _ in range(batch)]
         runs = [runner_latency(runner, prompts, args.output_len) for _ in range(args.num_iters)]
@@ -143,7 +159,6 @@ def main() -> None:
             hf_rate = statistics.median(r[1] for r in hf_runs)
             row += f" | {hf_prefill * 1e3:>13.1f} | {hf_rate:>15.1f} | {batch / step / hf_rate:>5.2f}x"
         print(row, flush=True)
-    runner.close()
 
 
 def load_transformers_model(config: EngineConfig, dtype: torch.dtype):

@@ -5,9 +5,8 @@ each ending in a barrier where every thread waits for the slowest. On a quiet bo
 that costs nothing. When another process keeps a core busy, the scheduler
 time-slices one of our threads with it, and every region then waits out that
 thread's lost slice: two threads on two shared cores run slower than one thread
-would (on a 2-core box with two busy neighbours, batch-32 decode at 24% of its
-quiet speed with two threads against 42% with one; batch 1 30% against 62%;
-docs/performance.md). So the thread count follows the cores that other
+would (on a 2-core box beside two busy processes, decode ran at 23-24% of its
+quiet speed with two threads and at 37% with one; docs/performance.md). So the thread count follows the cores that other
 processes leave free, measured between steps from the kernel's per-CPU busy
 time (``/proc/stat``, host steal time included) minus this process's own, and
 throughput degrades in proportion to the CPU actually available instead of
