@@ -108,7 +108,7 @@ def test_schemathesis_finds_no_server_error_and_no_hang(server: ServerProcess, t
         sys.executable, "-m", "schemathesis.cli", "run", server.url + "/openapi.json",
         "--header", f"Authorization: Bearer {KEY}",
         "--checks", "all", "--exclude-checks", "positive_data_acceptance", "--continue-on-failure",
-        "--max-examples", str(scale(60, 1500)), "--workers", "4",
+        "--max-examples", str(scale(25, 1500)), "--workers", "4",
         "--request-timeout", str(REQUEST_TIMEOUT), "--max-response-time", str(REQUEST_TIMEOUT),
         "--suppress-health-check", "all",
         "--report", "json", "--report-json-path", str(report), "--no-color",
