@@ -77,10 +77,14 @@ def trace_events(path: str) -> list[dict]:
     return json.loads(Path(path).read_text())["traceEvents"]
 
 
+PACKED_LINEAR = "mkldnn::_linear_pointwise"
+"""A CPU linear layer's matmul on oneDNN-packed weights (`atom_trio.layers.linear.pack_cpu_weight`)."""
+
+
 def steps_with_ops(path: str) -> tuple[int, Counter]:
     """The number of steps a trace holds, and the operators it recorded inside them, by name.
 
-    Asserts that each step range holds at least one of the model's ``aten::linear`` calls.
+    Asserts that each step range holds at least one of the model's linear layers' calls.
     """
     events = [e for e in trace_events(path) if e.get("ph") == "X"]
     steps = [e for e in events if e["name"] == STEP_EVENT]
@@ -90,7 +94,7 @@ def steps_with_ops(path: str) -> tuple[int, Counter]:
     for step in steps:
         during = ops[bisect_left(starts, step["ts"]) : bisect_right(starts, step["ts"] + step["dur"])]
         names = Counter(op["name"] for op in during if op["tid"] == step["tid"])
-        assert names["aten::linear"] > 0, f"a step without the model's ops in {path}"
+        assert names["aten::linear"] + names[PACKED_LINEAR] > 0, f"a step without the model's ops in {path}"
         inside.update(names)
     return len(steps), inside
 
@@ -121,7 +125,8 @@ def test_every_rank_traces_the_model_in_each_step(executor: str, http: httpx.Cli
         steps, ops = steps_with_ops(trace)
         counts.append(steps)
         assert steps >= 8  # two requests of 4 tokens: a prefill and 3 decodes each
-        assert ops["aten::mm"] + ops["aten::addmm"] > 0 and ops["aten::scaled_dot_product_attention"] > 0
+        assert ops["aten::mm"] + ops["aten::addmm"] + ops[PACKED_LINEAR] > 0
+        assert ops["aten::scaled_dot_product_attention"] > 0
     assert len(set(counts)) == 1  # every rank ran every step
     again = http.post("/stop_profile")
     assert again.status_code == 409 and again.json()["error"]["code"] == "profile_not_running"
